@@ -7,9 +7,9 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-from checkpoints import REPO_ROOT, make_tiny_checkpoint
+from checkpoints import REPO_ROOT, make_tiny_checkpoint, requires_reference
 
-from smollm3_mlx.loading import ModelLoadError, load_model
+from smollm3_mlx.loading import ModelLoadError, load, load_model
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +25,16 @@ def make_sharded(path):
     out = path.parent / (path.name + "-sharded")
     model.save_pretrained(out, max_shard_size="100KB")
     return out
+
+
+def with_weights(ckpt, dst, edit):
+    """A copy of `ckpt` at `dst` whose weights dict went through `edit`."""
+    dst.mkdir()
+    (dst / "config.json").write_text((ckpt / "config.json").read_text())
+    weights = mx.load(str(ckpt / "model.safetensors"))
+    edit(weights)
+    mx.save_safetensors(str(dst / "model.safetensors"), weights)
+    return dst
 
 
 def test_sharded_checkpoint_loads_like_single_file(ckpt):
@@ -68,13 +78,8 @@ def test_truncated_safetensors_is_an_error(tmp_path, ckpt):
 
 
 def test_tensor_of_wrong_shape_is_an_error(tmp_path, ckpt):
-    bad = tmp_path / "shape"
-    bad.mkdir()
-    (bad / "config.json").write_text((ckpt / "config.json").read_text())
-    weights = mx.load(str(ckpt / "model.safetensors"))
     key = "model.layers.1.mlp.up_proj.weight"
-    weights[key] = weights[key][:, :32]
-    mx.save_safetensors(str(bad / "model.safetensors"), weights)
+    bad = with_weights(ckpt, tmp_path / "shape", lambda w: w.update({key: w[key][:, :32]}))
     with pytest.raises(
         ModelLoadError, match=rf"model.safetensors: tensor {key} has shape \(128, 32\), expected"
     ):
@@ -82,23 +87,19 @@ def test_tensor_of_wrong_shape_is_an_error(tmp_path, ckpt):
 
 
 def test_missing_tensor_is_an_error(tmp_path, ckpt):
-    bad = tmp_path / "missing"
-    bad.mkdir()
-    (bad / "config.json").write_text((ckpt / "config.json").read_text())
-    weights = mx.load(str(ckpt / "model.safetensors"))
-    del weights["model.layers.2.self_attn.k_proj.weight"]
-    mx.save_safetensors(str(bad / "model.safetensors"), weights)
+    bad = with_weights(
+        ckpt, tmp_path / "missing", lambda w: w.pop("model.layers.2.self_attn.k_proj.weight")
+    )
     with pytest.raises(ModelLoadError, match="model.layers.2.self_attn.k_proj.weight is missing"):
         load_model(bad)
 
 
 def test_untied_lm_head_is_dropped_when_tied(tmp_path, ckpt):
-    extra = tmp_path / "extra"
-    extra.mkdir()
-    (extra / "config.json").write_text((ckpt / "config.json").read_text())
-    weights = mx.load(str(ckpt / "model.safetensors"))
-    weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
-    mx.save_safetensors(str(extra / "model.safetensors"), weights)
+    extra = with_weights(
+        ckpt,
+        tmp_path / "extra",
+        lambda w: w.update({"lm_head.weight": w["model.embed_tokens.weight"]}),
+    )
     load_model(extra)  # no error: tied models ignore a saved lm_head
 
 
@@ -111,3 +112,23 @@ def test_import_does_not_pull_torch_transformers_or_mlx_lm():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO_ROOT
     )
     assert out.stdout.strip() == "[]"
+
+
+@requires_reference
+def test_load_by_repo_id_downloads_through_the_hub_protocol(tmp_path, monkeypatch):
+    from hub_server import HubServer, use_hub
+
+    repo = make_tiny_checkpoint(tmp_path / "repo", with_tokenizer=True)
+    (repo / "notes.bin").write_bytes(b"not needed")
+    with HubServer({"HuggingFaceTB/SmolLM3-3B": repo}) as hub:
+        use_hub(monkeypatch, hub.url, tmp_path / "hf")
+        model, tokenizer = load("HuggingFaceTB/SmolLM3-3B")
+        assert "notes.bin" not in hub.fetched()
+    assert model.path.is_relative_to(tmp_path / "hf")
+    assert tokenizer.eos_token_ids == {tokenizer.token_to_id("<|im_end|>")}
+    assert model(mx.array([[1, 2, 3]])).shape == (1, 3, 128256)
+
+
+def test_unknown_local_path_is_an_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="not a model folder"):
+        load(str(tmp_path / "nowhere"))
