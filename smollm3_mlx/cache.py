@@ -1,23 +1,34 @@
 """KV caches behind one small protocol.
 
-Attention touches a cache only through `offset` (the position of the next token), `make_mask(L)`
-and `update_and_fetch(keys, values)`; generation and chat use `trim(n)`, `state`, `nbytes` and
-`is_trimmable()`. Rotation, kept tokens and quantization live here, never in the model.
+The model calls `prepare(L)` on each layer's cache before attention (room for L new tokens; returns
+the mask), then attention reads `offset` (the position of the next token), calls
+`update_and_fetch(keys, values)` and `attend(...)`. Generation and chat use `trim(n)`, `state`,
+`nbytes`, `keep` and `dropped`. Rotation, kept tokens and quantization live here, not in the model.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import mlx.core as mx
+from mlx.utils import tree_map
+
+Rotate = Callable[[mx.array, int], mx.array]  # rotate keys by a number of positions
 
 
 class Cache(Protocol):
     offset: int
+    keep: int
+    dropped: int
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]: ...
+    def prepare(self, L: int) -> mx.array | str | None: ...
 
-    def make_mask(self, L: int) -> mx.array | str | None: ...
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Any, Any]: ...
+
+    def attend(
+        self, queries: mx.array, keys: Any, values: Any, *, scale: float, mask: Any
+    ) -> mx.array: ...
 
     def trim(self, n: int) -> int: ...
 
@@ -30,36 +41,141 @@ class Cache(Protocol):
     def nbytes(self) -> int: ...
 
 
+def _quantized_attention(queries, keys, values, *, scale, mask, group_size, bits) -> mx.array:
+    """Attention straight on quantized keys and values (no dequantized copy of the cache)."""
+    B, n_heads, L, D = queries.shape
+    n_kv_heads = keys[0].shape[1]
+    repeats = n_heads // n_kv_heads
+    queries = (queries * scale).reshape(B, n_kv_heads, repeats, L, D)  # group queries by KV head
+    keys, values = tree_map(lambda x: mx.expand_dims(x, 2), (keys, values))
+    scores = mx.quantized_matmul(queries, *keys, transpose=True, group_size=group_size, bits=bits)
+    if isinstance(mask, str):
+        S = scores.shape[-1]
+        mask = mx.arange(S - L, S)[:, None] >= mx.arange(S)[None]
+    if mask is not None:
+        scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
+    scores = mx.softmax(scores, axis=-1, precise=True)
+    out = mx.quantized_matmul(scores, *values, transpose=False, group_size=group_size, bits=bits)
+    return out.reshape(B, n_heads, L, D)
+
+
 class KVCache:
-    """A cache that grows in steps of `step` tokens; one per layer."""
+    """One layer's cache: growing, or rotating within `max_size` tokens; dense or quantized.
+
+    Rotating: when a step would pass `max_size`, the oldest tokens after the first `keep` (the
+    system prompt) are dropped, at least `chunk` at a time, and the survivors' keys are rotated back
+    by the number dropped, so positions stay inside the window (and inside the trained range).
+    Quantized: with `bits`, keys and values are stored by `mx.quantize` once the cache holds
+    `quantize_after` tokens.
+
+    Args:
+        max_size: the window in tokens; None grows without bound.
+        keep: tokens at the start that are never dropped.
+        rotate: shifts keys by n positions (the layer's RoPE); None for NoPE layers.
+        chunk: the fewest tokens dropped at once (default: an eighth of the window).
+        bits, group_size: KV quantization (4 or 8 bits); None keeps keys and values dense.
+        quantize_after: stay dense until the cache holds this many tokens.
+    """
 
     step = 256
 
-    def __init__(self):
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
+    def __init__(
+        self,
+        max_size: int | None = None,
+        keep: int = 0,
+        rotate: Rotate | None = None,
+        chunk: int | None = None,
+        bits: int | None = None,
+        group_size: int = 64,
+        quantize_after: int = 0,
+    ):
+        if max_size is not None and max_size <= keep:
+            raise ValueError(
+                f"the window ({max_size}) must be larger than the kept prefix ({keep})"
+            )
+        self.max_size, self.keep, self.rotate = max_size, keep, rotate
+        self.chunk = chunk or (max(1, (max_size - keep) // 8) if max_size else 0)
+        self.bits, self.group_size, self.quantize_after = bits, group_size, quantize_after
+        # Storage is a tuple: (keys,) when dense, (packed, scales, biases) when quantized.
+        self.keys: tuple[mx.array, ...] | None = None
+        self.values: tuple[mx.array, ...] | None = None
+        self.quantized = False
         self.offset = 0
+        self.dropped = 0  # tokens dropped so far by rotation
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        prev = self.offset
-        B, n_kv_heads, L, head_dim = keys.shape
-        if self.keys is None or prev + L > self.keys.shape[2]:
-            n_steps = (self.step + L - 1) // self.step
-            shape = (B, n_kv_heads, n_steps * self.step, head_dim)
-            new_k, new_v = mx.zeros(shape, keys.dtype), mx.zeros(shape, values.dtype)
-            if self.keys is not None:
-                self.keys = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
-                self.values = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
-            else:
-                self.keys, self.values = new_k, new_v
-        self.offset += L
-        self.keys[..., prev : self.offset, :] = keys
-        self.values[..., prev : self.offset, :] = values
-        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+    def _pack(self, x: mx.array) -> tuple[mx.array, ...]:
+        if self.quantized:
+            return tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
+        return (x,)
 
-    def make_mask(self, L: int) -> str | None:
-        # The fused kernel's "causal" aligns the L queries with the last L keys.
+    def _unpack(self, t: tuple[mx.array, ...]) -> mx.array:
+        if self.quantized:
+            return mx.dequantize(*t, group_size=self.group_size, bits=self.bits)
+        return t[0]
+
+    def _slice(self, t: tuple[mx.array, ...], start: int, stop: int) -> tuple[mx.array, ...]:
+        return tuple(x[..., start:stop, :] for x in t)
+
+    def prepare(self, L: int) -> str | None:
+        if self.max_size is not None and self.offset + L > self.max_size:
+            self._drop(max(self.offset + L - self.max_size, self.chunk), L)
         return "causal" if L > 1 else None
+
+    def _drop(self, n: int, L: int) -> None:
+        n = min(n, self.offset - self.keep)
+        if self.offset - n + L > self.max_size:
+            raise ValueError(
+                f"{L} new tokens do not fit a window of {self.max_size} with {self.keep} kept"
+            )
+        tail_k = self._slice(self.keys, self.keep + n, self.offset)
+        if self.rotate is not None:  # the survivors move n positions back
+            tail_k = self._pack(self.rotate(self._unpack(tail_k), -n))
+        tail_v = self._slice(self.values, self.keep + n, self.offset)
+        join = lambda head, tail: tuple(  # noqa: E731
+            mx.concatenate([h, t], axis=2) for h, t in zip(head, tail, strict=True)
+        )
+        self.keys = join(self._slice(self.keys, 0, self.keep), tail_k)
+        self.values = join(self._slice(self.values, 0, self.keep), tail_v)
+        self.offset -= n
+        self.dropped += n
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Any, Any]:
+        prev, L = self.offset, keys.shape[2]
+        if self.bits and not self.quantized and prev + L > self.quantize_after:
+            dense = self.keys and (self.keys[0][..., :prev, :], self.values[0][..., :prev, :])
+            self.quantized = True
+            if dense:  # re-store what is cached so far
+                self.keys, self.values = self._pack(dense[0]), self._pack(dense[1])
+        new_k, new_v = self._pack(keys), self._pack(values)
+        if self.keys is None or prev + L > self.keys[0].shape[2]:
+            steps = (self.step + L - 1) // self.step * self.step
+
+            def grow(buf, new):
+                zeros = [mx.zeros((*x.shape[:2], steps, x.shape[3]), x.dtype) for x in new]
+                if buf is None:
+                    return tuple(zeros)
+                return tuple(
+                    mx.concatenate([b[..., :prev, :], z], axis=2)
+                    for b, z in zip(buf, zeros, strict=True)
+                )
+
+            self.keys, self.values = grow(self.keys, new_k), grow(self.values, new_v)
+        self.offset += L
+        for buf, new in zip(self.keys + self.values, new_k + new_v, strict=True):
+            buf[..., prev : self.offset, :] = new
+        return self._fetch()
+
+    def _fetch(self) -> tuple[Any, Any]:
+        k, v = self._slice(self.keys, 0, self.offset), self._slice(self.values, 0, self.offset)
+        return (k, v) if self.quantized else (k[0], v[0])
+
+    def attend(self, queries: mx.array, keys, values, *, scale: float, mask) -> mx.array:
+        if self.quantized:
+            return _quantized_attention(
+                queries, keys, values, scale=scale, mask=mask,
+                group_size=self.group_size, bits=self.bits,
+            )  # fmt: skip
+        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
 
     def trim(self, n: int) -> int:
         n = min(self.offset, n)
@@ -71,15 +187,13 @@ class KVCache:
 
     @property
     def state(self) -> tuple:
-        if self.keys is None:
-            return ()
-        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+        return () if self.keys is None else self._fetch()
 
     @property
     def nbytes(self) -> int:
         if self.keys is None:
             return 0
-        return self.keys.nbytes + self.values.nbytes
+        return sum(x.nbytes for x in self._slice(self.keys + self.values, 0, self.offset))
 
 
 def trim_prompt_cache(cache: list[Cache], n: int) -> int:

@@ -28,6 +28,11 @@ def generate_step(
     prompt_cache: list[Cache] | None = None,
     prefill_step_size: int = DEFAULT_PREFILL_STEP,
     prompt_progress: Callable[[int, int], None] | None = None,
+    max_kv_size: int | None = None,
+    keep: int = 0,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
 ) -> Generator[tuple[int, mx.array], None, None]:
     """Yield (token, logprobs) pairs; the next step is queued before the current one is returned.
 
@@ -40,10 +45,22 @@ def generate_step(
         prompt_cache: per-layer caches, updated in place; a fresh one when None.
         prefill_step_size: the prompt is processed in chunks of this many tokens.
         prompt_progress: called as (processed, total) during prefill.
+        max_kv_size, keep: for a new cache, rotate within this many tokens, never dropping the
+            first `keep` (see `KVCache`).
+        kv_bits, kv_group_size, quantized_kv_start: for a new cache, quantize keys and values
+            to 4 or 8 bits once it holds `quantized_kv_start` tokens.
     """
     if prompt.size == 0:
         raise ValueError("the prompt is empty")
-    cache = prompt_cache if prompt_cache is not None else model.make_cache()
+    if prompt_cache is None:
+        prompt_cache = model.make_cache(
+            max_kv_size, keep, bits=kv_bits, group_size=kv_group_size,
+            quantize_after=quantized_kv_start,
+        )  # fmt: skip
+    cache = prompt_cache
+    window = getattr(cache[0], "max_size", None)
+    if window is not None:  # a prefill chunk must fit beside the kept tokens
+        prefill_step_size = min(prefill_step_size, window - cache[0].keep)
     sampler = sampler or greedy
     tokens = prompt if logits_processors else None
     progress = prompt_progress or (lambda *_: None)
@@ -159,6 +176,16 @@ def stream_generate(
     if isinstance(prompt, str):
         prompt = tokenizer.encode(prompt, allow_special=True)
     prompt = prompt if isinstance(prompt, mx.array) else mx.array(list(prompt), dtype=mx.uint32)
+    context = getattr(model, "max_context", None)
+    rotating = kwargs.get("max_kv_size") or getattr((prompt_cache or [None])[0], "max_size", None)
+    if context and not rotating:
+        used = prompt.size + (prompt_cache[0].offset if prompt_cache else 0)
+        if used >= context:
+            raise ValueError(
+                f"the prompt needs {used} tokens of context, more than the {context} allowed "
+                "(raise max_context, up to 131072 with YaRN)"
+            )
+        max_tokens = min(max_tokens, context - used) if max_tokens >= 0 else context - used
 
     detokenizer = tokenizer.detokenizer()
     eos = tokenizer.eos_token_ids

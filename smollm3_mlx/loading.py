@@ -18,6 +18,7 @@ DEFAULT_REPO = "HuggingFaceTB/SmolLM3-3B"
 # What a model folder needs from the hub: weights, configs, tokenizer and template.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.md"]
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+MAX_YARN_FACTOR = 2.0  # SmolLM3's model card: YaRN factor 2 over the trained 64K reaches 128K
 
 
 class ModelLoadError(ValueError):
@@ -100,6 +101,34 @@ def model_args(config: dict[str, Any], path: Path | None = None) -> ModelArgs:
         raise ModelLoadError(f"{where}{e}") from None
 
 
+def context_window(args: ModelArgs, max_context: int | None) -> tuple[int, dict[str, Any] | None]:
+    """The context to allow, and the YaRN settings to switch on for it (None: leave RoPE as is).
+
+    YaRN rescales attention at every length, so it is enabled only past the trained window, and
+    a config that already carries YaRN is honoured as it is.
+    """
+    trained = args.max_position_embeddings
+    scaling = args.rope_scaling
+    if scaling and scaling["rope_type"] == "yarn":
+        supported = int(scaling["factor"] * scaling["original_max_position_embeddings"])
+    else:
+        supported = int(MAX_YARN_FACTOR * trained)
+    if max_context is None:
+        return (supported if scaling else trained), None
+    if not 0 < max_context <= supported:
+        raise ModelLoadError(
+            f"max_context {max_context} is outside what this model supports (1 to {supported})"
+        )
+    if scaling or max_context <= trained:
+        return max_context, None
+    yarn = {
+        "rope_type": "yarn",
+        "factor": max_context / trained,
+        "original_max_position_embeddings": trained,
+    }
+    return max_context, yarn
+
+
 def read_safetensors_header(file: Path) -> dict[str, dict[str, Any]]:
     """The tensor table of a safetensors file, checked against the file's size."""
     size = file.stat().st_size
@@ -152,7 +181,13 @@ def _quantize(model: Model, quantization: dict[str, Any], stored: set[str]) -> N
     )
 
 
-def load_model(path: Path, *, dtype: str | mx.Dtype | None = "auto", lazy: bool = False) -> Model:
+def load_model(
+    path: Path,
+    *,
+    dtype: str | mx.Dtype | None = "auto",
+    lazy: bool = False,
+    max_context: int | None = None,
+) -> Model:
     """Build the model from a folder and load its weights, checking every tensor's name and shape.
 
     Args:
@@ -160,11 +195,18 @@ def load_model(path: Path, *, dtype: str | mx.Dtype | None = "auto", lazy: bool 
         dtype: what to compute in: "auto" (float32 on the CPU, stored dtype on the GPU), a dtype
             name or mx.Dtype, or None to keep the stored dtype.
         lazy: leave the weights unevaluated (they load on first use).
+        max_context: the longest context to allow; past the trained window (64K) and up to
+            twice it, YaRN is switched on for it. Default: the trained window.
     """
     path = Path(path)
     config = load_config(path)
     args = model_args(config, path)
+    window, yarn = context_window(args, max_context)
+    if yarn:
+        config = {**config, "rope_parameters": {"rope_theta": args.rope_theta, **yarn}}
+        args = model_args(config, path)
     model = Model(args)
+    model.max_context = window
 
     headers = {f: read_safetensors_header(f) for f in weight_files(path)}
     where = {k: f for f, h in headers.items() for k in h}
@@ -215,6 +257,7 @@ def load(
     dtype: str | mx.Dtype | None = "auto",
     revision: str | None = None,
     lazy: bool = False,
+    max_context: int | None = None,
 ):
     """Load a SmolLM3 model and its tokenizer from a folder or a hub repo id.
 
@@ -223,6 +266,7 @@ def load(
         dtype: what to compute in; see `load_model`.
         revision: the hub revision, for a repo id.
         lazy: leave the weights unevaluated until first use.
+        max_context: the longest context to allow (YaRN past 64K, up to 128K).
 
     Returns:
         (model, tokenizer); `model.generation_config` holds the folder's sampling defaults.
@@ -230,7 +274,7 @@ def load(
     from .tokenizer import Tokenizer
 
     path = resolve_model_path(path_or_repo, revision)
-    model = load_model(path, dtype=dtype, lazy=lazy)
+    model = load_model(path, dtype=dtype, lazy=lazy, max_context=max_context)
     model.generation_config = GenerationConfig.from_folder(path)
     model.path = path
     try:

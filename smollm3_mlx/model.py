@@ -128,10 +128,11 @@ class Attention(nn.Module):
             keys = self.rope(keys, offset=offset)
         if cache is not None:
             keys, values = cache.update_and_fetch(keys, values)
-
-        output = mx.fast.scaled_dot_product_attention(
-            queries, keys, values, scale=self.scale, mask=mask
-        )
+            output = cache.attend(queries, keys, values, scale=self.scale, mask=mask)
+        else:
+            output = mx.fast.scaled_dot_product_attention(
+                queries, keys, values, scale=self.scale, mask=mask
+            )
         output = output.transpose(0, 2, 1, 3).reshape(B, L, -1)  # (B, L, n_heads * hd)
         return self.o_proj(output)
 
@@ -170,11 +171,15 @@ class SmolLM3Model(nn.Module):
 
     def __call__(self, inputs: mx.array, cache: list[Cache] | None = None) -> mx.array:
         h = self.embed_tokens(inputs)
-        if cache is None:
-            cache = [None] * len(self.layers)
         L = h.shape[1]
-        mask = cache[0].make_mask(L) if cache[0] is not None else ("causal" if L > 1 else None)
-        for layer, c in zip(self.layers, cache, strict=True):
+        if cache is None:
+            cache, masks = (
+                [None] * len(self.layers),
+                ["causal" if L > 1 else None] * len(self.layers),
+            )
+        else:
+            masks = [c.prepare(L) for c in cache]  # makes room first: rotation happens here
+        for layer, c, mask in zip(self.layers, cache, masks, strict=True):
             h = layer(h, mask, c)
         return self.norm(h)
 
@@ -204,5 +209,26 @@ class Model(nn.Module):
             weights.pop("lm_head.weight", None)
         return weights
 
-    def make_cache(self) -> list[Cache]:
-        return [KVCache() for _ in self.layers]
+    def make_cache(
+        self,
+        max_size: int | None = None,
+        keep: int = 0,
+        *,
+        bits: int | None = None,
+        group_size: int = 64,
+        quantize_after: int = 0,
+        chunk: int | None = None,
+    ) -> list[Cache]:
+        """One cache per layer; see `KVCache` for rotation (max_size, keep) and quantization."""
+        return [
+            KVCache(
+                max_size,
+                keep,
+                rotate=layer.self_attn.rope.shift if layer.self_attn.use_rope else None,
+                chunk=chunk,
+                bits=bits,
+                group_size=group_size,
+                quantize_after=quantize_after,
+            )
+            for layer in self.layers
+        ]

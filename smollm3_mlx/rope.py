@@ -82,8 +82,12 @@ class RoPE(nn.Module):
             x = x * self.attention_factor
         return self.rotate(x, offset)
 
+    def shift(self, x: mx.array, n: int) -> mx.array:
+        """Move already-rotated keys by n positions (negative moves back); scale untouched."""
+        return self.rotate(x[..., None, :], n)[..., 0, :]  # L = 1: every row by the same n
+
     def rotate(self, x: mx.array, offset: int | mx.array) -> mx.array:
-        """The pure rotation by `offset` positions (negative rotates back), without scaling."""
+        """The rotation of row i by offset + i positions, without scaling."""
         return mx.fast.rope(
             x,
             self.dims,
