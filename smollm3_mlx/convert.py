@@ -1,0 +1,497 @@
+"""Convert a SmolLM3 checkpoint (hub repo or folder) into a quantized MLX folder, streaming.
+
+Every output shape is known from the config and the recipe, so the shards and their safetensors
+headers are planned first; then row blocks of each source tensor are read straight from the
+source bytes, quantized and written at their planned offsets. Memory stays near a few blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import math
+import os
+import shlex
+import shutil
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+from . import __version__
+from .loading import (
+    DEFAULT_REPO,
+    DTYPES,
+    ModelLoadError,
+    load_config,
+    load_model,
+    model_args,
+    read_safetensors_header,
+    weight_files,
+)
+from .model import Model
+
+DEFAULT_SHARD_SIZE = 5 * 10**9
+BITS, GROUP_SIZES, RECIPES, OUT_DTYPES = (4, 8), (32, 64, 128), ("uniform", "mixed"), DTYPES
+COPIED_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+COPIED_FILES += ["chat_template.jinja", "generation_config.json"]
+SOURCE_FILES = ["config.json", "model*.safetensors", "model.safetensors.index.json", *COPIED_FILES]
+HEAD_MODULES = ("model.embed_tokens", "lm_head")  # the mixed recipe keeps them at 8 bits
+CHUNK_ELEMENTS = 1 << 23  # source elements per row block: 16 MB of bf16
+CHECK_TOKENS = 2  # the check's forward pass; CPU quantized matmuls cost ~0.1 s a layer a token
+WORKERS = 2  # threads quantizing row blocks: MLX and file I/O release the GIL
+# safetensors dtype name -> (numpy dtype of its bytes, MLX dtype); and MLX dtype -> name
+ST_DTYPES = {"BF16": ("<u2", mx.bfloat16), "F16": ("<f2", mx.float16), "F32": ("<f4", mx.float32)}
+ST_NAMES = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.uint32: "U32"}
+
+Progress = Callable[[int, int, str], None]
+
+
+class ConvertError(ValueError):
+    """A conversion that cannot be done or did not finish; one line saying why. Nothing is left."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertResult:
+    path: Path
+    bits_per_weight: float  # stored bits (codes, scales, biases, norms) per model parameter
+    size_bytes: int  # of the safetensors shards
+    seconds: float
+    source: str
+    revision: str | None  # the hub commit converted; None for a local folder
+    recipe: str
+    bits: int
+    group_size: int
+    dtype: str
+    upload_repo: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """One source tensor, and where each of its output tensors starts in its output shard."""
+
+    name: str
+    file: Path
+    offset: int  # where its data starts in `file`
+    dtype: str
+    shape: tuple[int, ...]
+    quant: tuple[int, int] | None = None  # (group_size, bits); None: cast to the output dtype
+    outputs: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * np.dtype(ST_DTYPES[self.dtype][0]).itemsize
+
+    @property
+    def row(self) -> int:  # tensors are read as rows of their last dimension
+        return self.shape[-1] if self.shape else 1
+
+    @property
+    def rows(self) -> int:
+        return math.prod(self.shape) // max(self.row, 1)
+
+
+def convert(
+    source: str | Path = DEFAULT_REPO,
+    out: str | Path = "SmolLM3-3B-mlx-4bit",
+    *,
+    bits: int = 4,
+    group_size: int = 64,
+    recipe: str | None = None,
+    dtype: str = "bfloat16",
+    revision: str | None = None,
+    upload_repo: str | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+) -> ConvertResult:
+    """Quantize a SmolLM3 checkpoint into an MLX folder that both smollm3-mlx and mlx-lm load.
+
+    Args:
+        source: a hub repo id or a local folder holding a Hugging Face checkpoint.
+        out: the folder to create; built in a temporary folder beside it, renamed when complete.
+        bits: bits per weight of the quantized layers (4 or 8).
+        group_size: weights sharing one scale and bias (32, 64 or 128).
+        recipe: "mixed" keeps the embedding (the tied output head) at 8 bits; "uniform" uses
+            `bits` everywhere. Default: mixed for 4-bit, uniform for 8-bit.
+        dtype: of the scales, biases and unquantized tensors ("bfloat16" or "float16").
+        revision: the hub revision (branch, tag or commit) of a repo id.
+        upload_repo: push the finished folder to this hub repo ("user/name").
+        force: replace an existing `out`, once the new folder is complete.
+        progress: called as progress(done, total, tensor_name), counting source bytes.
+        shard_size: the most tensor bytes per output shard (a larger tensor gets its own).
+
+    Raises:
+        ConvertError: bad arguments or source, an existing `out`, a failed download, a full
+            disk, an interrupt. The message is one line; no output or temporary folder remains.
+    """
+    start = time.perf_counter()
+    recipe = recipe or ("mixed" if bits == 4 else "uniform")
+    half = [d for d in OUT_DTYPES if d != "float32"]
+    for name, value, allowed in [("bits", bits, BITS), ("group_size", group_size, GROUP_SIZES),
+                                 ("recipe", recipe, RECIPES), ("dtype", dtype, half)]:  # fmt: skip
+        if value not in allowed:
+            raise ConvertError(f"{name} must be one of {', '.join(map(str, allowed))}, not {value}")
+    out = Path(out).expanduser()
+    if out.exists() and not force:
+        raise ConvertError(f"{out} already exists; pass --force to replace it")
+
+    tmp = None
+    try:
+        path, revision = _resolve_source(str(source), revision)
+        if out.resolve() == path.resolve():
+            raise ConvertError(f"{out} is the source folder; choose another output folder")
+        config = load_config(path)
+        if "quantization" in config or "quantization_config" in config:
+            raise ConvertError(f"{path / 'config.json'}: the source is already quantized")
+        model = Model(model_args(config, path))  # lazy: its random weights are never computed
+        jobs, n_params = _validate(path, model)
+        outputs, overrides = _quantized_layout(model, jobs, bits, group_size, recipe, dtype)
+        shards = _plan_shards(jobs, outputs, shard_size)
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp.chmod(0o755)
+        _write_shards(tmp, shards, DTYPES[dtype], progress)
+        quantization = {"group_size": group_size, "bits": bits, "mode": "affine", **overrides}
+        _write_metadata(tmp, path, config, shards, outputs, n_params, quantization, dtype)
+        data_bytes = sum(math.prod(shape) * d.size for d, shape in outputs.values())
+        result = ConvertResult(
+            out, 8 * data_bytes / n_params, sum((tmp / f).stat().st_size for f in shards), 0.0,
+            str(source), revision, recipe, bits, group_size, dtype, upload_repo,
+        )  # fmt: skip
+        (tmp / "README.md").write_text(_model_card(result, config))
+        _check(tmp)
+        _replace(tmp, out)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        error = _one_line_error(e, out)
+        if error is None:
+            raise
+        raise error from e
+    result = dataclasses.replace(result, seconds=time.perf_counter() - start)
+    if upload_repo:
+        _upload(out, upload_repo)
+    return result
+
+
+def _one_line_error(e: BaseException, out: Path) -> ConvertError | None:
+    """The ConvertError an exception becomes; None to re-raise it as it is."""
+    if isinstance(e, ConvertError) or not isinstance(e, (Exception, KeyboardInterrupt)):
+        return None
+    if isinstance(e, ModelLoadError):
+        return ConvertError(str(e))
+    if isinstance(e, KeyboardInterrupt):
+        return ConvertError(f"interrupted; nothing was written to {out}")
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return ConvertError(f"disk full writing {out} ({e.strerror}); nothing was written")
+    return ConvertError(f"conversion to {out} failed: {_first_line(e)}")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _resolve_source(source: str, revision: str | None) -> tuple[Path, str | None]:
+    """(local folder, hub commit) of a folder or a hub repo id, downloading only what is used."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if revision:
+            raise ConvertError(f"{path} is a local folder; --revision applies to hub repos only")
+        return path, None
+    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise ConvertError(f"{path}: not a model folder")
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(source, revision=revision, allow_patterns=SOURCE_FILES)
+    except Exception as e:  # network, auth, missing revision, offline cache miss: all end here
+        raise ConvertError(f"download of {source} failed: {_first_line(e)}") from e
+    return Path(folder), Path(folder).name  # snapshot folders are named by their commit
+
+
+def _validate(path: Path, model: Model) -> tuple[dict[str, _Job], int]:
+    """A job per source tensor, checked against the model's parameters; and their count."""
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    jobs = {}
+    for file in weight_files(path):
+        header = read_safetensors_header(file)
+        with open(file, "rb") as f:
+            start = 8 + int.from_bytes(f.read(8), "little")
+        for name, t in header.items():
+            if name in jobs:
+                raise ConvertError(f"{file}: tensor {name} is also in {jobs[name].file}")
+            offset = start + t["data_offsets"][0]
+            jobs[name] = _Job(name, file, offset, t["dtype"], tuple(t["shape"]))
+    jobs = model.sanitize(jobs)
+    for name, job in jobs.items():
+        if name not in expected:
+            raise ConvertError(f"{job.file}: unexpected tensor {name}")
+        if job.shape != expected[name]:
+            raise ConvertError(
+                f"{job.file}: tensor {name} has shape {job.shape}, expected {expected[name]}"
+            )
+        if job.dtype not in ST_DTYPES:
+            raise ConvertError(f"{job.file}: tensor {name} has unsupported dtype {job.dtype}")
+    missing = sorted(set(expected) - set(jobs))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ConvertError(f"{path}: tensor {missing[0]} is missing{more}")
+    return jobs, sum(math.prod(s) for s in expected.values())
+
+
+def _quantized_layout(model, jobs, bits, group_size, recipe, dtype):
+    """Output tensors {name: (dtype, shape)} and per-layer overrides, from nn.quantize on the lazy
+    model: the very layout the loaders rebuild. Sets each quantized job's (group_size, bits)."""
+    overrides = {}
+
+    def predicate(p: str, m: nn.Module) -> bool | dict:
+        if not hasattr(m, "to_quantized") or m.weight.shape[-1] % group_size:
+            return False  # as mlx-lm: rows that are not whole groups stay unquantized
+        if recipe == "mixed" and p in HEAD_MODULES:
+            overrides[p] = {"group_size": group_size, "bits": 8}
+            return dict(overrides[p])
+        return True
+
+    nn.quantize(model, group_size, bits, class_predicate=predicate)
+    for p, m in model.named_modules():
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            jobs[f"{p}.weight"] = dataclasses.replace(
+                jobs[f"{p}.weight"], quant=(m.group_size, m.bits)
+            )
+    outputs = {
+        k: (v.dtype if v.dtype == mx.uint32 else DTYPES[dtype], tuple(v.shape))
+        for k, v in tree_flatten(model.parameters())
+    }
+    return outputs, overrides
+
+
+def _plan_shards(jobs: dict[str, _Job], outputs, shard_size: int) -> dict[str, tuple]:
+    """Shard file name -> (its safetensors header, its jobs with their output offsets)."""
+    groups: list[list[_Job]] = [[]]
+    size = 0
+    for name in sorted(jobs):
+        stem = name.removesuffix(".weight")
+        names = (
+            [f"{stem}.{s}" for s in ("weight", "scales", "biases")] if jobs[name].quant else [name]
+        )
+        nbytes = sum(math.prod(outputs[n][1]) * outputs[n][0].size for n in names)
+        if groups[-1] and size + nbytes > shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(dataclasses.replace(jobs[name], outputs=dict.fromkeys(names, 0)))
+        size += nbytes
+    shards = {}
+    for i, group in enumerate(groups):
+        table: dict[str, Any] = {"__metadata__": {"format": "mlx"}}
+        offset = 0
+        for job in group:
+            for n in job.outputs:
+                dt, shape = outputs[n]
+                end = offset + math.prod(shape) * dt.size
+                table[n] = dict(dtype=ST_NAMES[dt], shape=list(shape), data_offsets=[offset, end])
+                offset = end
+        raw = json.dumps(table, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # so that the data starts 8-byte aligned
+        for job in group:
+            job.outputs.update({n: 8 + len(raw) + table[n]["data_offsets"][0] for n in job.outputs})
+        shards[f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"] = (
+            len(raw).to_bytes(8, "little") + raw,
+            group,
+        )
+    return shards
+
+
+def _write_shards(folder: Path, shards, dtype: mx.Dtype, progress: Progress | None) -> None:
+    """Write each shard's header, then quantize and write the row blocks on WORKERS threads."""
+    blocks = []
+    for name, (header, jobs) in shards.items():
+        (folder / name).write_bytes(header)
+        for job in jobs:
+            step = max(1, CHUNK_ELEMENTS // max(job.row, 1))
+            blocks += [
+                (folder / name, job, r, min(job.rows, r + step)) for r in range(0, job.rows, step)
+            ]
+    total, done = sum(j.nbytes for _, jobs in shards.values() for j in jobs), 0
+    with ThreadPoolExecutor(WORKERS) as pool:
+        pending: deque = deque()
+        try:
+            for i, block in enumerate(blocks):
+                pending.append((block, pool.submit(_write_block, *block, dtype)))
+                # Finish the oldest blocks first: a few in memory at a time, progress in order.
+                while len(pending) > 2 * WORKERS or (pending and i == len(blocks) - 1):
+                    (_, job, r0, r1), future = pending.popleft()
+                    future.result()
+                    done += job.nbytes * (r1 - r0) // job.rows
+                    if progress is not None:
+                        progress(done, total, job.name)
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
+def _write_block(shard: Path, job: _Job, r0: int, r1: int, dtype: mx.Dtype) -> None:
+    raw, src_dtype = ST_DTYPES[job.dtype]
+    buf = np.empty((r1 - r0, job.row), raw)
+    with open(job.file, "rb") as f:
+        f.seek(job.offset + r0 * buf[0].nbytes)
+        if f.readinto(buf) != buf.nbytes:
+            raise ConvertError(f"{job.file}: truncated while reading {job.name}")
+    w = mx.array(buf).view(src_dtype)
+    parts = _quantize(w, *job.quant, dtype) if job.quant else (w.astype(dtype),)
+    mx.eval(parts)
+    fd = os.open(shard, os.O_WRONLY)
+    try:
+        for offset, part in zip(job.outputs.values(), parts, strict=True):
+            data, at = _bytes(part), offset + r0 * (part.nbytes // (r1 - r0))
+            while data:  # pwrite may write less than asked
+                n = os.pwrite(fd, data, at)
+                data, at = data[n:], at + n
+    finally:
+        os.close(fd)
+
+
+def _quantize(w: mx.array, group_size: int, bits: int, dtype: mx.Dtype):
+    """Affine quantization, computed in float32 (mx.quantize does so for any input dtype).
+
+    At 8 bits the codes are refit to the scales and biases as stored, rounded to `dtype`:
+    mx.quantize picks them before that rounding, which adds ~20% to the 8-bit weight error.
+    At 4 bits the steps are 16x coarser and refitting changes nothing measurable.
+    """
+    q, scales, biases = mx.quantize(
+        w if w.dtype == dtype else w.astype(mx.float32), group_size, bits
+    )
+    scales, biases = scales.astype(dtype), biases.astype(dtype)
+    if bits == 8:  # codes from float32 math: bf16 weights minus float32 biases promote
+        groups = w.reshape(*w.shape[:-1], -1, group_size)
+        codes = _codes8(groups, scales.astype(mx.float32), biases.astype(mx.float32))
+        q = codes.reshape(w.shape).view(mx.uint32)  # MLX's 8-bit packing is a byte view
+    return q, scales, biases
+
+
+def _codes8(groups: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
+    s = mx.where(scales == 0, 1, scales)[..., None]
+    return mx.clip(mx.round((groups - biases[..., None]) / s), 0, 255).astype(mx.uint8)
+
+
+def _bytes(a: mx.array) -> memoryview:
+    return memoryview(np.asarray(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)).cast("B")
+
+
+def _write_metadata(folder, source, config, shards, outputs, n_params, quantization, dtype):
+    """The index; config.json with the quantization recorded as mlx-lm does; the copied files."""
+    weight_map = {n: f for f, (_, jobs) in shards.items() for j in jobs for n in j.outputs}
+    total = sum(math.prod(shape) * d.size for d, shape in outputs.values())
+    index = {"metadata": {"total_size": total, "total_parameters": n_params},
+             "weight_map": dict(sorted(weight_map.items()))}  # fmt: skip
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
+    config = {k: v for k, v in config.items() if k != "_name_or_path"}
+    config.update(quantization=quantization, quantization_config=quantization)
+    for key in ("torch_dtype", "dtype"):
+        if key in config:
+            config[key] = dtype
+    (folder / "config.json").write_text(json.dumps(config, indent=4, sort_keys=True))
+    for name in COPIED_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, folder / name)
+
+
+def _model_card(r: ConvertResult, config: dict[str, Any]) -> str:
+    cmd = ["smollm3-mlx", "convert", r.source, "-o", str(r.path), "--bits", str(r.bits)]
+    cmd += ["--group-size", str(r.group_size), "--recipe", r.recipe, "--dtype", r.dtype]
+    cmd += ["--revision", r.revision] if r.revision else []
+    cmd += ["--upload-repo", r.upload_repo] if r.upload_repo else []
+    hub = not Path(r.source).expanduser().is_dir()
+    head = "the embedding / tied output head at 8 bits, " if r.recipe == "mixed" else ""
+    at = f" at revision `{r.revision}`" if r.revision else ""
+    return f"""---
+library_name: mlx
+pipeline_tag: text-generation
+tags: [mlx, smollm3]
+{f"base_model: {r.source}{chr(10)}" if hub else ""}---
+
+# {r.path.name}
+
+SmolLM3 ({config.get("num_hidden_layers")} layers) quantized for [MLX](https://github.com/ml-explore/mlx)
+by smollm3-mlx {__version__}.
+
+| | |
+|---|---|
+| source | `{r.source}`{at} |
+| recipe | {r.recipe}: {head}everything else at {r.bits} bits |
+| quantization | affine, group size {r.group_size}; scales, biases and norms in {r.dtype} |
+| bits per weight | {r.bits_per_weight:.3f} |
+| size on disk | {r.size_bytes / 1e6:,.1f} MB |
+
+Made with:
+
+```sh
+{shlex.join(cmd)}
+```
+
+Run it with `smollm3-mlx chat {r.path.name}`; mlx-lm runs it too.
+"""
+
+
+def _check(folder: Path) -> None:
+    """Load the output with our loader and run it on a few tokens, holding one layer at a time."""
+    try:
+        model = load_model(folder, lazy=True)
+    except ModelLoadError as e:
+        raise ConvertError(f"check of the converted model failed: {e}") from None
+
+    def evicting(layer: nn.Module) -> Callable:
+        def run(x, mask=None, cache=None):
+            h = layer(x, mask, cache)
+            mx.eval(h)
+            layer.update(tree_map(lambda _: mx.array([]), layer.parameters()))
+            return h
+
+        return run
+
+    model.model.layers = [evicting(layer) for layer in model.model.layers]
+    tokens = mx.arange(CHECK_TOKENS)[None] % model.args.vocab_size
+    finite = mx.all(mx.isfinite(model(tokens))).item()
+    del model
+    mx.clear_cache()  # hand the check's buffers back
+    if not finite:
+        raise ConvertError(f"check of the converted model failed: non-finite logits ({folder})")
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Rename the finished folder to `out`; an old `out` (--force) is removed only after that."""
+    if not (out.exists() or out.is_symlink()):
+        tmp.rename(out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    out.rename(old / out.name)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        (old / out.name).rename(out)
+        old.rmdir()
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _upload(folder: Path, repo: str) -> None:
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi()
+        api.create_repo(repo, exist_ok=True)
+        api.upload_folder(folder_path=folder, repo_id=repo, repo_type="model")
+    except (Exception, KeyboardInterrupt) as e:
+        raise ConvertError(f"{folder} was written, but the upload to {repo} failed: "
+                           f"{_first_line(e)}") from e  # fmt: skip
