@@ -1,6 +1,6 @@
 """KV-cache memory: bytes per token at SmolLM3-3B's shapes, projections, and a measured long run.
 
-    python benchmarks/bench_kv_memory.py [--tokens 4096]
+    python benchmarks/bench_kv_memory.py [--tokens 2048]
 
 Part 1 fills one real-shaped layer cache (4 KV heads x 128) with each setting and multiplies by 36
 layers, so the numbers are what `KVCache` really stores (packed weights + scales + biases).
@@ -88,7 +88,7 @@ def measured_run(tokens: int) -> list[tuple[str, float, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=4096, help="length of the measured run")
+    parser.add_argument("--tokens", type=int, default=2048, help="length of the measured run")
     opts = parser.parse_args()
 
     args = ModelArgs()  # the defaults mirror SmolLM3-3B's config.json

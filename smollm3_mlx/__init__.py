@@ -21,11 +21,20 @@ _LAZY = {
     "make_sampler": "sample",
     "make_logits_processors": "sample",
     "Tokenizer": "tokenizer",
+    "ChatSession": "chat",
+    "Sampling": "chat",
+    "ThinkingDelta": "chat",
+    "AnswerDelta": "chat",
+    "ToolCall": "chat",
+    "Done": "chat",
+    "convert": "convert",
 }
 
 __all__ = [*_LAZY, "__version__"]
 
 if TYPE_CHECKING:
+    from .chat import AnswerDelta, ChatSession, Done, Sampling, ThinkingDelta, ToolCall
+    from .convert import convert
     from .generate import GenerationResponse, generate, generate_step, stream_generate
     from .loading import GenerationConfig, ModelLoadError, load, load_model
     from .sample import make_logits_processors, make_sampler

@@ -59,6 +59,18 @@ def _quantized_attention(queries, keys, values, *, scale, mask, group_size, bits
     return out.reshape(B, n_heads, L, D)
 
 
+def check_kv_quantization(head_dim: int, bits: int | None, group_size: int) -> None:
+    """Refuse KV settings MLX cannot quantize, before any token is generated."""
+    if bits is None:
+        return
+    if bits not in (4, 8):
+        raise ValueError(f"KV cache bits must be 4 or 8, not {bits}")
+    if group_size not in (32, 64, 128) or head_dim % group_size:
+        raise ValueError(
+            f"KV group size {group_size} must be 32, 64 or 128 and divide head_dim {head_dim}"
+        )
+
+
 class KVCache:
     """One layer's cache: growing, or rotating within `max_size` tokens; dense or quantized.
 

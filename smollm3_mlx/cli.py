@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import sys
+from dataclasses import asdict
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -17,7 +22,19 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-Model = Annotated[str, typer.Option("--model", "-m", help="Local model folder or hub repo id.")]
+DEFAULT_MODEL_NAME = "SmolLM3-3B-4bit"  # HuggingFaceTB/SmolLM3-3B, 4-bit mixed recipe
+
+Model = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Local model folder or hub repo id. Default: the converted model in the cache "
+        "(SMOLLM3_MLX_HOME, else ~/.cache/smollm3-mlx), made on first use by downloading "
+        "HuggingFaceTB/SmolLM3-3B and converting it to 4-bit.",
+        show_default=False,
+    ),
+]
 DType = Annotated[
     str,
     typer.Option(
@@ -25,6 +42,241 @@ DType = Annotated[
         "float32, bfloat16 or float16."
     ),
 ]
+MaxTokens = Annotated[int, typer.Option(help="The most tokens per answer, thinking included.")]
+Temperature = Annotated[
+    float | None,
+    typer.Option(
+        "--temp", help="Sampling temperature (default from generation_config.json; 0 is greedy)."
+    ),
+]
+TopP = Annotated[
+    float | None, typer.Option(help="Nucleus sampling mass (default from generation_config.json).")
+]
+Seed = Annotated[int | None, typer.Option(help="Random seed.")]
+Think = Annotated[
+    bool,
+    typer.Option(
+        "--think/--no-think", help="Reasoning mode: think before answering (SmolLM3's /think)."
+    ),
+]
+HideThinking = Annotated[
+    bool,
+    typer.Option(
+        "--hide-thinking",
+        help='Show one line ("thought for 812 tokens, 9.4 s") instead of the reasoning.',
+    ),
+]
+KeepThinking = Annotated[
+    bool,
+    typer.Option(
+        "--keep-thinking/--drop-thinking",
+        help="Keep past reasoning in the history sent back to the model (the default), or drop "
+        "it and keep only the answers (shorter prompts; the model no longer sees how it "
+        "reasoned).",
+    ),
+]
+System = Annotated[str | None, typer.Option(help="A system message.")]
+MaxContext = Annotated[
+    int | None,
+    typer.Option(
+        help="The longest context in tokens. Default: the trained window (65536). Up to 131072 "
+        "switches on YaRN. chat keeps going past it by dropping the oldest turns (never the "
+        "system block); generate refuses a longer prompt.",
+        show_default=False,
+    ),
+]
+KVBits = Annotated[
+    int | None, typer.Option(help="Quantize the KV cache to 4 or 8 bits (less memory).")
+]
+KVGroupSize = Annotated[int, typer.Option(help="KV quantization group size: 32, 64 or 128.")]
+
+
+def default_model_dir() -> Path:
+    home = os.environ.get("SMOLLM3_MLX_HOME") or Path(
+        os.environ.get("XDG_CACHE_HOME", "~/.cache"), "smollm3-mlx"
+    )
+    return Path(home).expanduser() / DEFAULT_MODEL_NAME
+
+
+def _load(model: str | None, dtype: str, max_context: int | None = None):
+    """Load `model`, or the default model (converted into the cache on first use)."""
+    from .loading import DEFAULT_REPO, ModelLoadError, load
+
+    try:
+        if model is None:
+            path = default_model_dir()
+            if not (path / "config.json").exists():
+                from .convert import ConvertError, convert
+
+                console.note(f"first run: downloading {DEFAULT_REPO} and converting it to 4-bit")
+                console.note(f"into {path}")
+                try:
+                    with console.progress("converting") as update:
+                        convert(DEFAULT_REPO, path, bits=4, recipe="mixed", progress=update)
+                except ConvertError as e:
+                    raise ModelLoadError(str(e)) from None
+            model = str(path)
+        with console.status(f"loading {model}"):
+            loaded = load(
+                model, dtype=None if dtype == "stored" else dtype, max_context=max_context
+            )
+    except (ModelLoadError, OSError) as e:
+        console.error(str(e))
+        raise typer.Exit(1) from None
+    return (*loaded, model)
+
+
+def _session(
+    model, dtype, think, system, keep_thinking, max_tokens, temperature, top_p, seed,
+    max_context=None, kv_bits=None, kv_group_size=64,
+):  # fmt: skip
+    import mlx.core as mx
+
+    from .chat import ChatSession, Sampling
+
+    m, tokenizer, name = _load(model, dtype, max_context)
+    if seed is not None:
+        mx.random.seed(seed)
+    sampling = Sampling.from_model(m, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
+    try:
+        return ChatSession(
+            m,
+            tokenizer,
+            think=think,
+            system=system,
+            keep_thinking=keep_thinking,
+            sampling=sampling,
+            model_name=name,
+            kv_bits=kv_bits,
+            kv_group_size=kv_group_size,
+        )
+    except ValueError as e:
+        console.error(str(e))
+        raise typer.Exit(1) from None
+
+
+COMMANDS = {
+    "/help": "this list",
+    "/think": "think before answering, from the next turn on",
+    "/no_think": "answer directly, from the next turn on",
+    "/system TEXT": "set the system message (no TEXT: clear it)",
+    "/reset": "start over (the system message stays)",
+    "/save FILE": "save the conversation as JSON",
+    "/load FILE": "load a saved conversation",
+    "/stats": "session statistics",
+    "/exit": "quit (or Ctrl-D)",
+}
+
+
+def _command(chat, line: str) -> bool:
+    """Run a /command; False means exit."""
+    from .chat import ChatFileError
+
+    name, _, arg = line.strip().partition(" ")
+    arg = arg.strip()
+    if name in ("/exit", "/quit", "/bye"):
+        return False
+    if name == "/help":
+        console.help_commands(COMMANDS)
+    elif name in ("/think", "/no_think"):
+        chat.think = name == "/think"
+        console.info(f"thinking {'on' if chat.think else 'off'} from the next turn")
+    elif name == "/system":
+        chat.system = arg or None
+        console.info(f"system message {'set' if arg else 'cleared'}")
+    elif name == "/reset":
+        chat.reset()
+        console.info("conversation cleared")
+    elif name == "/save" and arg:
+        try:
+            console.saved(chat.save(arg))
+        except OSError as e:
+            console.error(f"{arg}: {e.strerror or e}")
+    elif name == "/load" and arg:
+        try:
+            data = chat.load(arg)
+        except ChatFileError as e:
+            console.error(str(e))
+            return True
+        console.info(
+            f"loaded {len(chat.messages)} messages, thinking {'on' if chat.think else 'off'}"
+            + (f" (saved with {data['model']})" if data.get("model") != chat.model_name else "")
+        )
+    elif name == "/stats":
+        console.session_stats(_stats(chat))
+    elif name in ("/save", "/load"):
+        console.error(f"usage: {name} FILE")
+    else:
+        console.error(f"unknown command {name}; /help lists them")
+    return True
+
+
+def _stats(chat) -> dict[str, object]:
+    s = chat.sampling
+    rows: dict[str, object] = {
+        "model": chat.model_name,
+        "thinking": "on" if chat.think else "off",
+        "past reasoning": "kept" if chat.keep_thinking else "dropped",
+        "messages": len(chat.messages),
+        "cached tokens": chat.cached_tokens,
+        "sampling": f"temperature {s.temperature}, top-p {s.top_p}, max tokens {s.max_tokens}",
+    }
+    if chat.last is not None:
+        rows["last turn"] = console.turn_summary(chat.last)
+    return rows
+
+
+def _turn(chat, text: str, view) -> None:
+    """One turn; Ctrl-C stops it (the partial answer is kept) instead of killing the chat."""
+    previous = signal.signal(signal.SIGINT, lambda *_: chat.cancel())
+    try:
+        for event in chat.send(text):
+            view(event)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@app.command()
+def chat(
+    model: Model = None,
+    think: Think = True,
+    hide_thinking: HideThinking = False,
+    keep_thinking: KeepThinking = True,
+    system: System = None,
+    max_tokens: MaxTokens = 8192,
+    temperature: Temperature = None,
+    top_p: TopP = None,
+    seed: Seed = None,
+    dtype: DType = "auto",
+    max_context: MaxContext = None,
+    kv_bits: KVBits = None,
+    kv_group_size: KVGroupSize = 64,
+) -> None:
+    """Chat in the terminal; /help lists the commands, Ctrl-C stops an answer, Ctrl-D exits."""
+    try:
+        session = _session(
+            model, dtype, think, system, keep_thinking, max_tokens, temperature, top_p, seed,
+            max_context, kv_bits, kv_group_size,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    console.welcome(session.model_name, session.think, session.keep_thinking)
+    while True:
+        try:
+            line = console.ask(session.think)
+        except EOFError:
+            console.info("")
+            break
+        except KeyboardInterrupt:
+            console.info("\n(/exit or Ctrl-D to quit)")
+            continue
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            if not _command(session, line):
+                break
+            continue
+        _turn(session, line, console.TurnView(hide_thinking=hide_thinking))
 
 
 @app.command()
@@ -32,51 +284,162 @@ def generate(
     prompt: Annotated[
         str | None, typer.Argument(help="The prompt; read from stdin if absent.")
     ] = None,
-    model: Model = "HuggingFaceTB/SmolLM3-3B",
-    max_tokens: Annotated[int, typer.Option(help="The most tokens to generate.")] = 4096,
-    temperature: Annotated[
-        float | None,
+    model: Model = None,
+    raw: Annotated[
+        bool, typer.Option("--raw", help="Complete the prompt as is, without the chat template.")
+    ] = False,
+    think: Think = True,
+    hide_thinking: HideThinking = False,
+    system: System = None,
+    output_format: Annotated[
+        str,
         typer.Option(
-            "--temp",
-            help="Sampling temperature (default from generation_config.json; 0 is greedy).",
+            "--format",
+            help="text: the answer on stdout (thinking on stderr); json: one object with "
+            "thinking, answer and stats.",
         ),
-    ] = None,
-    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    ] = "text",
+    max_tokens: MaxTokens = 8192,
+    temperature: Temperature = None,
+    top_p: TopP = None,
+    seed: Seed = None,
     dtype: DType = "auto",
     stats: Annotated[
         bool, typer.Option("--stats/--no-stats", help="Print speed and memory on stderr.")
     ] = False,
+    max_context: MaxContext = None,
+    kv_bits: KVBits = None,
+    kv_group_size: KVGroupSize = 64,
 ) -> None:
-    """Complete a raw prompt (no chat template) and stream the text to stdout."""
-    import mlx.core as mx
-
-    from .generate import stream_generate
-    from .loading import ModelLoadError, load
-    from .sample import make_sampler
-
+    """Answer one prompt with the chat template (or complete it with --raw) and exit."""
+    if output_format not in ("text", "json"):
+        console.error(f"--format must be text or json, not {output_format}")
+        raise typer.Exit(2)
     if prompt is None:
         prompt = sys.stdin.read()
+    if not raw:
+        prompt = prompt.strip()  # `echo question |` ends it with a newline
+    if not prompt.strip():
+        console.error("the prompt is empty")
+        raise typer.Exit(1)
     try:
-        m, tokenizer = load(model, dtype=None if dtype == "stored" else dtype)
-    except (ModelLoadError, OSError) as e:
-        console.error(str(e))
-        raise typer.Exit(1) from None
-    if seed is not None:
-        mx.random.seed(seed)
-    g = m.generation_config
-    sampler = make_sampler(
-        g.temperature if temperature is None else temperature,
-        g.top_p if top_p is None else top_p,
-        g.top_k,
-        g.min_p,
-    )
-    last = None
-    for last in stream_generate(m, tokenizer, prompt, max_tokens=max_tokens, sampler=sampler):
-        console.write(last.text)
+        session = _session(
+            model, dtype, think, system, True, max_tokens, temperature, top_p, seed,
+            max_context, kv_bits, kv_group_size,
+        )  # fmt: skip
+        _check_context(session, prompt, raw)
+        if raw:
+            _complete(session, prompt, stats, output_format)
+        elif output_format == "json":
+            *_, done = session.send(prompt)
+            result = {"thinking": done.thinking, "answer": done.answer}
+            result |= {"finish_reason": done.finish_reason, "stats": asdict(done.stats)}
+            console.write(json.dumps(result, ensure_ascii=False) + "\n")
+        else:
+            view = console.TurnView(
+                hide_thinking=hide_thinking, thinking_to=console.err, footer=stats
+            )
+            for event in session.send(prompt):
+                view(event)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+def _check_context(session, prompt: str, raw: bool) -> None:
+    """generate answers one prompt: one longer than the context is an error, not a rotation."""
+    tok = session.tokenizer
+    if raw:
+        n = len(tok.encode(prompt, allow_special=True))
+    else:
+        messages = [*session.messages, {"role": "user", "content": prompt}]
+        n = len(tok.apply_chat_template(messages, tokenize=True, enable_thinking=session.think))
+    limit = session.model.max_context
+    if n >= limit:
+        console.error(
+            f"the prompt is {n} tokens, more than the context of {limit} "
+            "(raise --max-context, up to 131072)"
+        )
+        raise typer.Exit(1)
+
+
+def _complete(session, prompt: str, stats: bool, output_format: str) -> None:
+    from .generate import stream_generate
+    from .sample import make_logits_processors, make_sampler
+
+    s = session.sampling
+    last, text = None, ""
+    for last in stream_generate(
+        session.model,
+        session.tokenizer,
+        prompt,
+        max_tokens=s.max_tokens,
+        sampler=make_sampler(s.temperature, s.top_p, s.top_k, s.min_p),
+        logits_processors=make_logits_processors(s.repetition_penalty),
+        kv_bits=session.kv["bits"],
+        kv_group_size=session.kv["group_size"],
+    ):
+        text += last.text
+        if output_format == "text":
+            console.write(last.text)
+    if output_format == "json":
+        result = {"text": text, "finish_reason": last.finish_reason, "stats": asdict(last)}
+        del result["stats"]["text"], result["stats"]["token"]
+        console.write(json.dumps(result, ensure_ascii=False) + "\n")
+        return
     console.write("\n")
     if stats and last is not None:
         console.stats(last)
+
+
+@app.command()
+def convert(
+    out: Annotated[Path, typer.Option("--out", "-o", help="The folder to create.")],
+    source: Annotated[
+        str, typer.Argument(help="Hub repo id or local folder of a Hugging Face checkpoint.")
+    ] = "HuggingFaceTB/SmolLM3-3B",
+    bits: Annotated[int, typer.Option(help="Bits per weight: 4 or 8.")] = 4,
+    group_size: Annotated[int, typer.Option(help="Weights per scale: 32, 64 or 128.")] = 64,
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            help="mixed: the embedding / tied output head at 8 bits (the 4-bit default); "
+            "uniform: --bits everywhere (the 8-bit default).",
+            show_default=False,
+        ),
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option(help="Of the scales, biases and norms: bfloat16 or float16.")
+    ] = "bfloat16",
+    revision: Annotated[
+        str | None, typer.Option(help="Hub revision: branch, tag or commit.")
+    ] = None,
+    upload_repo: Annotated[
+        str | None, typer.Option(help="Then upload the folder to this hub repo (USER/NAME).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Quantize SmolLM3 into an MLX folder that smollm3-mlx and mlx-lm both run."""
+    from .convert import ConvertError
+    from .convert import convert as convert_model
+
+    try:
+        with console.progress("converting") as update:
+            result = convert_model(
+                source,
+                out,
+                bits=bits,
+                group_size=group_size,
+                recipe=recipe,
+                dtype=dtype,
+                revision=revision,
+                upload_repo=upload_repo,
+                force=force,
+                progress=update,
+            )
+    except ConvertError as e:
+        console.error(str(e))
+        raise typer.Exit(1) from None
+    console.converted(result)
 
 
 if __name__ == "__main__":

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True, emoji=False)  # model text: no :emoji: codes
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 
 def error(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}")
+    err.print(f"[bold red]error:[/] {escape(message)}")
 
 
 def write(text: str) -> None:
@@ -27,3 +33,156 @@ def stats(r) -> None:
         f"{r.generation_tokens} generated at {r.generation_tps:.2f} tok/s, "
         f"first token {r.time_to_first_token:.2f} s, peak memory {r.peak_memory:.2f} GB[/]"
     )
+
+
+def note(message: str) -> None:
+    """A dim line on stderr (progress, hints): never mixed into piped answers."""
+    err.print(f"[dim]{escape(message)}[/]")
+
+
+@contextmanager
+def progress(description: str) -> Iterator[Callable[[int, int, str], None]]:
+    """A progress bar on stderr; yields the callback (done, total, name) that moves it."""
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+        TextColumn("[dim]{task.fields[name]}"),
+        console=err,
+        transient=True,  # the summary line that follows says how it went
+        disable=not err.is_terminal,  # no bar in logs and pipes
+    ) as bar:
+        task = bar.add_task(description, total=None, name="")
+
+        def update(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, name=name)
+
+        yield update
+
+
+@contextmanager
+def status(message: str) -> Iterator[None]:
+    with err.status(f"[dim]{escape(message)}[/]", spinner="dots"):
+        yield
+
+
+def welcome(model: str, think: bool, keep_thinking: bool) -> None:
+    out.print(
+        f"[bold]SmolLM3[/] [dim]{escape(model)}[/]\n"
+        f"[dim]thinking {'on' if think else 'off'}, past reasoning "
+        f"{'kept' if keep_thinking else 'dropped'}. /help for commands, Ctrl-C stops an answer, "
+        "Ctrl-D exits.[/]"
+    )
+
+
+def ask(think: bool) -> str:
+    """Read one line at the chat prompt (EOFError on Ctrl-D)."""
+    mode = "think" if think else "no_think"
+    return out.input(f"\n[bold cyan]you[/] [dim]({mode})[/] [bold cyan]›[/] ")
+
+
+def info(message: str) -> None:
+    out.print(f"[dim]{escape(message)}[/]")
+
+
+def saved(path) -> None:
+    out.print(f"[green]saved[/] {escape(str(path))}")
+
+
+def help_commands(commands: dict[str, str]) -> None:
+    table = Table(box=None, show_header=False, padding=(0, 2))
+    for name, text in commands.items():
+        table.add_row(f"[bold]{escape(name)}[/]", escape(text))
+    out.print(table)
+
+
+def session_stats(rows: dict[str, object]) -> None:
+    table = Table(box=None, show_header=False, padding=(0, 2))
+    for name, value in rows.items():
+        table.add_row(f"[dim]{escape(name)}[/]", escape(str(value)))
+    out.print(table)
+
+
+def footer(stats, finish_reason: str = "stop") -> str:
+    """The line after an answer (rich markup): tokens, speed, time to first token, memory."""
+    mark = {"cancelled": "[yellow]interrupted[/] · ", "length": "[yellow]max tokens[/] · "}
+    return f"{mark.get(finish_reason, '')}[dim]{escape(turn_summary(stats))}[/]"
+
+
+def turn_summary(stats) -> str:
+    return (
+        f"{stats.generation_tokens} tokens, {stats.generation_tps:.1f} tok/s, "
+        f"first token {stats.time_to_first_token:.2f} s "
+        f"({stats.prefill_tokens} new of {stats.prompt_tokens} prompt tokens), "
+        f"peak memory {stats.peak_memory:.2f} GB"
+    )
+
+
+def thought_for(tokens: int, seconds: float) -> str:
+    return f"thought for {tokens} tokens, {seconds:.1f} s"
+
+
+class TurnView:
+    """Renders a turn's events: thinking dimmed and apart (or one summary line), then the answer.
+
+    Args:
+        target: the console answers go to (stdout for chat; generate keeps stdout for the answer
+            alone and sends thinking to stderr).
+        thinking_to: the console thinking goes to.
+        hide_thinking: show "thought for N tokens, T s" instead of the reasoning.
+        footer: end with the stats line (on `thinking_to`).
+    """
+
+    def __init__(self, *, hide_thinking=False, target=out, thinking_to=out, footer=True):
+        self.hide, self.show_footer = hide_thinking, footer
+        self.target, self.side = target, thinking_to
+        self.state = "start"  # -> thinking -> thought -> answer
+        self.think_tokens, self.think_start, self.think_text = 0, 0.0, ""
+
+    def __call__(self, event) -> None:
+        kind = type(event).__name__
+        if kind == "ThinkingDelta":
+            if self.state == "start":
+                self.state, self.think_start = "thinking", time.perf_counter()
+                if not self.hide:
+                    self.side.print("[dim]thinking…[/]")
+            self.think_tokens += 1
+            text = event.text if self.think_text else event.text.lstrip("\n")
+            self.think_text += text
+            if not self.hide and text:
+                self.side.print(text, style="dim italic", end="", markup=False, highlight=False)
+        elif kind == "AnswerDelta":
+            self._end_thinking()
+            text = event.text if self.state == "answer" else event.text.lstrip("\n")
+            if text:
+                self.state = "answer"
+                self.target.print(text, end="", markup=False, highlight=False)
+        elif kind == "ToolCall":
+            args = ", ".join(f"{k}={v!r}" for k, v in event.arguments.items())
+            self.side.print(f"\n[magenta]tool call[/] {escape(event.name)}({escape(args)})")
+        elif kind == "Done":
+            self._end_thinking()
+            self.target.print()
+            if self.show_footer:
+                self.side.print(footer(event.stats, event.finish_reason))
+
+    def _end_thinking(self) -> None:
+        if self.state != "thinking":
+            return
+        self.state = "thought"
+        if self.hide:
+            seconds = time.perf_counter() - self.think_start
+            self.side.print(f"[dim]{thought_for(self.think_tokens, seconds)}[/]")
+        else:
+            self.side.print(("" if self.think_text.endswith("\n") else "\n") + "[dim]────[/]")
+
+
+def converted(r) -> None:
+    """The summary of a finished conversion (a ConvertResult)."""
+    out.print(
+        f"[green]converted[/] {escape(str(r.path))}: {r.bits}-bit {r.recipe}, "
+        f"{r.bits_per_weight:.2f} bits per weight, {r.size_bytes / 1e9:.2f} GB, {r.seconds:.1f} s"
+    )
+    if r.upload_repo:
+        out.print(f"[green]uploaded[/] https://huggingface.co/{r.upload_repo}")

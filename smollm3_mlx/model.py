@@ -9,7 +9,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import Cache, KVCache
+from .cache import Cache, KVCache, check_kv_quantization
 from .rope import make_rope
 
 DEFAULT_ROPE_THETA = 10_000.0  # transformers' default when a config names no theta
@@ -220,6 +220,7 @@ class Model(nn.Module):
         chunk: int | None = None,
     ) -> list[Cache]:
         """One cache per layer; see `KVCache` for rotation (max_size, keep) and quantization."""
+        check_kv_quantization(self.args.head_dim, bits, group_size)
         return [
             KVCache(
                 max_size,

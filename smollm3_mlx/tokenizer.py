@@ -20,6 +20,8 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 THINK_START, THINK_END = "<think>", "</think>"
+# Tags the model itself writes; `assistant_tags=True` keeps them as control ids in assistant turns.
+ASSISTANT_TAGS = frozenset({THINK_START, THINK_END, "<tool_call>", "</tool_call>"})
 _REPLACEMENT_CHAR = "\ufffd"
 # A held-back tail this long is invalid bytes, not a split character (one is at most 4 bytes).
 _MAX_HELD_TOKENS = 8
@@ -203,6 +205,7 @@ class Tokenizer:
         tools: list[dict] | None = None,
         xml_tools: list[dict] | None = None,
         python_tools: list[dict] | None = None,
+        assistant_tags: bool = False,
         **kwargs: Any,
     ) -> str | list[int]:
         """Render the chat template as transformers' `apply_chat_template` does.
@@ -223,6 +226,9 @@ class Tokenizer:
             tools: JSON-schema tool definitions (SmolLM3 treats them as `xml_tools`).
             xml_tools: Tools called with `<tool_call>` JSON.
             python_tools: Tools called from `<code>` blocks.
+            assistant_tags: With tokenize=True, let the tags the model writes itself (`<think>`,
+                `</think>`, `<tool_call>`, `</tool_call>`) in assistant content through as control
+                ids, so that a past answer re-tokenizes as it was generated (prompt-cache reuse).
             **kwargs: Further template variables.
         """
         template = self.chat_template
@@ -242,9 +248,17 @@ class Tokenizer:
         # Break each control token in the inputs with a mark after its first char: the template
         # sees the same text (`"/think" in "</think>"` holds), but only scaffolding matches.
         mark = _pick_mark(repr(inputs) + template)
-        marked = _plain(
-            inputs, lambda s: self._added_re.sub(lambda m: m[0][0] + mark + m[0][1:], s)
-        )
+
+        def _mark(s: str, keep: frozenset[str] = frozenset()) -> str:
+            return self._added_re.sub(
+                lambda m: m[0] if m[0] in keep else m[0][0] + mark + m[0][1:], s
+            )
+
+        marked = _plain(inputs, _mark)
+        if assistant_tags:
+            for src, dst in zip(inputs["messages"], marked["messages"], strict=True):
+                if src.get("role") == "assistant" and isinstance(src.get("content"), str):
+                    dst["content"] = _mark(str.__str__(src["content"]), ASSISTANT_TAGS)
         rendered = self._render(template, {**marked, **flags})
         ids: list[int] = []
         pos = 0

@@ -1,0 +1,49 @@
+"""Answer a question about a long text file, past the trained 64K window if need be.
+
+    python examples/long_document.py MODEL report.txt "What did the audit find?" --max-context 98304
+
+Past 65,536 tokens, `max_context` switches on YaRN (factor max_context / 65536), as SmolLM3's model
+card recommends for 128K. The reasoning goes to stderr, the answer to stdout.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from smollm3_mlx import load, stream_generate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Answer a question about a long text file.")
+    parser.add_argument("model", help="model folder or hub repo id")
+    parser.add_argument("file", type=Path, help="the text to read")
+    parser.add_argument("question")
+    parser.add_argument("--max-context", type=int, default=65536)
+    parser.add_argument("--max-tokens", type=int, default=2048)
+    parser.add_argument("--think", action=argparse.BooleanOptionalAction, default=False)
+    args = parser.parse_args()
+
+    model, tokenizer = load(args.model, max_context=args.max_context)
+    document = args.file.read_text()
+    messages = [{"role": "user", "content": f"{document}\n\nQuestion: {args.question}"}]
+    # tokenize=True keeps the document's text from ever becoming control tokens.
+    prompt = tokenizer.apply_chat_template(messages, tokenize=True, enable_thinking=args.think)
+    print(f"[{len(prompt)} prompt tokens of {args.max_context}]", file=sys.stderr)
+
+    splitter = tokenizer.think_splitter(prompt)
+    try:
+        for response in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens):
+            if response.token is None:  # the final flush carries no token
+                pieces = [("thinking" if splitter.thinking else "answer", response.text)]
+            else:
+                pieces = splitter.feed(response.token, response.text)
+            for kind, text in pieces:
+                out = sys.stderr if kind == "thinking" else sys.stdout
+                print(text, end="", flush=True, file=out)
+    except ValueError as e:  # the document does not fit the context
+        sys.exit(f"error: {e}")
+    print()
+
+
+if __name__ == "__main__":
+    main()
