@@ -26,6 +26,7 @@ from smollm3_mlx.loading import load_model
 from smollm3_mlx.model import Model, ModelArgs
 
 LENGTHS = [8192, 32768, 65536, 131072]
+TARGET_GB = 2.6  # the goal for 128K with 4-bit KV
 SETTINGS = [  # (label, dtype of keys/values or of the scales, bits, group size)
     ("bfloat16", mx.bfloat16, None, 64),
     ("8-bit g64, bf16 scales", mx.bfloat16, 8, 64),
@@ -102,6 +103,19 @@ def main() -> None:
         b = bytes_per_token(args, dtype, bits, group)
         cells = " | ".join(f"{b * n / 2**30:.2f} GiB" for n in LENGTHS)
         print(f"| {label} | {b:,.0f} | {cells} |")
+
+    print(f"\n128K tokens with 4-bit KV, against the target of {TARGET_GB} GB:")
+    for label, dtype, bits, group in SETTINGS:
+        if bits == 4:
+            total = bytes_per_token(args, dtype, bits, group) * LENGTHS[-1]
+            verdict = (
+                "within"
+                if total <= TARGET_GB * 1e9
+                else "within only if GB means GiB"
+                if total <= TARGET_GB * 2**30
+                else "over"
+            )
+            print(f"- {label}: {total / 1e9:.2f} GB = {total / 2**30:.2f} GiB, {verdict}")
 
     print(f"\n# Measured: {opts.tokens} generated tokens, 4-layer model with real head shapes\n")
     print("| cache | projected MB | measured peak MB | measured / projected |")

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from smollm3_mlx import load, stream_generate
+from smollm3_mlx import ModelLoadError, load, stream_generate
 
 
 def main() -> None:
@@ -18,17 +18,23 @@ def main() -> None:
     parser.add_argument("model", help="model folder or hub repo id")
     parser.add_argument("file", type=Path, help="the text to read")
     parser.add_argument("question")
-    parser.add_argument("--max-context", type=int, default=65536)
+    parser.add_argument(
+        "--max-context", type=int, help="up to 131072; default: the trained window (65536)"
+    )
     parser.add_argument("--max-tokens", type=int, default=2048)
     parser.add_argument("--think", action=argparse.BooleanOptionalAction, default=False)
     args = parser.parse_args()
 
-    model, tokenizer = load(args.model, max_context=args.max_context)
+    try:
+        model, tokenizer = load(args.model, max_context=args.max_context)
+    except ModelLoadError as e:  # e.g. more context than YaRN reaches
+        sys.exit(f"error: {e}")
     document = args.file.read_text()
     messages = [{"role": "user", "content": f"{document}\n\nQuestion: {args.question}"}]
     # tokenize=True keeps the document's text from ever becoming control tokens.
     prompt = tokenizer.apply_chat_template(messages, tokenize=True, enable_thinking=args.think)
-    print(f"[{len(prompt)} prompt tokens of {args.max_context}]", file=sys.stderr)
+    assert isinstance(prompt, list)  # token ids, as tokenize=True asks
+    print(f"[{len(prompt)} prompt tokens of {model.max_context}]", file=sys.stderr)
 
     splitter = tokenizer.think_splitter(prompt)
     try:

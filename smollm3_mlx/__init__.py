@@ -5,6 +5,8 @@ Importing this package is cheap: heavy modules load on first use.
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -21,29 +23,80 @@ _LAZY = {
     "make_sampler": "sample",
     "make_logits_processors": "sample",
     "Tokenizer": "tokenizer",
-    "ChatSession": "chat",
+    "Chat": "chat",
+    "ChatBusyError": "chat",
+    "ChatFileError": "chat",
     "Sampling": "chat",
+    "TurnStats": "chat",
+    "Event": "chat",
     "ThinkingDelta": "chat",
     "AnswerDelta": "chat",
     "ToolCall": "chat",
+    "ToolCallError": "chat",
     "Done": "chat",
+    "tool_schema": "chat",
     "convert": "convert",
 }
 
 __all__ = [*_LAZY, "__version__"]
 
 if TYPE_CHECKING:
-    from .chat import AnswerDelta, ChatSession, Done, Sampling, ThinkingDelta, ToolCall
-    from .convert import convert
-    from .generate import GenerationResponse, generate, generate_step, stream_generate
-    from .loading import GenerationConfig, ModelLoadError, load, load_model
-    from .sample import make_logits_processors, make_sampler
-    from .tokenizer import Tokenizer
+    from .chat import (
+        AnswerDelta as AnswerDelta,
+        Chat as Chat,
+        ChatBusyError as ChatBusyError,
+        ChatFileError as ChatFileError,
+        Done as Done,
+        Event as Event,
+        Sampling as Sampling,
+        ThinkingDelta as ThinkingDelta,
+        ToolCall as ToolCall,
+        ToolCallError as ToolCallError,
+        TurnStats as TurnStats,
+        tool_schema as tool_schema,
+    )
+    from .convert import (
+        convert as convert,
+    )
+    from .generate import (
+        GenerationResponse as GenerationResponse,
+        generate as generate,
+        generate_step as generate_step,
+        stream_generate as stream_generate,
+    )
+    from .loading import (
+        GenerationConfig as GenerationConfig,
+        ModelLoadError as ModelLoadError,
+        load as load,
+        load_model as load_model,
+    )
+    from .sample import (
+        make_logits_processors as make_logits_processors,
+        make_sampler as make_sampler,
+    )
+    from .tokenizer import (
+        Tokenizer as Tokenizer,
+    )
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    # Importing the submodules `generate` and `convert` binds them to the package's attributes of
+    # the same name; keep those names for the functions, as `from smollm3_mlx import generate`
+    # promises (the submodules stay importable as `from smollm3_mlx.generate import ...`).
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and name in _LAZY and _LAZY[name] == name:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

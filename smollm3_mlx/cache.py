@@ -143,11 +143,24 @@ class KVCache:
         if self.rotate is not None:  # the survivors move n positions back
             tail_k = self._pack(self.rotate(self._unpack(tail_k), -n))
         tail_v = self._slice(self.values, self.keep + n, self.offset)
-        join = lambda head, tail: tuple(  # noqa: E731
-            mx.concatenate([h, t], axis=2) for h, t in zip(head, tail, strict=True)
-        )
-        self.keys = join(self._slice(self.keys, 0, self.keep), tail_k)
-        self.values = join(self._slice(self.values, 0, self.keep), tail_v)
+
+        def join(buf, tail):  # keep the capacity, so the next tokens need no regrowth
+            room = n + buf[0].shape[2] - self.offset
+            return tuple(
+                mx.concatenate(
+                    [
+                        b[..., : self.keep, :],
+                        t,
+                        mx.zeros((*t.shape[:2], room, t.shape[3]), t.dtype),
+                    ],
+                    axis=2,
+                )
+                for b, t in zip(buf, tail, strict=True)
+            )
+
+        self.keys, self.values = join(self.keys, tail_k), join(self.values, tail_v)
+        # One layer at a time: only this layer's old and new buffers are alive together.
+        mx.eval(self.keys, self.values)
         self.offset -= n
         self.dropped += n
 

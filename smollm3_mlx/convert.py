@@ -15,6 +15,7 @@ import os
 import shlex
 import shutil
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -127,7 +128,8 @@ def convert(
         revision: the hub revision (branch, tag or commit) of a repo id.
         upload_repo: push the finished folder to this hub repo ("user/name").
         force: replace an existing `out`, once the new folder is complete.
-        progress: called as progress(done, total, tensor_name), counting source bytes.
+        progress: called as progress(done, total, name) with bytes: of the hub download
+            (name "downloading <repo>", from download threads), then of the source tensors.
         shard_size: the most tensor bytes per output shard (a larger tensor gets its own).
 
     Raises:
@@ -147,7 +149,7 @@ def convert(
 
     tmp = None
     try:
-        path, revision = _resolve_source(str(source), revision)
+        path, revision = _resolve_source(str(source), revision, progress)
         if out.resolve() == path.resolve():
             raise ConvertError(f"{out} is the source folder; choose another output folder")
         config = load_config(path)
@@ -203,7 +205,9 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
-def _resolve_source(source: str, revision: str | None) -> tuple[Path, str | None]:
+def _resolve_source(
+    source: str, revision: str | None, progress: Progress | None = None
+) -> tuple[Path, str | None]:
     """(local folder, hub commit) of a folder or a hub repo id, downloading only what is used."""
     path = Path(source).expanduser()
     if path.is_dir():
@@ -212,13 +216,88 @@ def _resolve_source(source: str, revision: str | None) -> tuple[Path, str | None
         return path, None
     if path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise ConvertError(f"{path}: not a model folder")
+    try:
+        folder = _snapshot(source, revision, progress)
+    except Exception as e:  # network, auth, missing revision, offline cache miss: all end here
+        raise ConvertError(f"download of {source} failed: {_download_error(e)}") from e
+    return Path(folder), Path(folder).name  # snapshot folders are named by their commit
+
+
+def _snapshot(source: str, revision: str | None, progress: Progress | None) -> str:
+    """snapshot_download on a thread of its own, so that Ctrl-C stops it: huggingface_hub
+    itself would let KeyboardInterrupt through only once every file it started is complete."""
     from huggingface_hub import snapshot_download
 
+    cancel, result = threading.Event(), {}
+    bar = _download_bar(progress, f"downloading {source}", cancel)
+
+    def fetch() -> None:
+        try:
+            result["folder"] = snapshot_download(
+                source, revision=revision, allow_patterns=SOURCE_FILES, tqdm_class=bar
+            )
+        except BaseException as e:
+            result["error"] = e
+
+    thread = threading.Thread(target=fetch, name="smollm3-mlx-download", daemon=True)
+    thread.start()
     try:
-        folder = snapshot_download(source, revision=revision, allow_patterns=SOURCE_FILES)
-    except Exception as e:  # network, auth, missing revision, offline cache miss: all end here
-        raise ConvertError(f"download of {source} failed: {_first_line(e)}") from e
-    return Path(folder), Path(folder).name  # snapshot folders are named by their commit
+        thread.join()
+    except KeyboardInterrupt:
+        cancel.set()  # each download thread stops at its next block of bytes
+        thread.join(timeout=10)
+        raise
+    if "error" in result:
+        raise result["error"]
+    return result["folder"]
+
+
+def _download_bar(progress: Progress | None, label: str, cancel: threading.Event) -> type:
+    """A tqdm class for snapshot_download that stops the download once `cancel` is set, and
+    with a `progress` callback draws nothing but hands it the byte counts (bytes written, not the
+    network's), so that one bar shows the download and the conversion."""
+    from huggingface_hub.utils import tqdm
+
+    lock = threading.Lock()
+
+    class Bar(tqdm):
+        def __init__(self, *args, **kwargs):
+            name = kwargs.get("name") or ""
+            self.reports = kwargs.get("unit") == "B" and not name.endswith(".transfer")
+            if progress is not None:
+                kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            if cancel.is_set():
+                raise _Cancelled("download cancelled")
+            if progress is None:
+                return super().update(n)
+            with lock:  # the files download on several threads
+                self.n += n or 0
+                done, total = int(self.n), int(self.total or 0)
+            if self.reports and total:
+                progress(min(done, total), total, label)
+            return None
+
+    return Bar
+
+
+class _Cancelled(Exception):
+    """Raised inside huggingface_hub's download threads to stop them."""
+
+
+def _download_error(e: Exception) -> str:
+    """One line for a failed download: the hub's own reason when it sent one."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    text = _first_line(e)
+    reason = (getattr(e, "server_message", None) or "").strip()
+    if reason:
+        text = f"{text.rstrip('.')}: {reason.splitlines()[0]}"
+    if isinstance(e, RepositoryNotFoundError):  # what the hub answers for private repos too
+        text += " (a private or gated repo needs HF_TOKEN with access)"
+    return text
 
 
 def _validate(path: Path, model: Model) -> tuple[dict[str, _Job], int]:

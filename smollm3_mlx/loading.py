@@ -6,13 +6,16 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .model import Model, ModelArgs
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
 
 DEFAULT_REPO = "HuggingFaceTB/SmolLM3-3B"
 # What a model folder needs from the hub: weights, configs, tokenizer and template.
@@ -198,12 +201,18 @@ def load_model(
         max_context: the longest context to allow; past the trained window (64K) and up to
             twice it, YaRN is switched on for it. Default: the trained window.
     """
+    dtype = default_dtype() if dtype == "auto" else dtype
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ModelLoadError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
     path = Path(path)
     config = load_config(path)
     args = model_args(config, path)
     window, yarn = context_window(args, max_context)
     if yarn:
-        config = {**config, "rope_parameters": {"rope_theta": args.rope_theta, **yarn}}
+        rope = {"rope_theta": args.rope_theta, **yarn}
+        config = {**config, "rope_scaling": None, "rope_parameters": rope}
         args = model_args(config, path)
     model = Model(args)
     model.max_context = window
@@ -212,6 +221,8 @@ def load_model(
     where = {k: f for f, h in headers.items() for k in h}
     shapes = {k: tuple(h[k]["shape"]) for h in headers.values() for k in h}
     if args.quantization:
+        if not {"group_size", "bits"} <= args.quantization.keys():
+            raise ModelLoadError(f"{path / 'config.json'}: quantization needs group_size and bits")
         _quantize(model, args.quantization, set(where))
     shapes = model.sanitize(shapes)
 
@@ -234,9 +245,6 @@ def load_model(
         weights.update(mx.load(str(f)))
     model.load_weights(list(model.sanitize(weights).items()), strict=True)
 
-    dtype = default_dtype() if dtype == "auto" else dtype
-    if isinstance(dtype, str):
-        dtype = DTYPES[dtype]
     if dtype is not None:
         if dtype != mx.float32 and args.quantization and mx.default_device() == mx.cpu:
             warnings.warn(
@@ -258,7 +266,7 @@ def load(
     revision: str | None = None,
     lazy: bool = False,
     max_context: int | None = None,
-):
+) -> tuple[Model, Tokenizer]:
     """Load a SmolLM3 model and its tokenizer from a folder or a hub repo id.
 
     Args:
@@ -281,4 +289,5 @@ def load(
         tokenizer = Tokenizer.from_folder(path)
     except FileNotFoundError as e:
         raise ModelLoadError(str(e)) from None
+    model.tokenizer = tokenizer  # so that `Chat(model)` needs nothing else
     return model, tokenizer

@@ -12,7 +12,8 @@ import mlx.nn as nn
 from .cache import Cache, KVCache, check_kv_quantization
 from .rope import make_rope
 
-DEFAULT_ROPE_THETA = 10_000.0  # transformers' default when a config names no theta
+# transformers' SmolLM3Config.default_theta, used when a config names no theta (not Llama's 10000).
+DEFAULT_ROPE_THETA = 2_000_000.0
 
 
 @dataclass
@@ -73,15 +74,17 @@ class ModelArgs:
         self._normalise_rope()
 
     def _normalise_rope(self):
-        if self.rope_parameters:
-            params = dict(self.rope_parameters)
-            theta = params.pop("rope_theta", self.rope_theta)
-        else:
-            params = dict(self.rope_scaling or {})
-            theta = self.rope_theta
-        self.rope_theta = float(theta if theta is not None else DEFAULT_ROPE_THETA)
+        # As transformers reads them: rope_scaling wins over rope_parameters, a theta inside the
+        # dict over the top-level rope_theta, and SmolLM3's own default comes last.
+        params = dict(self.rope_scaling or self.rope_parameters or {})
+        theta = params.pop("rope_theta", None)
+        if theta is None:
+            theta = self.rope_theta if self.rope_theta is not None else DEFAULT_ROPE_THETA
+        self.rope_theta = float(theta)
         rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
         params.pop("type", None)
+        if rope_type not in ("default", "yarn"):
+            raise ValueError(f"unsupported RoPE type {rope_type!r} (SmolLM3 uses default or yarn)")
         if rope_type == "default":
             self.rope_scaling = None
         else:

@@ -14,6 +14,11 @@
 - Errors are 404s with the hub's ``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``,
   ``EntryNotFound``), which `hf_raise_for_status` maps to `RepositoryNotFoundError`,
   `RevisionNotFoundError` and `RemoteEntryNotFoundError`.
+- ``slow={"model.safetensors": 0.05}`` sends that file's body in 1 KiB pieces, sleeping that many
+  seconds after each: a download still running when the test acts (a Ctrl-C, say).
+- ``token="hf_..."`` makes every repo private: a hub request without ``Authorization: Bearer
+  <token>`` answers 401 ``RepoNotFound``, as the hub does (the client raises
+  `RepositoryNotFoundError`). The CDN origin, like the hub's signed URLs, checks nothing.
 - No ``X-Xet-*`` header, ``Link: xet-auth`` or tree ``xetHash`` is ever sent, so hf_xet is never
   used, even though it is installed: every byte goes through plain HTTP ``http_get``.
 
@@ -52,6 +57,7 @@ import json
 import re
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -104,7 +110,11 @@ class HubServer:
         lfs: tuple[str, ...] = LFS_PATTERNS,
         drop: Mapping[str, int | None] | None = None,
         drop_at: int | None = None,
+        token: str | None = None,
+        slow: Mapping[str, float] | None = None,
     ):
+        self.token = token
+        self.slow = dict(slow or {})  # filename -> seconds of sleep per KiB of body
         self.repos = {repo: _scan(Path(folder), lfs) for repo, folder in repos.items()}
         self.drop = dict(drop or {})  # filename -> GETs left to cut (None: all); mutable
         self.drop_at = drop_at
@@ -195,6 +205,8 @@ class _Handler(BaseHTTPRequestHandler):
             if path not in hub.repos.get(repo, {}):
                 return self._error(404, "EntryNotFound", "Entry not found", head)
             return self._send_file(hub, repo, path, {}, head)
+        if hub.token and self.headers.get("Authorization") != f"Bearer {hub.token}":
+            return self._error(401, "RepoNotFound", "Invalid username or password.", head)
         if match := _API.fullmatch(url.path):
             sha = self._resolve_revision(hub, match["repo"], unquote(match["rev"] or "main"), head)
             if sha is None:
@@ -266,6 +278,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "Content-Disposition": f'attachment; filename="{name}"',
             },
             cut=None if head else self._cut(hub, repo, path, start, len(data)),
+            pause=hub.slow.get(path),
         )
 
     def _cut(self, hub: HubServer, repo: str, path: str, start: int, size: int) -> int | None:
@@ -278,7 +291,13 @@ class _Handler(BaseHTTPRequestHandler):
         return max(0, drop_at - start)
 
     def _send(
-        self, status: int, body: bytes, head: bool, headers: dict[str, str], cut: int | None = None
+        self,
+        status: int,
+        body: bytes,
+        head: bool,
+        headers: dict[str, str],
+        cut: int | None = None,
+        pause: float | None = None,
     ) -> None:
         self.send_response(status)
         for key, value in headers.items():
@@ -288,7 +307,12 @@ class _Handler(BaseHTTPRequestHandler):
         if head:
             return
         try:
-            self.wfile.write(body if cut is None else body[:cut])
+            body = body if cut is None else body[:cut]
+            piece = 1024 if pause else max(len(body), 1)
+            for i in range(0, len(body), piece):
+                self.wfile.write(body[i : i + piece])
+                if pause:
+                    time.sleep(pause)
             if cut is not None:
                 # FIN, not RST: the client must see a short body (RemoteProtocolError), as when a
                 # peer or proxy goes away mid-transfer.

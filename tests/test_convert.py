@@ -1,12 +1,16 @@
 """The converter: outputs that we and mlx-lm both run, from a folder or the hub, and failures
 that leave nothing behind."""
 
+import importlib.util
 import json
 import math
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import types
 
 import mlx.core as mx
@@ -15,11 +19,14 @@ import pytest
 from checkpoints import REPO_ROOT, make_tiny_checkpoint, requires_reference
 from hub_server import HubServer, use_hub
 from huggingface_hub import file_download
+from typer.testing import CliRunner
 
-import smollm3_mlx.convert as convert_module
-from smollm3_mlx.convert import ConvertError, convert
+from smollm3_mlx import cli
+from smollm3_mlx.convert import ConvertError, ConvertResult, convert
 from smollm3_mlx.loading import load_model, read_safetensors_header
 
+# The module, whatever the package's lazy `convert` attribute resolves to (the function).
+convert_module = importlib.import_module("smollm3_mlx.convert")
 REPO = "HuggingFaceTB/SmolLM3-3B"
 IDS = np.random.default_rng(0).integers(0, 512, 32).tolist()
 SHARD_SIZE = 40_000  # bytes: splits the tiny models into several shards
@@ -112,6 +119,18 @@ def test_mlx_lm_runs_our_output_with_the_same_logits(converted, name):
     path = converted[name].path
     ours, theirs = logits(load_model(path, dtype="float32")), logits(mlx_lm_model(path))
     assert np.abs(ours - theirs).max() <= 1e-4  # measured: 0.0
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_other_group_sizes_run_the_same_in_mlx_lm(ckpt, reference, tmp_path, group_size):
+    path = convert(ckpt, tmp_path / "q", bits=8, group_size=group_size).path
+    header = read_safetensors_header(path / "model-00001-of-00001.safetensors")
+    # rows of 128 (down_proj) are whole groups at both sizes; rows of 64 only at 32
+    assert header["model.layers.0.mlp.down_proj.scales"]["shape"] == [64, 128 // group_size]
+    assert ("model.layers.0.mlp.up_proj.scales" in header) == (group_size == 32)
+    ours = logits(load_model(path, dtype="float32"))
+    assert np.abs(ours - logits(mlx_lm_model(path))).max() <= 1e-4
+    assert np.sqrt(np.mean((ours - reference) ** 2)) / reference.std() < TOLERANCES["q8"][0]
 
 
 def test_output_folder_layout(ckpt, converted):
@@ -219,6 +238,31 @@ def test_we_run_models_converted_by_mlx_lm(tokenizer_ckpt, tmp_path, predicate):
     assert np.abs(ours - theirs).max() <= 1e-4  # measured: 0.0
 
 
+@requires_reference
+def test_we_run_an_mlx_community_repo_from_the_hub(tokenizer_ckpt, tmp_path, monkeypatch):
+    # mlx-community's uploads: mlx_lm.convert output as older mlx-lm wrote it (no "mode" in
+    # the quantization, recorded twice), a model card, fetched by repo id.
+    from mlx_lm.convert import convert as mlx_lm_convert
+
+    import smollm3_mlx
+
+    repo = tmp_path / "mlx-community"
+    mlx_lm_convert(str(tokenizer_ckpt), str(repo), quantize=True, q_bits=4)
+    config = json.loads((repo / "config.json").read_text())
+    q = {"group_size": 64, "bits": 4}
+    config.update(quantization=q, quantization_config=q)
+    (repo / "config.json").write_text(json.dumps(config, indent=4))
+    (repo / "README.md").write_text("---\nlibrary_name: mlx\ntags: [mlx]\n---\n# SmolLM3-3B-4bit\n")
+    assert sorted(p.name for p in repo.glob("*.safetensors")) == ["model.safetensors"]
+    ids = [9906, 11, 1917, 0, 128000, 13]
+    with HubServer({"mlx-community/SmolLM3-3B-4bit": repo}) as hub:
+        use_hub(monkeypatch, hub.url, tmp_path / "hf_home")
+        model, tokenizer = smollm3_mlx.load("mlx-community/SmolLM3-3B-4bit", dtype="float32")
+    assert model.layers[0].mlp.up_proj.bits == 4 and model.model.embed_tokens.bits == 4
+    assert np.abs(logits(model, ids) - logits(mlx_lm_model(repo), ids)).max() <= 1e-4
+    assert tokenizer.decode(tokenizer.encode("Hello there")).endswith("Hello there")
+
+
 @pytest.fixture
 def no_sleep(monkeypatch):
     """huggingface_hub sleeps 1 s before each resume of a cut download; not here."""
@@ -267,6 +311,47 @@ def test_dropped_download_is_one_clear_error(tokenizer_ckpt, tmp_path, monkeypat
     assert_nothing_left(tmp_path, tmp_path / "q4")
 
 
+def test_hub_download_honours_hf_token_and_feeds_the_one_progress_bar(
+    ckpt, tmp_path, monkeypatch, capfd
+):
+    with HubServer({REPO: ckpt}, token="hf_secret") as hub:
+        use_hub(monkeypatch, hub.url, tmp_path / "hf_home")
+        monkeypatch.setenv("TQDM_POSITION", "-1")  # huggingface_hub's own bars draw even here
+        with pytest.raises(ConvertError) as e:
+            convert(REPO, tmp_path / "q4")
+        assert str(e.value) == (
+            f"download of {REPO} failed: RepositoryNotFoundError: 401 Client Error: Invalid "
+            "username or password. (a private or gated repo needs HF_TOKEN with access)"
+        )
+        assert_nothing_left(tmp_path, tmp_path / "q4")
+        monkeypatch.setenv("HF_TOKEN", "hf_secret")
+        calls = []
+        result = convert(REPO, tmp_path / "q4", progress=lambda *a: calls.append(a))
+        fetched = hub.fetched(REPO)
+    assert result.revision == hub.commit(REPO)
+    download = [c for c in calls if c[2] == f"downloading {REPO}"]
+    size = sum((ckpt / name).stat().st_size for name in fetched)
+    assert download[-1][:2] == (size, size) and calls.index(download[-1]) == len(download) - 1
+    assert all(c[0] <= c[1] for c in calls)
+    assert calls[-1][2] != download[-1][2] and calls[-1][0] == calls[-1][1]  # then converting
+    err = capfd.readouterr().err
+    assert "Fetching" not in err and "Download" not in err  # no second bar under ours
+
+
+def test_hub_revision_is_fetched_and_recorded(ckpt, tmp_path, monkeypatch):
+    with HubServer({REPO: ckpt}) as hub:
+        use_hub(monkeypatch, hub.url, tmp_path / "hf_home")
+        error = f"^download of {REPO} failed: RevisionNotFoundError: 404 Client Error: Invalid rev"
+        with pytest.raises(ConvertError, match=error + " id: v9$"):
+            convert(REPO, tmp_path / "q8", bits=8, revision="v9")
+        commit = hub.commit(REPO)
+        result = convert(REPO, tmp_path / "q8", bits=8, revision=commit)
+        assert [p for _, p in hub.requests if "main" in p] == []  # the commit, not the branch
+    assert result.revision == commit
+    card = (result.path / "README.md").read_text()
+    assert f"--bits 8 --group-size 64 --recipe uniform --dtype bfloat16 --revision {commit}" in card
+
+
 def _rewrite(path, edit):
     weights = dict(mx.load(str(path / "model.safetensors")))
     edit(weights)
@@ -301,6 +386,10 @@ BROKEN = {
             str(p / "model-extra.safetensors"), {"model.norm.weight": mx.ones((64,))}
         ),
         r"model.safetensors: tensor model.norm.weight is also in .*model-extra.safetensors$",
+    ),
+    "dtype": (
+        lambda p: _rewrite(p, lambda w: w.update({"model.norm.weight": mx.ones((64,), mx.int32)})),
+        r"model.safetensors: tensor model.norm.weight has unsupported dtype I32$",
     ),
     "truncated": (_truncate, r"model.safetensors: truncated safetensors file"),
     "model_type": (_model_type, r"config.json: model_type is 'llama', expected 'smollm3'$"),
@@ -429,3 +518,216 @@ def test_upload_pushes_the_finished_folder(ckpt, tmp_path, monkeypatch):
         ("upload_folder", result.path, "me/SmolLM3-tiny-4bit", "model", files),
     ]
     assert "--upload-repo me/SmolLM3-tiny-4bit" in (result.path / "README.md").read_text()
+
+
+def test_failed_upload_keeps_the_written_folder_and_says_so(ckpt, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    class OfflineApi:
+        def create_repo(self, repo_id, **kw):
+            raise ConnectionError("no route to host\nsecond line")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", OfflineApi)
+    out = tmp_path / "out"
+    with pytest.raises(ConvertError) as e:
+        convert(ckpt, out, upload_repo="me/tiny")
+    assert str(e.value) == (
+        f"{out} was written, but the upload to me/tiny failed: ConnectionError: no route to host"
+    )
+    assert (out / "config.json").exists()
+
+
+def test_an_exception_while_writing_leaves_nothing(ckpt, tmp_path, monkeypatch):
+    write, calls = convert_module._write_block, []
+
+    def failing(*args):
+        calls.append(args)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        write(*args)
+
+    monkeypatch.setattr(convert_module, "_write_block", failing)
+    out = tmp_path / "out"
+    with pytest.raises(ConvertError, match=f"^conversion to {out} failed: RuntimeError: boom$"):
+        convert(ckpt, out, shard_size=SHARD_SIZE)
+    assert len(calls) >= 3
+    assert_nothing_left(tmp_path, out)
+
+
+def test_conversion_streams_small_row_blocks(tmp_path, monkeypatch):
+    # MLX memory while writing: a few row blocks, not the model. The source is 824 KB (most of
+    # it the 4096 x 64 embedding); measured 68 KB with 4096-element blocks.
+    src = make_tiny_checkpoint(tmp_path / "src", dtype="bfloat16", vocab_size=4096)
+    source_bytes = (src / "model.safetensors").stat().st_size
+    monkeypatch.setattr(convert_module, "CHUNK_ELEMENTS", 4096)
+    monkeypatch.setattr(convert_module, "_check", lambda folder: None)  # it loads the output
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
+    out = convert(src, tmp_path / "out").path
+    peak = mx.get_peak_memory() - before
+    assert peak < source_bytes / 6, (peak, source_bytes)
+    assert load_model(out) is not None
+
+
+def test_cli_takes_every_option_of_the_issue(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_convert(source, out, **kw):
+        seen.update(source=source, out=out, **kw)
+        return ConvertResult(out, 8.53, 10**6, 1.5, source, "abc", "uniform", 8, 32, "float16",
+                             kw["upload_repo"])  # fmt: skip
+
+    monkeypatch.setattr(convert_module, "convert", fake_convert)
+    out = tmp_path / "q8"
+    args = ["convert", "org/model", "-o", str(out), "--bits", "8", "--group-size", "32",
+            "--recipe", "uniform", "--dtype", "float16", "--revision", "v1",
+            "--upload-repo", "me/q8", "--force"]  # fmt: skip
+    r = CliRunner().invoke(cli.app, args)
+    assert r.exit_code == 0, r.output
+    progress = seen.pop("progress")
+    assert callable(progress)
+    assert seen == dict(
+        source="org/model", out=out, bits=8, group_size=32, recipe="uniform", dtype="float16",
+        revision="v1", upload_repo="me/q8", force=True,
+    )  # fmt: skip
+    assert "uploaded https://huggingface.co/me/q8" in r.stdout
+
+    seen.clear()
+    assert CliRunner().invoke(cli.app, ["convert", "-o", str(out)]).exit_code == 0
+    assert seen["source"] == REPO and seen["bits"] == 4 and seen["recipe"] is None
+    assert seen["group_size"] == 64 and seen["dtype"] == "bfloat16" and seen["force"] is False
+    r = CliRunner().invoke(cli.app, ["convert", str(tmp_path)])
+    assert r.exit_code == 2 and "--out" in r.output  # OUT is required
+    r = CliRunner().invoke(cli.app, ["convert", "--help"], env={"COLUMNS": "200"})
+    assert "convert [OPTIONS] [SOURCE]" in r.output
+    for option in ("-o", "--bits", "--group-size", "--recipe", "--dtype", "--revision",
+                   "--upload-repo", "--force"):  # fmt: skip
+        assert f" {option} " in r.output, option
+
+
+def test_cli_prints_bits_per_weight_size_and_time_or_one_error_line(ckpt, tmp_path):
+    out = tmp_path / "q4"
+    r = CliRunner().invoke(cli.app, ["convert", str(ckpt), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    result_line = r.stdout.strip()
+    assert result_line.startswith(f"converted {out}: 4-bit mixed, ")
+    bpw, gb, seconds = result_line.split(": 4-bit mixed, ")[1].split(", ")
+    card = (out / "README.md").read_text()
+    assert f"| bits per weight | {float(bpw.split()[0]):.2f}" in card
+    assert re.fullmatch(r"\d+\.\d\d GB", gb) and re.fullmatch(r"\d+\.\d s", seconds)
+    for args, message in [
+        (["--bits", "3"], "error: bits must be one of 4, 8, not 3"),
+        ([], f"error: {out} already exists; pass --force to replace it"),
+    ]:
+        r = CliRunner().invoke(cli.app, ["convert", str(ckpt), "-o", str(out), *args])
+        assert r.exit_code == 1 and r.stderr == message + "\n", r.output
+
+
+CTRL_C = """
+import importlib, sys, time
+from smollm3_mlx.cli import app
+
+convert_module = importlib.import_module("smollm3_mlx.convert")
+
+write = convert_module._write_block
+
+def slow(*args):
+    sys.stdout.write("block\\n")  # one write: blocks may be written from two threads
+    sys.stdout.flush()
+    time.sleep(0.3)
+    write(*args)
+
+convert_module._write_block = slow
+convert_module.CHUNK_ELEMENTS = 2048
+app(sys.argv[1:])
+"""
+
+
+def test_ctrl_c_in_the_cli_is_one_line_and_leaves_nothing(ckpt, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CTRL_C, "convert", str(ckpt), "-o", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        assert proc.stdout.readline().startswith("block")
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, stderr
+    assert stderr == f"error: interrupted; nothing was written to {out}\n"
+    assert "converted" not in stdout
+    assert_nothing_left(tmp_path, out)
+
+
+HUB_CTRL_C = """
+import sys
+from huggingface_hub import constants
+from smollm3_mlx.cli import app
+
+constants.DOWNLOAD_CHUNK_SIZE = 1024  # blocks of a tiny file, as a real shard comes in 10 MiB
+app(sys.argv[1:])
+"""
+
+
+def test_ctrl_c_during_the_hub_download_stops_it_at_once(ckpt, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    # 0.05 s per KiB: the whole model.safetensors would take about 18 s to arrive.
+    with HubServer({REPO: ckpt}, slow={"model.safetensors": 0.05}) as hub:
+        use_hub(monkeypatch, hub.url, tmp_path / "hf_home")
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HUB_CTRL_C, "convert", REPO, "-o", str(out)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while "model.safetensors" not in hub.fetched() and proc.poll() is None:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            time.sleep(0.5)  # well inside the download
+            proc.send_signal(signal.SIGINT)
+            start = time.monotonic()
+            stdout, stderr = proc.communicate(timeout=60)
+            seconds = time.monotonic() - start
+        finally:
+            proc.kill()
+    assert proc.returncode == 1, stderr
+    assert stderr == f"error: interrupted; nothing was written to {out}\n"
+    assert seconds < 5, seconds  # not the ~17 s the rest of the file takes (measured: 0.1 s)
+    assert_nothing_left(tmp_path, out)
+
+
+def test_publish_variants_converts_each_from_one_download(ckpt, tmp_path, monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "publish_variants", REPO_ROOT / "convert" / "publish_variants.py"
+    )
+    publish = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(publish)
+    with HubServer({REPO: ckpt}) as hub:
+        use_hub(monkeypatch, hub.url, tmp_path / "hf_home")
+        assert publish.main([str(tmp_path / "out"), "--source", REPO]) == 0
+        bodies = [path for _, path, _ in hub.downloads]
+    assert bodies.count("model.safetensors") == 1
+    quantization = {
+        p.name: json.loads((p / "config.json").read_text())["quantization"]
+        for p in (tmp_path / "out").iterdir()
+    }
+    assert quantization == {
+        "SmolLM3-3B-4bit": {"group_size": 64, "bits": 4, "mode": "affine",
+                            "model.embed_tokens": {"group_size": 64, "bits": 8}},
+        "SmolLM3-3B-8bit": {"group_size": 64, "bits": 8, "mode": "affine"},
+    }  # fmt: skip
+    table = capsys.readouterr().out
+    assert "| SmolLM3-3B-4bit | mixed |" in table and "| SmolLM3-3B-8bit | uniform |" in table
+
+    assert publish.main([str(tmp_path / "out"), "--source", str(ckpt), "--only", "8bit"]) == 0
+    assert (tmp_path / "out" / "bf16-8bit" / "config.json").exists()  # named after a folder too
+    assert publish.main([str(tmp_path / "out"), "--source", str(ckpt), "--only", "8bit"]) == 1
+    out = tmp_path / "out" / "bf16-8bit"
+    assert capsys.readouterr().err == (
+        f"error: bf16-8bit: {out} already exists; pass --force to replace it\n"
+    )

@@ -1,5 +1,8 @@
 """Generation: cached decoding equals one forward pass, samplers, stop conditions, stats."""
 
+import importlib
+import inspect
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -94,6 +97,20 @@ def test_samplers_respect_their_filters():
     assert draw(make_sampler(1.0)) == {0, 1, 2, 3}
 
 
+def test_temperature_sharpens_and_flattens_the_distribution():
+    logprobs = mx.log(mx.array([[0.5, 0.3, 0.15, 0.05]]))
+    mx.random.seed(0)
+
+    def counts(temperature):
+        sampler = make_sampler(temperature)
+        draws = [int(sampler(logprobs).item()) for _ in range(400)]
+        return [draws.count(i) / len(draws) for i in range(4)]
+
+    assert counts(0.1)[0] > 0.97  # p ~ 0.5**10: 99.4 % on the top token
+    assert 0.4 < counts(1.0)[0] < 0.6  # the model's own 50 %
+    assert counts(10.0)[3] > 0.15  # p ~ 0.05**0.1: 22 % on the least likely token
+
+
 def test_repetition_penalty_lowers_seen_tokens():
     (penalty,) = make_logits_processors(repetition_penalty=2.0)
     logits = mx.array([[2.0, -2.0, 1.0]])
@@ -124,6 +141,7 @@ def test_stream_generate_text_and_stats(chat_model):
     assert last.prompt_tokens == len(tokenizer.encode(prompt))
     assert last.generation_tokens == min(eos + 1, 12)
     assert last.peak_memory > 0 and last.prompt_tps > 0 and last.time_to_first_token > 0
+    assert last.generation_tps > 0 or last.generation_tokens == 1
 
 
 @requires_reference
@@ -167,3 +185,66 @@ def test_generation_defaults_come_from_generation_config(chat_model):
     model, _ = chat_model
     cfg = model.generation_config
     assert (cfg.temperature, cfg.top_p) == (0.6, 0.95)
+
+
+def scripted(ids, pad):
+    """A sampler that emits `ids` in order, then `pad` (generate_step samples one step ahead)."""
+    script = iter(ids)
+    return lambda logprobs: mx.array([next(script, pad)])
+
+
+@requires_reference
+@pytest.mark.parametrize(
+    "stop, expected",
+    [
+        ("d, st", "Hello worl"),  # spans three tokens: held back until it resolves
+        ("world, go", "Hello world, stop here please"),  # a prefix held, then released
+        ("please", "Hello world, stop here "),
+    ],
+)
+def test_stop_strings_across_token_boundaries(chat_model, stop, expected):
+    model, tokenizer = chat_model
+    text = "Hello world, stop here please"
+    ids = tokenizer.encode(text)
+    responses = list(
+        stream_generate(
+            model, tokenizer, "Hi", max_tokens=len(ids), sampler=scripted(ids, ids[0]),
+            stop_strings=[stop],
+        )
+    )  # fmt: skip
+    assert "".join(r.text for r in responses) == expected
+    assert responses[-1].finish_reason == ("length" if expected == text else "stop")
+    assert not any(stop in r.text for r in responses)
+
+
+@requires_reference
+def test_stream_generate_never_emits_broken_utf8(chat_model):
+    model, tokenizer = chat_model
+    text = "emoji 🤗🚀 Grüße 日本語 👩‍👩‍👧 ❤️"
+    ids = tokenizer.encode(text)
+    assert any(tokenizer.decode([i]).endswith("\ufffd") for i in ids)  # characters are split
+    responses = list(
+        stream_generate(model, tokenizer, "Hi", max_tokens=len(ids), sampler=scripted(ids, ids[0]))
+    )
+    assert "".join(r.text for r in responses) == text
+    assert not any("\ufffd" in r.text for r in responses)
+    assert any(r.text == "" for r in responses)  # held back while a character was incomplete
+
+
+@requires_reference
+def test_stream_generate_samples_with_the_generation_config_by_default(chat_model, monkeypatch):
+    gen = importlib.import_module("smollm3_mlx.generate")
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append((args, kwargs))
+        return make_sampler(0.0)
+
+    monkeypatch.setattr(gen, "make_sampler", recording)
+    model, tokenizer = chat_model
+    list(stream_generate(model, tokenizer, "Hi", max_tokens=1))
+    ((args, kwargs),) = calls
+    settings = inspect.signature(make_sampler).bind(*args, **kwargs)
+    settings.apply_defaults()
+    # SmolLM3's generation_config.json: do_sample, temperature 0.6, top_p 0.95
+    assert settings.arguments == {"temperature": 0.6, "top_p": 0.95, "top_k": 0, "min_p": 0.0}

@@ -100,6 +100,20 @@ def test_hf_hub_download_and_missing_entries(hub, repo_dir):
         snapshot_download("HuggingFaceTB/NoSuchModel", allow_patterns=ALLOW)
 
 
+def test_private_repo_needs_the_token_from_hf_token(repo_dir, hf_home, monkeypatch):
+    with HubServer({REPO: repo_dir}, token="hf_secret") as hub:
+        use_hub(monkeypatch, hub.url, hf_home)  # clears HF_TOKEN
+        with pytest.raises(RepositoryNotFoundError):
+            snapshot_download(REPO, allow_patterns=ALLOW)
+        monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+        with pytest.raises(RepositoryNotFoundError):
+            snapshot_download(REPO, allow_patterns=ALLOW)
+        assert hub.fetched() == []
+        monkeypatch.setenv("HF_TOKEN", "hf_secret")  # read at each call, not at import
+        path = snapshot_download(REPO, allow_patterns=ALLOW)
+    assert_same_files(Path(path), repo_dir, WANTED)
+
+
 def test_cut_connection_is_resumed_with_range(repo_dir, hf_home, monkeypatch):
     with HubServer({REPO: repo_dir}, drop={"model.safetensors": 1}) as hub:
         use_hub(monkeypatch, hub.url, hf_home)

@@ -1,15 +1,22 @@
 """Long context: YaRN through max_context, the rotating cache, the quantized cache."""
 
+import json
+
 import mlx.core as mx
 import numpy as np
 import pytest
-from checkpoints import hf_logits, make_tiny_checkpoint
+from checkpoints import REFERENCE_MODEL_DIR, hf_logits, make_tiny_checkpoint, requires_reference
+from trained_model import QUESTIONS, answer, trained_checkpoint
+from typer.testing import CliRunner
 
+from smollm3_mlx import Chat, Sampling, cache as cache_module, cli, load
 from smollm3_mlx.cache import KVCache
 from smollm3_mlx.generate import generate_step, stream_generate
-from smollm3_mlx.loading import ModelLoadError, load_model
+from smollm3_mlx.loading import ModelLoadError, context_window, load_model
+from smollm3_mlx.model import ModelArgs
 from smollm3_mlx.rope import RoPE
 
+GREEDY = Sampling(temperature=0.0, top_p=1.0)
 RNG = np.random.default_rng(3)
 IDS = RNG.integers(0, 512, 80).tolist()
 
@@ -29,6 +36,11 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(ckpt):
     return load_model(ckpt)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return load(trained_checkpoint(tmp_path_factory))
 
 
 def test_max_context_switches_on_yarn_matching_transformers(tmp_path):
@@ -61,6 +73,20 @@ def test_a_config_with_yarn_is_honoured_as_is(tmp_path):
     path = make_tiny_checkpoint(tmp_path / "y", max_position_embeddings=64, rope_scaling=yarn)
     model = load_model(path, max_context=50)
     assert model.args.rope_scaling == yarn and model.max_context == 50
+    assert load_model(path).max_context == 64  # what its YaRN reaches
+
+
+@requires_reference
+def test_smollm3_3b_context_defaults_to_64k_and_scales_yarn_by_n_over_65536():
+    config = json.loads((REFERENCE_MODEL_DIR / "config.json").read_text())
+    args = ModelArgs.from_dict(config)
+    assert context_window(args, None) == (65536, None)  # YaRN off by default
+    assert context_window(args, 65536) == (65536, None)
+    for n, factor in [(98304, 1.5), (131072, 2.0)]:
+        yarn = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": 65536}
+        assert context_window(args, n) == (n, yarn)
+    with pytest.raises(ModelLoadError, match=r"max_context 131073 is outside .*\(1 to 131072\)"):
+        context_window(args, 131073)
 
 
 class _FakeTokenizer:
@@ -68,7 +94,7 @@ class _FakeTokenizer:
 
 
 def test_prompt_longer_than_the_context_is_an_error(model):
-    with pytest.raises(ValueError, match="needs 40 tokens of context, more than the 32"):
+    with pytest.raises(ValueError, match="needs 40 tokens of context, no room left"):
         next(stream_generate(model, _FakeTokenizer(), IDS[:40], max_tokens=1))
 
 
@@ -79,24 +105,40 @@ def layer0_keys(model, ids):
     return np.array(cache[0].state[0])
 
 
-def test_rotating_cache_drops_in_chunks_and_keeps_the_prefix(model):
+@pytest.mark.parametrize("yarn", [False, True])
+def test_rotating_cache_rebases_rope_keys_in_chunks_and_keeps_the_prefix(ckpt, model, yarn):
+    # With YaRN (factor 2 over the 32-token window) the cached keys also carry its attention
+    # scale, which a shift must not apply a second time.
+    model = load_model(ckpt, max_context=64) if yarn else model
+    assert (model.layers[0].self_attn.rope.attention_factor > 1) == yarn
+    assert model.args.no_rope_layers[0] == 1
+    nope = model.args.no_rope_layers.index(0)
     window, keep = 24, 6
     cache = model.make_cache(window, keep)
-    fed = []
-    prefix_keys = None
+    fed, prefix, shifts = [], None, 0
     for t in IDS:
+        dropped, before = cache[0].dropped, cache[nope].state
         model(mx.array([[t]]), cache=cache)
         fed.append(t)
-        c = cache[0]
-        assert c.offset <= window
-        if prefix_keys is None and c.offset >= keep:
-            prefix_keys = np.array(c.state[0][..., :keep, :])
-        if prefix_keys is not None:
-            assert np.array_equal(np.array(c.state[0][..., :keep, :]), prefix_keys)
-    assert cache[0].dropped > 0 and cache[0].dropped % cache[0].chunk == 0
-    # After the shifts, the cached keys equal keys computed afresh at their new positions.
-    survivors = fed[:keep] + fed[keep + cache[0].dropped :]
-    assert np.abs(np.array(cache[0].state[0]) - layer0_keys(model, survivors)).max() <= 1e-5
+        n = cache[0].dropped - dropped
+        assert n in (0, cache[0].chunk) and cache[0].offset <= window  # a chunk at a time
+        if prefix is None and cache[0].offset >= keep:
+            prefix = [np.array(c.state[0][..., :keep, :]) for c in cache]
+        if prefix is not None:
+            assert all(
+                np.array_equal(c.state[0][..., :keep, :], p)
+                for c, p in zip(cache, prefix, strict=True)
+            )
+        if n:
+            shifts += 1
+            # The cached RoPE keys equal keys computed afresh at their new positions ...
+            survivors = fed[:keep] + fed[keep + cache[0].dropped :]
+            assert np.abs(np.array(cache[0].state[0]) - layer0_keys(model, survivors)).max() <= 1e-5
+            # ... and a NoPE layer's survivors move down unchanged.
+            after, before = np.array(cache[nope].state[0]), np.array(before[0])
+            assert np.array_equal(after[..., :keep, :], before[..., :keep, :])
+            assert np.array_equal(after[..., keep:-1, :], before[..., keep + n :, :])
+    assert shifts > 10 and cache[0].chunk == (window - keep) // 8
 
 
 def test_rotating_cache_never_applies_a_position_past_the_window(model, monkeypatch):
@@ -117,19 +159,58 @@ def test_rotating_cache_never_applies_a_position_past_the_window(model, monkeypa
 
 
 def test_rotating_cache_memory_stays_flat_over_twenty_windows(model):
-    window = 32
-    cache = model.make_cache(window, 4)
-    sizes, peaks = [], []
+    window, keep = 32, 6
+    cache = model.make_cache(window, keep)
+    sizes, peaks, prefix, wraps, dropped = [], [], None, 0, 0
     mx.reset_peak_memory()
     for i, _ in enumerate(
         generate_step(mx.array(IDS[:8]), model, max_tokens=20 * window, prompt_cache=cache)
     ):
         sizes.append(sum(c.nbytes for c in cache))
+        prefix = prefix or [np.array(c.state[0][..., :keep, :]) for c in cache]
+        if cache[0].dropped != dropped:  # after every wrap, the kept prefix is intact
+            wraps, dropped = wraps + 1, cache[0].dropped
+            assert all(
+                np.array_equal(c.state[0][..., :keep, :], p)
+                for c, p in zip(cache, prefix, strict=True)
+            )
         if i % window == 0:  # the peak of each window-long stretch of the chat
             peaks.append(mx.get_peak_memory())
             mx.reset_peak_memory()
-    assert max(sizes) <= window * sizes[0] / 9  # bounded by the window (8 tokens at step 0)
+    assert wraps > 100 and cache[0].dropped > 18 * window
+    assert max(sizes) <= window * sizes[0] / 9  # bounded by the window (9 tokens at step 0)
     assert max(peaks[3:]) <= 1.05 * min(peaks[3:])  # flat once the window is full
+
+
+@requires_reference
+def test_a_chat_twenty_windows_long_keeps_its_system_block_in_flat_memory(trained):
+    model, tokenizer = trained
+    window = 112  # twice the system block: Chat keeps at most half the window
+    chat = Chat(model, tokenizer, max_context=window, sampling=GREEDY, think=False)
+    first = [{"role": "user", "content": QUESTIONS["math"]}]
+    ids = tokenizer.apply_chat_template(first, tokenize=True, enable_thinking=False)
+    system = [i for i, t in enumerate(ids) if t == tokenizer.im_start_id][1]
+    total, turns, prefix, peaks = 0, 0, None, []
+    while total < 20 * window:
+        key = "hi" if turns % 2 else "math"
+        known = len(chat._full)
+        mx.reset_peak_memory()
+        *_, done = chat.send(QUESTIONS[key])
+        peaks.append(mx.get_peak_memory())
+        assert done.answer == answer(key)  # the kept system block and recent turns suffice
+        assert done.stats.cached_tokens == known  # prompt-cache reuse holds after wrapping
+        cache = chat._cache
+        assert cache[0].keep == system and all(c.offset <= window for c in cache)
+        prefix = prefix or [np.array(c.state[0][..., :system, :]) for c in cache]
+        assert all(
+            np.array_equal(c.state[0][..., :system, :], p)
+            for c, p in zip(cache, prefix, strict=True)
+        )
+        total += done.stats.prefill_tokens + done.stats.generation_tokens
+        turns += 1
+    assert cache[0].dropped > 18 * window
+    # The cache is small beside the 128256-row embedding: a growing one would add 4% here.
+    assert max(peaks[2:]) <= 1.01 * min(peaks[2:])
 
 
 def test_rotating_cache_can_be_trimmed_after_wrapping(model):
@@ -193,3 +274,48 @@ def test_quantized_cache_uses_less_memory(model):
         model(mx.array([IDS]), cache=cache)
         sizes[bits] = cache[0].nbytes
     assert sizes[4] < sizes[8] < sizes[None]
+
+
+def run_logprobs(model, **kwargs):
+    steps = generate_step(mx.array(IDS[:20]), model, max_tokens=8, **kwargs)
+    return np.stack([np.array(logprobs) for _, logprobs in steps])
+
+
+def test_generate_step_quantizes_a_new_cache_as_asked(model):
+    dense = run_logprobs(model)
+    for bits in (8, 4):
+        got = run_logprobs(model, kv_bits=bits, kv_group_size=32, max_kv_size=24, keep=4)
+        cache = model.make_cache(24, 4, bits=bits, group_size=32)
+        assert np.array_equal(got, run_logprobs(model, prompt_cache=cache))
+        assert cache[0].quantized and not np.allclose(got, dense, atol=1e-4)
+    # Dense while the cache holds at most 24 tokens (the prompt's 20, then 4 more), then 8-bit.
+    late = run_logprobs(model, kv_bits=8, kv_group_size=32, quantized_kv_start=24)
+    assert np.abs(late[:5] - dense[:5]).max() <= 1e-6
+    assert not np.allclose(late[5:], dense[5:], atol=1e-4)
+
+
+@requires_reference
+def test_the_cli_quantizes_the_chat_kv_cache_as_asked(tmp_path, monkeypatch):
+    # head_dim 32 (MLX quantizes groups of 32, 64 or 128) and the real tokenizer; `generate`
+    # answers through a Chat, so this is the Chat API's kv_bits too.
+    path = make_tiny_checkpoint(
+        tmp_path / "m", num_attention_heads=2, num_hidden_layers=2, with_tokenizer=True
+    )
+    seen = []
+    attend = cache_module._quantized_attention
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["bits"], kwargs["group_size"]))
+        return attend(*args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "_quantized_attention", spy)
+    args = ["generate", "-m", str(path), "--no-think", "--temp", "0", "--max-tokens", "3"]
+    r = CliRunner().invoke(cli.app, [*args, "--kv-bits", "4", "--kv-group-size", "32", "Hi"])
+    assert r.exit_code == 0, r.output
+    assert seen and set(seen) == {(4, 32)}
+    # --kv-start keeps the cache dense until it holds that many tokens: no quantized attention
+    seen.clear()
+    kv = ["--kv-bits", "4", "--kv-group-size", "32", "--kv-start", "100000"]
+    r = CliRunner().invoke(cli.app, [*args, *kv, "Hi"])
+    assert r.exit_code == 0, r.output
+    assert seen == []

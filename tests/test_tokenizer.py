@@ -207,7 +207,7 @@ def _stream(tok: Tokenizer, ids: list[int]) -> list[str]:
 @pytest.mark.parametrize("case", ID_CASES, ids=lambda c: c["text"][:30])
 def test_streaming_detokenizer_matches_decode(tok, case):
     segments = _stream(tok, case["ids"])
-    assert "".join(segments) == tok.decode(case["ids"])
+    assert "".join(segments) == tok.decode(case["ids"]) == case["text"]
     assert not any("\ufffd" in s for s in segments)
 
 
