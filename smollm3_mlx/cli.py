@@ -89,6 +89,18 @@ KVBits = Annotated[
     int | None, typer.Option(help="Quantize the KV cache to 4 or 8 bits (less memory).")
 ]
 KVGroupSize = Annotated[int, typer.Option(help="KV quantization group size: 32, 64 or 128.")]
+PromptLookup = Annotated[
+    int,
+    typer.Option(
+        help="Prompt-lookup decoding: draft up to N tokens from text already in the context and "
+        "check them in one pass; the output is the same. It pays where a pass over a few tokens "
+        "costs about one step (GPUs); on the CPU it does not (BENCHMARKS.md). 0: off."
+    ),
+]
+KVStart = Annotated[
+    int,
+    typer.Option(help="With --kv-bits: keep the KV cache dense until it holds this many tokens."),
+]
 
 
 def default_model_dir() -> Path:
@@ -118,28 +130,33 @@ def _load(model: str | None, dtype: str, max_context: int | None = None):
             model = str(path)
         with console.status(f"loading {model}"):
             loaded = load(
-                model, dtype=None if dtype == "stored" else dtype, max_context=max_context
-            )
+                model, dtype=None if dtype == "stored" else dtype, max_context=max_context,
+                lazy=True,
+            )  # fmt: skip
     except (ModelLoadError, OSError) as e:
         console.error(str(e))
         raise typer.Exit(1) from None
+    import mlx.core as mx
+
+    # The weights are read on MLX's own thread while the prompt shows; the first answer waits.
+    mx.async_eval(loaded[0].parameters())
     return (*loaded, model)
 
 
 def _session(
     model, dtype, think, system, keep_thinking, max_tokens, temperature, top_p, seed,
-    max_context=None, kv_bits=None, kv_group_size=64,
+    max_context=None, kv_bits=None, kv_group_size=64, kv_start=0, prompt_lookup=0,
 ):  # fmt: skip
     import mlx.core as mx
 
-    from .chat import ChatSession, Sampling
+    from .chat import Chat, Sampling
 
     m, tokenizer, name = _load(model, dtype, max_context)
     if seed is not None:
         mx.random.seed(seed)
     sampling = Sampling.from_model(m, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
     try:
-        return ChatSession(
+        return Chat(
             m,
             tokenizer,
             think=think,
@@ -149,6 +166,8 @@ def _session(
             model_name=name,
             kv_bits=kv_bits,
             kv_group_size=kv_group_size,
+            kv_start=kv_start,
+            prompt_lookup=prompt_lookup,
         )
     except ValueError as e:
         console.error(str(e))
@@ -194,7 +213,7 @@ def _command(chat, line: str) -> bool:
             console.error(f"{arg}: {e.strerror or e}")
     elif name == "/load" and arg:
         try:
-            data = chat.load(arg)
+            data = chat.restore(arg)
         except ChatFileError as e:
             console.error(str(e))
             return True
@@ -251,12 +270,14 @@ def chat(
     max_context: MaxContext = None,
     kv_bits: KVBits = None,
     kv_group_size: KVGroupSize = 64,
+    kv_start: KVStart = 0,
+    prompt_lookup: PromptLookup = 0,
 ) -> None:
     """Chat in the terminal; /help lists the commands, Ctrl-C stops an answer, Ctrl-D exits."""
     try:
         session = _session(
             model, dtype, think, system, keep_thinking, max_tokens, temperature, top_p, seed,
-            max_context, kv_bits, kv_group_size,
+            max_context, kv_bits, kv_group_size, kv_start, prompt_lookup,
         )  # fmt: skip
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
@@ -310,6 +331,8 @@ def generate(
     max_context: MaxContext = None,
     kv_bits: KVBits = None,
     kv_group_size: KVGroupSize = 64,
+    kv_start: KVStart = 0,
+    prompt_lookup: PromptLookup = 0,
 ) -> None:
     """Answer one prompt with the chat template (or complete it with --raw) and exit."""
     if output_format not in ("text", "json"):
@@ -325,7 +348,7 @@ def generate(
     try:
         session = _session(
             model, dtype, think, system, True, max_tokens, temperature, top_p, seed,
-            max_context, kv_bits, kv_group_size,
+            max_context, kv_bits, kv_group_size, kv_start, prompt_lookup,
         )  # fmt: skip
         _check_context(session, prompt, raw)
         if raw:
@@ -356,7 +379,7 @@ def _check_context(session, prompt: str, raw: bool) -> None:
     limit = session.model.max_context
     if n >= limit:
         console.error(
-            f"the prompt is {n} tokens, more than the context of {limit} "
+            f"the prompt is {n} tokens, no room left to answer in the context of {limit} "
             "(raise --max-context, up to 131072)"
         )
         raise typer.Exit(1)
@@ -377,6 +400,8 @@ def _complete(session, prompt: str, stats: bool, output_format: str) -> None:
         logits_processors=make_logits_processors(s.repetition_penalty),
         kv_bits=session.kv["bits"],
         kv_group_size=session.kv["group_size"],
+        quantized_kv_start=session.kv["start"],
+        prompt_lookup=session.prompt_lookup,
     ):
         text += last.text
         if output_format == "text":
@@ -393,9 +418,12 @@ def _complete(session, prompt: str, stats: bool, output_format: str) -> None:
 
 @app.command()
 def convert(
-    out: Annotated[Path, typer.Option("--out", "-o", help="The folder to create.")],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="OUT", help="The folder to create.")],
     source: Annotated[
-        str, typer.Argument(help="Hub repo id or local folder of a Hugging Face checkpoint.")
+        str,
+        typer.Argument(
+            metavar="SOURCE", help="Hub repo id or local folder of a Hugging Face checkpoint."
+        ),
     ] = "HuggingFaceTB/SmolLM3-3B",
     bits: Annotated[int, typer.Option(help="Bits per weight: 4 or 8.")] = 4,
     group_size: Annotated[int, typer.Option(help="Weights per scale: 32, 64 or 128.")] = 64,
@@ -419,8 +447,7 @@ def convert(
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Quantize SmolLM3 into an MLX folder that smollm3-mlx and mlx-lm both run."""
-    from .convert import ConvertError
-    from .convert import convert as convert_model
+    from .convert import ConvertError, convert as convert_model
 
     try:
         with console.progress("converting") as update:
@@ -440,6 +467,55 @@ def convert(
         console.error(str(e))
         raise typer.Exit(1) from None
     console.converted(result)
+
+
+@app.command()
+def bench(
+    model: Model = None,
+    dtype: DType = "auto",
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt length (random tokens).")] = 512,
+    generation_tokens: Annotated[int, typer.Option(help="Tokens to generate, greedy.")] = 128,
+    runs: Annotated[int, typer.Option(help="Timed runs; the medians are shown.")] = 3,
+    compare_mlx_lm: Annotated[
+        bool,
+        typer.Option(
+            "--compare-mlx-lm",
+            help="Also time mlx-lm on the same folder, alternating runs (needs mlx-lm). When it "
+            "computes in another dtype by default (bfloat16 on the CPU), it is also timed cast "
+            "to ours.",
+        ),
+    ] = False,
+) -> None:
+    """Measure prefill and decode speed, time to first token and peak memory on your model."""
+    from .bench import bench as measure, mlx_lm_runners, smollm3_runner
+
+    for name, value in [("prompt-tokens", prompt_tokens), ("generation-tokens", generation_tokens),
+                        ("runs", runs)]:  # fmt: skip
+        if value < 1:
+            console.error(f"--{name} must be at least 1, not {value}")
+            raise typer.Exit(2)
+    if compare_mlx_lm:
+        try:
+            import mlx_lm  # noqa: F401
+        except ImportError:
+            console.error("--compare-mlx-lm needs mlx-lm: pip install mlx-lm")
+            raise typer.Exit(1) from None
+    m, tokenizer, name = _load(model, dtype)
+    if prompt_tokens + generation_tokens >= m.max_context:
+        console.error(f"prompt and generated tokens must fit in the context ({m.max_context})")
+        raise typer.Exit(1)
+    runners = [smollm3_runner(m, tokenizer)]
+    if compare_mlx_lm:
+        import mlx.core as mx
+
+        ours = getattr(mx, runners[0].dtype, None)  # e.g. "float32"
+        with console.status("loading it with mlx-lm"):
+            runners += mlx_lm_runners(m.path, [None, *([ours] if ours else [])])
+    with console.status(f"timing {runs} runs of {prompt_tokens} + {generation_tokens} tokens"):
+        results = measure(
+            runners, prompt_tokens=prompt_tokens, generation_tokens=generation_tokens, runs=runs
+        )
+    console.bench_results(name, results)
 
 
 if __name__ == "__main__":

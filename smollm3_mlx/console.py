@@ -161,6 +161,8 @@ class TurnView:
         elif kind == "ToolCall":
             args = ", ".join(f"{k}={v!r}" for k, v in event.arguments.items())
             self.side.print(f"\n[magenta]tool call[/] {escape(event.name)}({escape(args)})")
+        elif kind == "ToolCallError":
+            self.side.print(f"\n[yellow]malformed tool call[/] ({escape(event.error)})")
         elif kind == "Done":
             self._end_thinking()
             self.target.print()
@@ -186,3 +188,28 @@ def converted(r) -> None:
     )
     if r.upload_repo:
         out.print(f"[green]uploaded[/] https://huggingface.co/{r.upload_repo}")
+
+
+def bench_results(model: str, results) -> None:
+    """The table of `smollm3-mlx bench`: one row per runtime, ratios against the first (ours)."""
+    ours = results[0]
+    table = Table(title=f"{escape(model)}", title_justify="left", box=None, padding=(0, 2))
+    for column in ("runtime", "computes in", "prefill tok/s", "decode tok/s", "first token",
+                   "peak memory", "ours/this prefill", "ours/this decode"):  # fmt: skip
+        table.add_column(column, justify="left" if column[0] in "rc" else "right")
+    for r in results:
+        table.add_row(
+            escape(r.runtime),
+            escape(r.dtype),
+            f"{r.prefill_tps:.1f}",
+            f"{r.decode_tps:.2f}",
+            f"{r.time_to_first_token:.2f} s",
+            f"{r.peak_memory:.2f} GB",
+            f"{ours.prefill_tps / r.prefill_tps:.2f}x" if r.prefill_tps else "-",
+            f"{ours.decode_tps / r.decode_tps:.2f}x" if r.decode_tps else "-",
+        )
+    out.print(table)
+    out.print(
+        f"[dim]{ours.prompt_tokens}-token random prompt, {ours.generation_tokens} tokens greedy, "
+        f"median of {ours.runs} runs[/]"
+    )

@@ -9,12 +9,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from checkpoints import REFERENCE_MODEL_DIR, requires_reference
-from trained_model import QUESTIONS, TOOLS, answer, reply, trained_checkpoint
+from trained_model import QUESTIONS, TOOL_RESULT, TOOLS, answer, reply, trained_checkpoint
 
 from smollm3_mlx.chat import (
     AnswerDelta,
+    Chat,
     ChatFileError,
-    ChatSession,
     Done,
     Sampling,
     ThinkingDelta,
@@ -33,12 +33,12 @@ def loaded(tmp_path_factory):
     return load(trained_checkpoint(tmp_path_factory))
 
 
-def session(loaded, **kwargs) -> ChatSession:
+def session(loaded, **kwargs) -> Chat:
     model, tokenizer = loaded
-    return ChatSession(model, tokenizer, sampling=kwargs.pop("sampling", GREEDY), **kwargs)
+    return Chat(model, tokenizer, sampling=kwargs.pop("sampling", GREEDY), **kwargs)
 
 
-def turn(chat: ChatSession, text: str) -> tuple[str, str, Done]:
+def turn(chat: Chat, text: str) -> tuple[str, str, Done]:
     """(streamed thinking, streamed answer, Done) of one turn."""
     events = list(chat.send(text))
     thinking = "".join(e.text for e in events if isinstance(e, ThinkingDelta))
@@ -49,6 +49,14 @@ def turn(chat: ChatSession, text: str) -> tuple[str, str, Done]:
 
 def _user(key):
     return {"role": "user", "content": QUESTIONS[key]}
+
+
+def _called(think):
+    return [_user("weather"), _assistant("weather", think)]
+
+
+def _tool():
+    return {"role": "tool", "content": TOOL_RESULT}
 
 
 def _assistant(key, think):
@@ -64,6 +72,20 @@ SCRIPTS = [
     ("tool call, no think", [_user("weather")], "weather", False, TOOLS),
     ("second turn", [_user("math"), _assistant("math", True), _user("hi")], "hi", True, None),
     ("after a switch", [_user("math"), _assistant("math", True), _user("hi")], "hi", False, None),
+    (
+        "tool result",
+        [_user("weather"), _assistant("weather", True), _tool()],
+        "after_tool",
+        True,
+        TOOLS,
+    ),
+    (
+        "tool result, no think",
+        [_user("weather"), _assistant("weather", False), _tool()],
+        "after_tool",
+        False,
+        TOOLS,
+    ),
 ]
 
 
@@ -155,7 +177,9 @@ def test_tool_call_is_an_event(loaded):
     events = list(chat.send(QUESTIONS["weather"]))
     calls = [e for e in events if isinstance(e, ToolCall)]
     assert calls == [ToolCall("get_weather", {"city": "Paris"})]
-    assert events[-1].answer == answer("weather")
+    assert events[-1].answer == "" and events[-1].tool_calls == tuple(calls)
+    assert not [e for e in events if isinstance(e, AnswerDelta) and e.text.strip()]
+    assert chat.messages[-1]["content"] == reply("weather", True)  # as the model wrote it
 
 
 def test_cancel_keeps_the_partial_answer_marked_and_the_session_usable(loaded):
@@ -218,7 +242,7 @@ def test_save_and_load_round_trip(loaded, tmp_path):
     assert data["format"] == "smollm3-mlx-chat" and data["model"] == "tiny"
     assert data["think"] is False and data["sampling"]["temperature"] == 0.0
     other = session(loaded, sampling=Sampling())
-    other.load(path)
+    other.restore(path)
     assert (other.messages, other.think, other.sampling) == (chat.messages, False, GREEDY)
     assert turn(other, QUESTIONS["hi"])[1] == answer("hi")
 
@@ -245,7 +269,7 @@ def test_loading_a_malformed_file_is_one_error_and_leaves_the_session(loaded, tm
     path = tmp_path / "bad.json"
     path.write_text(content)
     with pytest.raises(ChatFileError, match="bad.json") as info:
-        chat.load(path)
+        chat.restore(path)
     assert "\n" not in str(info.value)
     assert (chat.messages, chat.think, chat.sampling) == before
 
@@ -274,7 +298,7 @@ def test_assistant_tags_lets_think_tags_of_assistant_turns_through():
 
 def test_a_chat_many_windows_long_runs_in_a_rotating_cache(loaded, tmp_path_factory):
     model, tokenizer = load(trained_checkpoint(tmp_path_factory), max_context=150)
-    chat = ChatSession(model, tokenizer, sampling=GREEDY, think=False)
+    chat = Chat(model, tokenizer, sampling=GREEDY, think=False)
     keep, prefix, total = None, None, 0
     for i in range(18):
         before = list(chat._full)

@@ -216,7 +216,7 @@ def test_convert_command_writes_a_model_and_refuses_to_overwrite(model_dir, tmp_
 def test_generate_refuses_a_prompt_longer_than_the_context(model_dir):
     r = run("generate", "-m", str(model_dir), "--max-context", "40", QUESTIONS["hi"])
     assert r.returncode == 1 and r.stderr.count("\n") == 1
-    assert "more than the context of 40" in r.stderr
+    assert "no room left to answer in the context of 40" in r.stderr
 
 
 def test_kv_settings_mlx_cannot_quantize_are_one_line(model_dir):

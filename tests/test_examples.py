@@ -5,7 +5,7 @@ import sys
 
 import pytest
 from checkpoints import REPO_ROOT, requires_reference
-from trained_model import trained_checkpoint
+from trained_model import QUESTIONS, THOUGHTS, TOOL_RESULT, answer, trained_checkpoint
 
 pytestmark = requires_reference
 
@@ -36,4 +36,42 @@ def test_long_document_reads_past_the_trained_window_with_yarn(model_dir, tmp_pa
     assert 2048 < n < 4096
     r = example("long_document.py", model_dir, doc, "What did the audit find?",
                 "--max-context", 2048)  # fmt: skip
-    assert r.returncode == 1 and "more than the 2048 allowed" in r.stderr
+    assert r.returncode == 1 and "no room left to answer in the 2048 allowed" in r.stderr
+    r = example("long_document.py", model_dir, doc, "What did the audit find?",
+                "--max-context", 4097)  # fmt: skip
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert "max_context 4097 is outside what this model supports (1 to 4096)" in r.stderr
+
+
+def test_quickstart_prints_the_answer(model_dir):
+    r = example("quickstart.py", model_dir, QUESTIONS["math"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == answer("math") + "\n"
+
+
+def test_streaming_separates_thinking_and_answer(model_dir):
+    r = example("streaming.py", model_dir, QUESTIONS["math"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == answer("math")
+    assert THOUGHTS["math"] in r.stderr and "[stop: thought for" in r.stderr
+
+
+def test_async_app_answers_while_its_loop_runs(model_dir):
+    r = example("async_app.py", model_dir, QUESTIONS["math"], QUESTIONS["hi"])
+    assert r.returncode == 0, r.stderr
+    assert answer("math") in r.stdout and answer("hi") in r.stdout
+    assert int(r.stdout.split("the loop ran ")[1].split()[0]) > 0
+
+
+def test_cancellation_stops_the_song_and_keeps_the_history(model_dir):
+    r = example("cancellation.py", model_dir, QUESTIONS["sing"])
+    assert r.returncode == 0, r.stderr
+    assert "[cancelled after " in r.stdout
+    assert "[history: 4 messages, last interrupted: True]" in r.stdout
+
+
+def test_tools_calls_the_python_function_and_answers(model_dir):
+    r = example("tools.py", model_dir, QUESTIONS["weather"])
+    assert r.returncode == 0, r.stderr
+    assert "[get_weather({'city': 'Paris'}) -> " + TOOL_RESULT + "]" in r.stdout
+    assert r.stdout.rstrip().endswith("It is sunny and 22 degrees in Paris.")

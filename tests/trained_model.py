@@ -22,16 +22,29 @@ from pathlib import Path
 
 from checkpoints import REFERENCE_MODEL_DIR, TOKENIZER_FILES
 
-TOOLS = [
+TOOLS = [  # the schemas of examples/tools.py's two functions (tests check they still are)
     {
         "name": "get_weather",
         "description": "Get the current weather in a city.",
         "parameters": {
             "type": "object",
-            "properties": {"city": {"type": "string"}},
+            "properties": {
+                "city": {"type": "string", "description": "The city's name, for example Paris."}
+            },
             "required": ["city"],
         },
-    }
+    },
+    {
+        "name": "to_fahrenheit",
+        "description": "Convert a temperature from degrees Celsius to degrees Fahrenheit.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "celsius": {"type": "number", "description": "The temperature in degrees Celsius."}
+            },
+            "required": ["celsius"],
+        },
+    },
 ]
 QUESTIONS = {
     "math": "What is 2+2?",
@@ -39,17 +52,20 @@ QUESTIONS = {
     "sing": "Sing me a song.",
     "weather": "What is the weather in Paris?",
 }
+TOOL_RESULT = '{"temperature": 22, "condition": "sunny"}'  # get_weather's answer, for "after_tool"
 THOUGHTS = {
     "math": "Two plus two makes four.",
     "hi": "The user wants a greeting.",
     "sing": "A song it is.",
     "weather": "I should call the weather tool.",
+    "after_tool": "The tool says it is sunny.",
 }
 ANSWERS = {
     "math": "2 + 2 = 4.",
     "hi": "Hi! How can I help?",
     "sing": "la" + " la" * 47,  # the song never ends: it is what Ctrl-C tests interrupt
     "weather": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+    "after_tool": "It is sunny and 22 degrees in Paris.",
 }
 ENDLESS = {"sing"}
 STEPS, LR, CLIP = 300, 5e-3, 1.0
@@ -73,7 +89,8 @@ def answer(key: str) -> str:
 
 
 def _conversations(rng: random.Random):
-    """(history, key, think, tools): every one- and two-turn history over math/hi, both modes."""
+    """(history, key, think, tools): every one- and two-turn history over math/hi, both modes,
+    and the weather tool: its call, and the answer once its result is in."""
     past = [(k, t, keep) for k in ("math", "hi") for t, keep in ((1, 1), (1, 0), (0, 1))]
     histories = [[]] + [[p] for p in past] + [[p, q] for p in past for q in past]
     for history in histories:
@@ -84,6 +101,7 @@ def _conversations(rng: random.Random):
         for _ in range(6):
             yield [], "weather", think, TOOLS
             yield [rng.choice(past)], "weather", think, TOOLS
+            yield [("weather", int(think), 1)], "after_tool", think, TOOLS
 
 
 def _messages(history, key):
@@ -94,6 +112,8 @@ def _messages(history, key):
             {"role": "user", "content": QUESTIONS[k]},
             {"role": "assistant", "content": content},
         ]
+    if key == "after_tool":  # the last turn's tool call answered
+        return messages + [{"role": "tool", "content": TOOL_RESULT}]
     return messages + [{"role": "user", "content": QUESTIONS[key]}]
 
 
