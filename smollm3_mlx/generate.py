@@ -7,15 +7,99 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import mlx.core as mx
 
-from .cache import Cache
+from .cache import Cache, trim_prompt_cache
 from .sample import LogitsProcessor, Sampler, greedy, make_logits_processors, make_sampler
 
 DEFAULT_MAX_TOKENS = 4096  # reasoning traces run to thousands of tokens
 DEFAULT_PREFILL_STEP = 512
+DEFAULT_LOOKUP_NGRAM = 3
+
+
+@dataclass
+class LookupStats:
+    """Counts for prompt-lookup decoding."""
+
+    passes: int = 0  # decode forward passes
+    verified: int = 0  # of them, passes that verified a draft
+    drafted: int = 0  # draft tokens verified
+    accepted: int = 0  # draft tokens accepted
+
+
+class _PromptLookup:
+    """Drafts from the context: what followed the latest earlier occurrence of its last n-gram.
+
+    The longest n-gram (up to `ngram` tokens) that occurred before wins. A miss (a draft whose
+    first token is wrong, or a verify pass slower per token than plain steps) pauses drafting for
+    a number of tokens that doubles with each miss in a row, so that it costs almost nothing where
+    it does not pay: on non-repetitive text, or where a pass over many tokens costs many steps.
+    """
+
+    def __init__(self, tokens: list[int], ngram: int):
+        self.ngram = ngram
+        self.tokens: list[int] = []
+        self.seen: dict[tuple[int, ...], int] = {}  # n-gram -> where its latest continuation starts
+        self.pause, self.backoff, self.hopeless = 0, 1, 0
+        self.step_time: float | None = None  # seconds per plain step, smoothed
+        self.last: float | None = None  # when the previous plain step's token arrived
+        self.add(tokens)
+
+    def add(self, tokens: list[int]) -> None:
+        for t in tokens:
+            p = len(self.tokens)
+            for k in range(1, min(self.ngram, p) + 1):
+                self.seen[tuple(self.tokens[p - k :])] = p
+            self.tokens.append(t)
+
+    def draft(self, limit: int) -> list[int]:
+        """Up to `limit` tokens predicted to come next (an empty list while paused)."""
+        if self.pause:
+            self.pause -= 1
+            return []
+        if self.step_time is None:  # time plain steps first: a verify pass must beat them
+            return []
+        for k in range(min(self.ngram, len(self.tokens)), 0, -1):
+            start = self.seen.get(tuple(self.tokens[-k:]))
+            if start is not None:
+                period = len(self.tokens) - start  # a match near the end repeats, as loops do
+                return [self.tokens[start + i % period] for i in range(limit)]
+        return []
+
+    def hit(self, ok: bool) -> None:
+        self.pause, self.backoff = (0, 1) if ok else (self.backoff, min(2 * self.backoff, 64))
+
+    def plain_step(self) -> None:
+        now = time.perf_counter()
+        if self.last is not None:
+            dt = now - self.last
+            self.step_time = dt if self.step_time is None else 0.8 * self.step_time + 0.2 * dt
+        self.last = now
+
+    def verified(self, length: int, new_tokens: int, seconds: float) -> None:
+        """A pass over `length` tokens gave `new_tokens` in `seconds`: a hit if it beat plain steps.
+
+        Where a pass over L tokens costs L steps (MLX's CPU backend), not even a fully accepted
+        draft pays: after two such passes in a row, drafting pauses for 256 tokens at a time.
+        """
+        self.last = None
+        steps = 1.1 * seconds / self.step_time  # what the pass cost in plain steps, with a margin
+        self.hit(new_tokens > 1 and new_tokens > steps)
+        self.hopeless = self.hopeless + 1 if length <= steps else 0
+        if self.hopeless >= 2:
+            self.pause = self.backoff = 256
+
+
+def _room(cache: list[Cache], n: int) -> int:
+    """How many of `n` new tokens fit before the cache would drop or quantize what it holds."""
+    c = cache[0]
+    if getattr(c, "max_size", None) is not None:
+        n = min(n, c.max_size - c.offset)
+    if getattr(c, "bits", None) and not c.quantized:  # stay on the same side as one-by-one steps
+        n = min(n, c.quantize_after - c.offset)
+    return n
 
 
 def generate_step(
@@ -33,6 +117,10 @@ def generate_step(
     kv_bits: int | None = None,
     kv_group_size: int = 64,
     quantized_kv_start: int = 0,
+    prompt_lookup: int = 0,
+    prompt_lookup_ngram: int = DEFAULT_LOOKUP_NGRAM,
+    lookup_stats: LookupStats | None = None,
+    lookup_context: Sequence[int] = (),
 ) -> Generator[tuple[int, mx.array], None, None]:
     """Yield (token, logprobs) pairs; the next step is queued before the current one is returned.
 
@@ -49,9 +137,19 @@ def generate_step(
             first `keep` (see `KVCache`).
         kv_bits, kv_group_size, quantized_kv_start: for a new cache, quantize keys and values
             to 4 or 8 bits once it holds `quantized_kv_start` tokens.
+        prompt_lookup: prompt-lookup decoding: draft up to this many tokens from n-grams of the
+            prompt and the output, and verify them in one forward pass (0 turns it off). The
+            output is unchanged: greedy gives the same tokens, sampling the same distribution.
+        prompt_lookup_ngram: the longest n-gram matched to find a draft.
+        lookup_stats: the forward passes, verify passes, drafted and accepted tokens are added
+            to its counts.
+        lookup_context: ids already in `prompt_cache`, before `prompt`: drafts come from them too
+            (a chat's earlier turns).
     """
     if prompt.size == 0:
         raise ValueError("the prompt is empty")
+    if prompt_lookup < 0 or prompt_lookup_ngram < 1:
+        raise ValueError("prompt_lookup must be >= 0 and prompt_lookup_ngram >= 1")
     if prompt_cache is None:
         prompt_cache = model.make_cache(
             max_kv_size, keep, bits=kv_bits, group_size=kv_group_size,
@@ -64,18 +162,50 @@ def generate_step(
     sampler = sampler or greedy
     tokens = prompt if logits_processors else None
     progress = prompt_progress or (lambda *_: None)
+    stats = lookup_stats or LookupStats()
+    lookup = None
+    if prompt_lookup and all(c.is_trimmable() for c in cache):  # rejected drafts must come out
+        lookup = _PromptLookup([*lookup_context, *prompt.tolist()], prompt_lookup_ngram)
+
+    def process(history: mx.array | None, logits: mx.array) -> mx.array:
+        for processor in logits_processors:
+            logits = processor(history, logits)
+        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
     def step(inputs: mx.array) -> tuple[mx.array, mx.array]:
         nonlocal tokens
-        logits = model(inputs[None], cache=cache)[:, -1, :]
-        if logits_processors:
-            for processor in logits_processors:
-                logits = processor(tokens, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        stats.passes += 1
+        logprobs = process(tokens, model(inputs[None], cache=cache)[:, -1, :])
         y = sampler(logprobs)
         if logits_processors:
             tokens = mx.concatenate([tokens, y])
         return y, logprobs.squeeze(0)
+
+    def verify(y: int, draft: list[int]) -> tuple[list[int], mx.array]:
+        """Run y and the draft in one pass and sample at every position; keep the longest prefix
+        of the draft that the samples confirm, plus the first sample past it."""
+        nonlocal tokens
+        stats.passes, stats.verified, stats.drafted = (
+            stats.passes + 1, stats.verified + 1, stats.drafted + len(draft)
+        )  # fmt: skip
+        inputs = mx.array([y, *draft], dtype=prompt.dtype)
+        logits = model(inputs[None], cache=cache)[0]
+        if logits_processors:  # each position sees its own history
+            histories = [mx.concatenate([tokens, inputs[1 : i + 1]]) for i in range(len(inputs))]
+            logprobs = mx.concatenate(
+                [process(h, logits[i : i + 1]) for i, h in enumerate(histories)]
+            )
+        else:
+            logprobs = process(None, logits)
+        samples = sampler(logprobs).tolist()
+        a = 0
+        while a < len(draft) and samples[a] == draft[a]:
+            a += 1
+        trim_prompt_cache(cache, len(draft) - a)
+        stats.accepted += a
+        if logits_processors:
+            tokens = mx.concatenate([tokens, mx.array(samples[: a + 1], dtype=tokens.dtype)])
+        return samples[: a + 1], logprobs[: a + 1]
 
     total, done = prompt.size, 0
     progress(0, total)
@@ -91,18 +221,36 @@ def generate_step(
     mx.async_eval(y, logprobs)
     n = 0
     while n != max_tokens:
-        if n + 1 != max_tokens:
-            next_y, next_logprobs = step(y)
-            mx.async_eval(next_y, next_logprobs)
+        # A draft predicts y and what follows it: only once y confirms it is the rest verified.
+        left = max_tokens - n if max_tokens >= 0 else prompt_lookup + 1
+        draft = lookup.draft(_room(cache, min(prompt_lookup + 1, left))) if lookup else []
+        if len(draft) > 1 and y.item() != draft[0]:
+            lookup.hit(False)
+            draft = []
+        if len(draft) > 1:
+            start = time.perf_counter()
+            samples, sample_logprobs = verify(draft[0], draft[1:])
+            lookup.verified(len(draft), len(samples), time.perf_counter() - start)
+            out = [(draft[0], logprobs), *zip(samples[:-1], sample_logprobs[:-1], strict=True)]
+            y, logprobs = mx.array(samples[-1:], dtype=prompt.dtype), sample_logprobs[-1]
+        else:
+            if n + 1 != max_tokens:
+                next_y, next_logprobs = step(y)
+                mx.async_eval(next_y, next_logprobs)
+            out = [(y.item(), logprobs)]
+            if lookup:
+                lookup.plain_step()
+            if n + 1 != max_tokens:
+                y, logprobs = next_y, next_logprobs
         if n == 0:
-            mx.eval(y)
             progress(total, total)
-        yield y.item(), logprobs
-        if n % 256 == 255:
-            mx.clear_cache()
-        if n + 1 != max_tokens:
-            y, logprobs = next_y, next_logprobs
-        n += 1
+        for token, token_logprobs in out:
+            if lookup:
+                lookup.add([token])
+            yield token, token_logprobs
+            n += 1
+            if n % 256 == 0:
+                mx.clear_cache()
 
 
 @dataclass
@@ -118,6 +266,7 @@ class GenerationResponse:
     peak_memory: float  # GB
     time_to_first_token: float  # seconds
     finish_reason: str | None = None  # "stop" (end of turn or stop string), "length"
+    lookup: LookupStats = field(default_factory=LookupStats)  # forward passes, drafts accepted
 
 
 def _stop_index(text: str, stop_strings: Sequence[str]) -> int:
@@ -162,7 +311,8 @@ def stream_generate(
             default.
         stop_strings: generation ends before the first of these appears in the text.
         prompt_cache: per-layer caches to extend (for multi-turn reuse).
-        **kwargs: passed to `generate_step` (prefill_step_size, prompt_progress).
+        **kwargs: passed to `generate_step` (prefill_step_size, prompt_progress, prompt_lookup,
+            max_kv_size, ...).
     """
     defaults = getattr(model, "generation_config", None)
     if sampler is None:
@@ -182,11 +332,12 @@ def stream_generate(
         used = prompt.size + (prompt_cache[0].offset if prompt_cache else 0)
         if used >= context:
             raise ValueError(
-                f"the prompt needs {used} tokens of context, more than the {context} allowed "
-                "(raise max_context, up to 131072 with YaRN)"
+                f"the prompt needs {used} tokens of context, no room left to answer in the "
+                f"{context} allowed (raise max_context, up to 131072 with YaRN)"
             )
         max_tokens = min(max_tokens, context - used) if max_tokens >= 0 else context - used
 
+    stats = kwargs.setdefault("lookup_stats", LookupStats())
     detokenizer = tokenizer.detokenizer()
     eos = tokenizer.eos_token_ids
     pending = ""  # decoded text not yet sent, held while it may begin a stop string
@@ -207,6 +358,7 @@ def stream_generate(
             peak_memory=mx.get_peak_memory() / 1e9,
             time_to_first_token=prompt_time,
             finish_reason=finish,
+            lookup=replace(stats),
         )
 
     finish = "length"

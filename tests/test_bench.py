@@ -1,0 +1,97 @@
+"""smollm3_mlx.bench and `smollm3-mlx bench` on a tiny 4-bit SmolLM3 (numbers sane; no timing)."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import pytest
+from checkpoints import make_tiny_checkpoint, requires_reference
+from typer.testing import CliRunner
+
+from smollm3_mlx import cli, load
+from smollm3_mlx.bench import bench, mlx_lm_runners, nbytes, random_prompt, smollm3_runner
+from smollm3_mlx.convert import convert
+
+pytestmark = requires_reference
+WIDE = {"COLUMNS": "200"}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def q4(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    src = make_tiny_checkpoint(root / "bf16", dtype="bfloat16", with_tokenizer=True)
+    return convert(src, root / "q4", bits=4).path
+
+
+def test_bench_times_ours_and_mlx_lm_with_sane_numbers(q4):
+    model, tokenizer = load(q4)
+    runners = [smollm3_runner(model, tokenizer), *mlx_lm_runners(q4, [None, mx.float32])]
+    assert [(r.name, r.dtype) for r in runners] == [
+        ("smollm3-mlx", "float32"),  # the CPU default
+        ("mlx-lm", "bfloat16"),  # as mlx-lm runs the bf16-scaled folder
+        ("mlx-lm float32", "float32"),
+    ]
+    results = bench(runners, prompt_tokens=20, generation_tokens=6, runs=2)
+    assert [r.runtime for r in results] == ["smollm3-mlx", "mlx-lm", "mlx-lm float32"]
+    for r in results:
+        assert (r.prompt_tokens, r.runs) == (20, 2)
+        assert 1 < r.generation_tokens <= 6  # fewer only if the random model ends its answer
+        for value in (r.prefill_tps, r.decode_tps, r.time_to_first_token):
+            assert 0 < value < math.inf
+    # Peak memory counts the weights each runtime holds (bf16 scales are half of float32 ones).
+    assert results[0].peak_memory >= nbytes(model) / 1e9
+    assert results[1].peak_memory < results[2].peak_memory
+    # The swaps restore each runner's own weights.
+    runners[1].before()
+    assert runners[1].model.model.norm.weight.dtype == mx.bfloat16
+
+
+def test_ours_and_mlx_lm_in_float32_do_the_same_work(q4):
+    """Same prompt, same greedy tokens: the ratio compares identical work."""
+    model, tokenizer = load(q4)
+    ours, theirs = smollm3_runner(model, tokenizer), mlx_lm_runners(q4, [mx.float32])[0]
+    theirs.before()
+    prompt = random_prompt(16, seed=3)
+    tokens = [[r.token for r in runner.stream(prompt, 8)] for runner in (ours, theirs)]
+    assert len(tokens[1]) == 8 and tokens[0][:8] == tokens[1]  # ours repeats the last one
+
+
+def test_bench_command_prints_a_table_with_ratios(q4):
+    args = ["bench", "-m", str(q4), "--prompt-tokens", "12", "--generation-tokens", "4"]
+    r = CliRunner().invoke(cli.app, [*args, "--runs", "1", "--compare-mlx-lm"], env=WIDE)
+    assert r.exit_code == 0, r.output
+    for text in ("smollm3-mlx", "mlx-lm", "mlx-lm float32", "decode tok/s", "1.00x"):
+        assert text in r.output
+    assert "12-token random prompt, 4 tokens greedy, median of 1 runs" in r.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--runs", "0"], "--runs must be at least 1, not 0"),
+        (["--prompt-tokens", "100000"], "must fit in the context"),
+    ],
+)
+def test_bench_command_bad_sizes_are_one_line_errors(q4, args, message):
+    r = CliRunner().invoke(cli.app, ["bench", "-m", str(q4), *args])
+    assert r.exit_code != 0
+    assert message in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_bench_without_compare_imports_no_mlx_lm_transformers_or_torch(q4):
+    code = (
+        "import sys; from typer.testing import CliRunner; from smollm3_mlx import cli\n"
+        f"r = CliRunner().invoke(cli.app, ['bench', '-m', {str(q4)!r}, '--prompt-tokens', '8',"
+        " '--generation-tokens', '3', '--runs', '1'])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "print(sorted(m for m in ('mlx_lm', 'transformers', 'torch') if m in sys.modules))"
+    )
+    env = {**os.environ, "PYTHONPATH": REPO}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
