@@ -270,13 +270,11 @@ class Chat:
 
     def send(self, text: str) -> Generator[Event, None, None]:
         """Add a user message and stream the assistant's turn as events, ending with Done."""
-        return self._turn([{"role": "user", "content": text}])
+        return self._turn(_user_message(text))
 
     def send_tool_result(self, *results: object) -> Generator[Event, None, None]:
         """Add tool results (strings as they are, anything else as JSON) and continue the turn."""
-        if not results:
-            raise ValueError("send_tool_result needs at least one result")
-        return self._turn([{"role": "tool", "content": _as_text(r)} for r in results])
+        return self._turn(_tool_messages(results))
 
     def reply(self, text: str) -> str:
         """The answer to `text` as a plain string (thinking and tool calls left out)."""
@@ -299,14 +297,12 @@ class Chat:
 
         Cancelling the task (or leaving the loop early) stops generation within one step.
         """
-        async for event in self._off_loop([{"role": "user", "content": text}]):
+        async for event in self._off_loop(_user_message(text)):
             yield event
 
     async def asend_tool_result(self, *results: object) -> AsyncIterator[Event]:
         """`send_tool_result` off the event loop."""
-        async for event in self._off_loop(
-            [{"role": "tool", "content": _as_text(r)} for r in results]
-        ):
+        async for event in self._off_loop(_tool_messages(results)):
             yield event
 
     async def _off_loop(self, new: list[dict[str, Any]]) -> AsyncIterator[Event]:
@@ -630,6 +626,17 @@ class _Held:
 
     def __exit__(self, *exc: object) -> None:
         self.lock.release()
+
+
+def _user_message(text: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": text}]
+
+
+def _tool_messages(results: tuple[object, ...]) -> list[dict[str, Any]]:
+    """Tool results as messages (strings as they are, anything else as JSON)."""
+    if not results:  # a turn adds at least one message: an error removes what it added
+        raise ValueError("send_tool_result needs at least one result")
+    return [{"role": "tool", "content": _as_text(r)} for r in results]
 
 
 def _as_text(result: object) -> str:

@@ -149,12 +149,11 @@ def _session(
 ):  # fmt: skip
     import mlx.core as mx
 
-    from .chat import Chat, Sampling
+    from .chat import Chat
 
     m, tokenizer, name = _load(model, dtype, max_context)
     if seed is not None:
         mx.random.seed(seed)
-    sampling = Sampling.from_model(m, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
     try:
         return Chat(
             m,
@@ -162,7 +161,9 @@ def _session(
             think=think,
             system=system,
             keep_thinking=keep_thinking,
-            sampling=sampling,
+            temperature=temperature,  # over generation_config.json's defaults, where given
+            top_p=top_p,
+            max_tokens=max_tokens,
             model_name=name,
             kv_bits=kv_bits,
             kv_group_size=kv_group_size,

@@ -432,3 +432,17 @@ def test_prompt_lookup_drafts_from_earlier_turns(model, monkeypatch):
     assert chats[0].messages == chats[1].messages
     # The answer repeats the first turn's: drafted from it, as the new prompt ids alone cannot.
     assert 0 == first.stats.accepted_tokens < second.stats.accepted_tokens
+
+
+def test_a_tool_result_turn_needs_a_result(model):
+    chat = Chat(model, sampling=GREEDY, think=False)
+    chat.reply(QUESTIONS["hi"])
+    before = list(chat.messages)
+
+    async def main():
+        return [e async for e in chat.asend_tool_result()]
+
+    for attempt in (lambda: list(chat.send_tool_result()), lambda: asyncio.run(main())):
+        with pytest.raises(ValueError, match="at least one result"):
+            attempt()
+    assert chat.messages == before
