@@ -1,0 +1,494 @@
+"""Constrained decoding (JSON schema, regex, choices, tool calls) and thinking budgets.
+
+A processor is `processor(tokens, logits) -> logits` (sample.py), `tokens` being every id so far,
+the prompt included. Both kinds here carry state from step to step (`stateful = True`: prompt
+lookup, whose verify pass shows processors speculative histories, is turned off for them). They
+read where a turn stands from SmolLM3's own ids: `<think>`, `</think>`, `<tool_call>`, the eos ids.
+
+The grammar engine is llguidance (Rust core, no Python dependencies), imported only when a
+constraint is made; BENCHMARKS.md ("Constrained decoding") says why it and not xgrammar.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import weakref
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import mlx.core as mx
+import numpy as np
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
+
+# Qwen3's documented budget hand-off, ending with the newline SmolLM3 writes before </think>.
+DEFAULT_HANDOFF = (
+    "\n\nConsidering the limited time, I have to give the solution based on the thinking "
+    "directly now.\n"
+)
+# Compact JSON as json.dumps writes it (and SmolLM3 its tool calls); no free whitespace, so that
+# a model cannot pad a value forever.
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+ToolChoice = Literal["auto", "none", "required"] | str | dict
+
+
+class ConstraintError(ValueError):
+    """A response format, tool list or tool choice that cannot be enforced; raised before any
+    token is generated."""
+
+
+@dataclass(frozen=True, eq=False)
+class ResponseFormat:
+    """What an answer must be: a JSON value of `schema`, a full match of `pattern`, or one of
+    `choices`. Made by `make_response_format`."""
+
+    kind: Literal["json", "regex", "choice"]
+    schema: dict[str, Any] | None = None
+    pattern: str | None = None
+    choices: tuple[str, ...] = ()
+    model: Any = None  # a Pydantic model class: `parse` returns an instance
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def lark(self, llg: Any) -> str:
+        """The value as a Lark expression for llguidance."""
+        if self.kind == "json":
+            guidance = {**JSON_OPTIONS, **(self.schema or {}).get("x-guidance", {})}
+            return "%json " + json.dumps({**(self.schema or {}), "x-guidance": guidance})
+        if self.kind == "regex":
+            return "/" + llg.regex_to_lark(self.pattern) + "/"
+        return " | ".join(json.dumps(c, ensure_ascii=False) for c in self.choices)
+
+    def parse(self, text: str) -> Any:
+        """The value an answer stands for: JSON decoded (a model instance for a Pydantic class),
+        the text itself for a regex or a choice.
+
+        Raises:
+            ValueError: the text is not a complete value (an answer cut short by max_tokens).
+        """
+        if self.kind != "json":
+            ok = (
+                re.fullmatch(self.pattern or "", text)
+                if self.kind == "regex"
+                else text in self.choices
+            )
+            if not ok:
+                raise ValueError(f"not a complete answer: {text!r}")
+            return text
+        if self.model is not None:
+            return self.model.model_validate_json(text)
+        return json.loads(text)
+
+
+def make_response_format(spec: Any) -> ResponseFormat | None:
+    """A ResponseFormat from what an app passes; None for no constraint (None, {"type": "text"}).
+
+    Accepted: a JSON Schema dict; a Pydantic model class (read through `model_json_schema()`);
+    OpenAI's {"type": "json_schema", "json_schema": {"schema": ...}} and {"type": "json_object"};
+    {"type": "regex", "pattern": ...} or a compiled `re.Pattern`; {"type": "choice", "choices":
+    [...]} or a list of strings.
+
+    Raises:
+        ConstraintError: anything else (the schema itself is checked when the constraint is made).
+    """
+    if spec is None or isinstance(spec, ResponseFormat):
+        return spec
+    if isinstance(spec, type) and hasattr(spec, "model_json_schema"):
+        return ResponseFormat("json", schema=spec.model_json_schema(), model=spec)
+    if isinstance(spec, re.Pattern):
+        return ResponseFormat("regex", pattern=spec.pattern)
+    if isinstance(spec, (list, tuple)):
+        spec = {"type": "choice", "choices": list(spec)}
+    if not isinstance(spec, dict):
+        raise ConstraintError(f"a response format is a JSON schema dict, not {type(spec).__name__}")
+    kind = spec.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return ResponseFormat("json", schema={"type": "object"})
+    if kind == "json_schema":
+        schema = (spec.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise ConstraintError('a "json_schema" response format needs json_schema.schema')
+        return ResponseFormat("json", schema=schema)
+    if kind == "regex":
+        if not isinstance(spec.get("pattern"), str):
+            raise ConstraintError('a "regex" response format needs a "pattern" string')
+        return ResponseFormat("regex", pattern=spec["pattern"])
+    if kind == "choice":
+        choices = spec.get("choices")
+        if not choices or not all(isinstance(c, str) and c for c in choices):
+            raise ConstraintError("a choice needs a list of non-empty strings")
+        return ResponseFormat("choice", choices=tuple(choices))
+    return ResponseFormat("json", schema=spec)
+
+
+def _function(tool: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(name, parameters schema) of a tool in our form or OpenAI's {"type": "function", ...}."""
+    f = tool.get("function", tool) if tool.get("type") == "function" else tool
+    name, params = f.get("name"), f.get("parameters") or {"type": "object", "properties": {}}
+    if not isinstance(name, str) or not isinstance(params, dict):
+        raise ConstraintError(f"a tool needs a name and a parameters schema: {tool!r}")
+    if params.get("type") == "object" and "additionalProperties" not in params:
+        # Arguments past the signature cannot be passed to the function: leave them out.
+        params = {**params, "additionalProperties": False}
+    return name, params
+
+
+def tool_call_schema(tools: Sequence[dict[str, Any]], only: str | None = None) -> dict[str, Any]:
+    """The JSON schema of a call: {"name": <an offered tool>, "arguments": <its parameters>}."""
+    options = []
+    for name, params in map(_function, tools):
+        if only is None or name == only:
+            options.append(
+                {
+                    "type": "object",
+                    "properties": {"name": {"const": name}, "arguments": params},
+                    "required": ["name", "arguments"],
+                    "additionalProperties": False,
+                }
+            )
+    if not options:
+        raise ConstraintError(f"tool_choice names {only!r}, which is not an offered tool")
+    return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def _chosen(tool_choice: ToolChoice) -> tuple[str, str | None]:
+    """("auto" | "none" | "required" | "named", the named function)."""
+    if isinstance(tool_choice, dict):  # OpenAI: {"type": "function", "function": {"name": ...}}
+        name = (tool_choice.get("function") or {}).get("name")
+        if not isinstance(name, str):
+            raise ConstraintError(f"tool_choice {tool_choice!r} names no function")
+        return "named", name
+    if tool_choice in ("auto", "none", "required"):
+        return tool_choice, None
+    if isinstance(tool_choice, str):
+        return "named", tool_choice
+    raise ConstraintError(f"tool_choice must be auto, none, required or a name: {tool_choice!r}")
+
+
+def make_answer_grammar(
+    tokenizer: Tokenizer,
+    response_format: ResponseFormat | None = None,
+    tools: Sequence[dict[str, Any]] | None = None,
+    tool_choice: ToolChoice = "auto",
+) -> str | None:
+    """The whole answer as one llguidance Lark grammar, or None if nothing constrains it.
+
+    Special tokens appear by id (`<[128015]>`), so that `<tool_call>` written as text is not a
+    call. "auto": the value, or tool calls (free text around calls when there is no value);
+    "none": no `<tool_call>`; "required" / a name: one or more calls, and nothing else.
+    """
+    llg = _llguidance()
+    mode, name = _chosen(tool_choice)
+    value = response_format.lark(llg) if response_format else None
+    call_ids = (tokenizer.token_to_id("<tool_call>"), tokenizer.token_to_id("</tool_call>"))
+    if not tools or mode == "none":
+        if mode in ("required", "named"):
+            raise ConstraintError(f"tool_choice {tool_choice!r} needs tools")
+        if value is not None:
+            return f"start: {value}\n"
+        if tools and None not in call_ids:
+            return f"start: {_free(tokenizer, call_ids)}\n"
+        return None
+    if None in call_ids:
+        raise ConstraintError("this tokenizer has no <tool_call> token")
+    schema = tool_call_schema(tools, name)
+    rules = (
+        f'call: <[{call_ids[0]}]> "\\n" %json {json.dumps({**schema, "x-guidance": JSON_OPTIONS})}'
+        f' "\\n" <[{call_ids[1]}]>\ncalls: call ("\\n" call)*\n'
+    )
+    if mode != "auto":
+        return "start: calls\n" + rules
+    if value is not None:
+        return f"start: {value} | calls\n" + rules
+    return f"start: free (call free)*\nfree: {_free(tokenizer, call_ids)}\n" + rules
+
+
+def _free(tokenizer: Tokenizer, banned: Sequence[int | None]) -> str:
+    """Any answer text: every token but `banned`, the think tags and end of turn."""
+    ids = {*banned, *tokenizer.eos_token_ids, tokenizer.think_start_id, tokenizer.think_end_id}
+    return "<[^" + ",".join(str(i) for i in sorted(i for i in ids if i is not None)) + "]>*"
+
+
+_ENGINE: dict[str, Any] = {}
+_TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+
+
+def _llguidance() -> Any:
+    if "llg" not in _ENGINE:
+        try:
+            import llguidance
+        except ImportError:  # pragma: no cover - a runtime dependency
+            raise ConstraintError(
+                "constrained output needs llguidance: pip install llguidance"
+            ) from None
+        _ENGINE["llg"] = llguidance
+    return _ENGINE["llg"]
+
+
+def ll_tokenizer(tokenizer: Tokenizer) -> Any:
+    """llguidance's view of the tokenizer (from tokenizer.json; ~1 s, made once per tokenizer)."""
+    with _LOCK:
+        if tokenizer not in _TOKENIZERS:
+            _TOKENIZERS[tokenizer] = _llguidance().LLTokenizer(
+                tokenizer.backend.to_str(), eos_token=sorted(tokenizer.eos_token_ids)
+            )
+        return _TOKENIZERS[tokenizer]
+
+
+def _force(logits: mx.array, token: int) -> mx.array:
+    """Only `token` can be sampled (0 there, whatever the model said; -inf elsewhere)."""
+    forced = mx.where(mx.arange(logits.shape[-1]) == token, 0.0, -mx.inf).astype(logits.dtype)
+    return mx.broadcast_to(forced, logits.shape)
+
+
+def _ids(tokens: mx.array) -> list[int]:
+    ids = tokens.tolist()
+    assert isinstance(ids, list)
+    return ids  # type: ignore[return-value]
+
+
+def _ban(logits: mx.array, ids: Collection[int]) -> mx.array:
+    logits[..., mx.array(list(ids))] = -mx.inf
+    return logits
+
+
+def _stage(ids: Sequence[int], tokenizer: Tokenizer) -> tuple[str, int]:
+    """Where a prompt leaves the turn: ("start" | "thinking" | "close" | "answer", think tokens).
+
+    "start": an assistant header in think mode (the model may open `<think>`); "thinking":
+    inside `<think>` (with that many tokens of it so far); "close": right after `</think>`, where
+    the template writes a newline; "answer": past that (or a prompt with no chat markup).
+    """
+    marks = (tokenizer.im_start_id, tokenizer.think_start_id, tokenizer.think_end_id)
+    for i in range(len(ids) - 1, -1, -1):
+        if ids[i] in marks:
+            if ids[i] == tokenizer.think_start_id:
+                return "thinking", len(ids) - i - 1
+            if ids[i] == tokenizer.think_end_id:
+                return ("close" if i == len(ids) - 1 else "answer"), 0
+            return "start", 0
+    return "answer", 0
+
+
+def _newline(tokenizer: Tokenizer) -> int:
+    ids = tokenizer.encode("\n")
+    if len(ids) != 1:
+        raise ConstraintError("the tokenizer has no single newline token")
+    return ids[0]
+
+
+class _Stepper:
+    """Feeds a processor the ids that arrived since its previous call."""
+
+    stateful = True
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.newline = _newline(tokenizer)
+        self._seen: int | None = None
+
+    def _arrived(self, tokens: mx.array) -> list[int]:
+        if self._seen is None:
+            self._seen = tokens.size
+            self._start(_ids(tokens))
+            return []
+        if tokens.size < self._seen:
+            raise RuntimeError("a processor serves one generation; make a new one for the next")
+        new = _ids(tokens[self._seen :]) if tokens.size > self._seen else []
+        self._seen = tokens.size
+        return new
+
+    def _start(self, prompt: list[int]) -> None:
+        raise NotImplementedError
+
+
+class AnswerConstraint(_Stepper):
+    """Constrains the answer to a grammar (`make_answer_grammar`); thinking stays free.
+
+    The grammar starts after `</think>` and the newline the template writes after it (forced),
+    or at the first token in no-think mode; in think mode the first token may also open
+    `<think>`. End of turn is allowed exactly where the grammar is complete, and never inside
+    the think block. `parse()` gives the value of a finished answer.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, grammar: str, response_format=None):
+        super().__init__(tokenizer)
+        llg = _llguidance()
+        self.response_format = response_format
+        lt = ll_tokenizer(tokenizer)
+        bad, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, lt)
+        if bad:
+            raise ConstraintError(f"cannot constrain the answer: {messages[0]}")
+        self.matcher = llg.LLMatcher(lt, grammar, log_level=0)
+        if self.matcher.is_error():
+            raise ConstraintError(f"cannot constrain the answer: {self.matcher.get_error()}")
+        self._bits = np.zeros((lt.vocab_size + 31) // 32, dtype=np.int32)
+        self.stage = "answer"
+        self.answer_ids: list[int] = []  # what the grammar has consumed
+
+    def _start(self, prompt: list[int]) -> None:
+        self.stage, _ = _stage(prompt, self.tokenizer)
+
+    def _advance(self, token: int) -> None:
+        tok = self.tokenizer
+        if self.stage == "start" and token == tok.think_start_id:
+            self.stage = "thinking"
+        elif self.stage == "thinking":
+            if token == tok.think_end_id:
+                self.stage = "close"
+        elif self.stage == "close":
+            self.stage = "answer"  # the forced newline
+        elif token not in tok.eos_token_ids:
+            self.stage = "answer"
+            if not self.matcher.consume_token(token):
+                raise RuntimeError(f"the answer left its grammar: {self.matcher.get_error()}")
+            self.answer_ids.append(token)
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        for token in self._arrived(tokens):
+            self._advance(token)
+        if self.stage == "thinking":
+            return _ban(logits, self.tokenizer.eos_token_ids)
+        if self.stage == "close":
+            return _force(logits, self.newline)
+        return self._mask(logits)
+
+    def mask(self) -> np.ndarray:
+        """The tokens the grammar allows next, one bool each (plus `<think>` at the start)."""
+        self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
+        allowed = np.unpackbits(self._bits.view(np.uint8), bitorder="little").view(np.bool_)
+        if self.stage == "start" and self.tokenizer.think_start_id is not None:
+            allowed[self.tokenizer.think_start_id] = True
+        return allowed
+
+    def _mask(self, logits: mx.array) -> mx.array:
+        allowed = self.mask()
+        n = logits.shape[-1]
+        if n > allowed.size:  # a padded output head: its extra rows are no tokens
+            allowed = np.concatenate([allowed, np.zeros(n - allowed.size, np.bool_)])
+        return mx.where(mx.array(allowed[:n]), logits, -mx.inf)
+
+    @property
+    def complete(self) -> bool:
+        """The answer so far is a whole value (end of turn allowed)."""
+        return self.stage == "answer" and self.matcher.is_accepting()
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.answer_ids)
+
+    def parse(self) -> Any:
+        """The value of the answer (see `ResponseFormat.parse`).
+
+        Raises:
+            ValueError: the answer is not complete (cut by max_tokens or cancelled), or no
+                response format was given.
+        """
+        if self.response_format is None:
+            raise ValueError("no response format to parse the answer with")
+        if not self.complete:
+            raise ValueError(f"the answer is not complete: {self.text()!r}")
+        return self.response_format.parse(self.text())
+
+
+def make_answer_constraint(
+    tokenizer: Tokenizer,
+    response_format: Any = None,
+    *,
+    tools: Sequence[dict[str, Any]] | None = None,
+    tool_choice: ToolChoice = "auto",
+) -> AnswerConstraint | None:
+    """A processor holding the answer to `response_format` and well-formed tool calls, or None
+    when there is nothing to constrain. Errors come here, before any token.
+
+    Args:
+        tokenizer: the model's Tokenizer (the grammar works on its full vocabulary).
+        response_format: see `make_response_format`.
+        tools: the offered tools (JSON schemas with a name and parameters).
+        tool_choice: "auto", "none", "required", or a tool's name (or OpenAI's dict for it).
+
+    Raises:
+        ConstraintError: an invalid or unsupported schema, pattern, tool list or tool choice.
+    """
+    fmt = make_response_format(response_format)
+    grammar = make_answer_grammar(tokenizer, fmt, tools, tool_choice)
+    return None if grammar is None else AnswerConstraint(tokenizer, grammar, fmt)
+
+
+class ThinkBudget(_Stepper):
+    """Closes the think block after `budget` thinking tokens, or as soon as `stop` is set.
+
+    The close is what SmolLM3 writes: the hand-off text (ending in a newline), `</think>`, and
+    the newline after it. The hand-off counts as thinking, so a forced close leaves exactly
+    `budget` tokens between `<think>` and `</think>`; a hand-off longer than that is left out.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        budget: int | None = None,
+        *,
+        handoff: str = DEFAULT_HANDOFF,
+        stop: threading.Event | None = None,
+    ):
+        super().__init__(tokenizer)
+        if budget is not None and (not isinstance(budget, int) or budget < 0):
+            raise ValueError(f"the thinking budget must be a whole number >= 0, not {budget!r}")
+        if tokenizer.think_end_id is None:
+            raise ValueError("this tokenizer has no </think> token")
+        self.think_end: int = tokenizer.think_end_id
+        self.budget, self.stop = budget, stop
+        self.handoff = tokenizer.encode(handoff) if handoff else []
+        self.thinking, self.count = False, 0
+        self.queue: list[int] = []  # forced ids still to come
+
+    def _start(self, prompt: list[int]) -> None:
+        stage, self.count = _stage(prompt, self.tokenizer)
+        self.thinking = stage == "thinking"
+
+    def _advance(self, token: int) -> None:
+        if self.queue:
+            self.queue = self.queue[1:] if token == self.queue[0] else []
+        if token == self.tokenizer.think_start_id:
+            self.thinking, self.count = True, 0
+        elif token == self.tokenizer.think_end_id:
+            self.thinking = False
+        elif self.thinking:
+            self.count += 1
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        for token in self._arrived(tokens):
+            self._advance(token)
+        if not self.queue and self.thinking:
+            handoff = self.handoff
+            if self.budget is not None and self.count + len(handoff) > self.budget:
+                handoff = []  # no room left for it
+            due = self.budget is not None and self.count + len(handoff) >= self.budget
+            if due or (self.stop is not None and self.stop.is_set()):
+                self.queue = [*handoff, self.think_end, self.newline]
+        return _force(logits, self.queue[0]) if self.queue else logits
+
+
+def make_think_budget(
+    tokenizer: Tokenizer,
+    budget: int | None = None,
+    *,
+    handoff: str = DEFAULT_HANDOFF,
+    stop: threading.Event | None = None,
+) -> ThinkBudget | None:
+    """A processor bounding the thinking (None when there is no budget and no stop flag).
+
+    Args:
+        tokenizer: the model's Tokenizer.
+        budget: the most tokens between `<think>` and `</think>`.
+        handoff: text written before `</think>` when the close is forced ("" for none).
+        stop: set it (from any thread) to close the thinking at the next step: "answer now".
+    """
+    if budget is None and stop is None:
+        return None
+    return ThinkBudget(tokenizer, budget, handoff=handoff, stop=stop)
