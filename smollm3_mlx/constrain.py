@@ -97,7 +97,8 @@ def make_response_format(spec: Any) -> ResponseFormat | None:
     if spec is None or isinstance(spec, ResponseFormat):
         return spec
     if isinstance(spec, type) and hasattr(spec, "model_json_schema"):
-        return ResponseFormat("json", schema=spec.model_json_schema(), model=spec)
+        # Fields a model does not declare are dropped when it parses: never generate them.
+        return ResponseFormat("json", schema=_closed(spec.model_json_schema()), model=spec)
     if isinstance(spec, re.Pattern):
         return ResponseFormat("regex", pattern=spec.pattern)
     if isinstance(spec, (list, tuple)):
@@ -124,6 +125,18 @@ def make_response_format(spec: Any) -> ResponseFormat | None:
             raise ConstraintError("a choice needs a list of non-empty strings")
         return ResponseFormat("choice", choices=tuple(choices))
     return ResponseFormat("json", schema=spec)
+
+
+def _closed(schema: Any) -> Any:
+    """A copy where every object schema that does not say allows no undeclared properties."""
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _closed(v) for k, v in schema.items()}
+    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 def _function(tool: dict[str, Any]) -> tuple[str, dict[str, Any]]:
