@@ -457,12 +457,12 @@ class ThinkBudget(_Stepper):
         self.think_end: int = tokenizer.think_end_id
         self.budget, self.stop = budget, stop
         self.handoff = tokenizer.encode(handoff) if handoff else []
-        self.thinking, self.count = False, 0
+        self.thinking, self.closed, self.count = False, False, 0
         self.queue: list[int] = []  # forced ids still to come
 
     def _start(self, prompt: list[int]) -> None:
         stage, self.count = _stage(prompt, self.tokenizer)
-        self.thinking = stage == "thinking"
+        self.thinking, self.closed = stage == "thinking", stage in ("close", "answer")
 
     def _advance(self, token: int) -> None:
         if self.queue:
@@ -470,11 +470,25 @@ class ThinkBudget(_Stepper):
         if token == self.tokenizer.think_start_id:
             self.thinking, self.count = True, 0
         elif token == self.tokenizer.think_end_id:
-            self.thinking = False
+            self.thinking, self.closed = False, True
         elif self.thinking:
             self.count += 1
 
+    def _idle(self, tokens: mx.array) -> bool:
+        """Nothing can be due yet: leave the new ids unread, so that the next step is queued
+        without waiting for this one (generate_step's overlap)."""
+        if self._seen is None or self.queue:
+            return False
+        if self.closed:
+            return True
+        if self.stop is not None and self.stop.is_set():
+            return False
+        unread = tokens.size - self._seen  # at most that many more thinking tokens
+        return self.budget is None or self.count + unread + len(self.handoff) < self.budget
+
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        if self._idle(tokens):
+            return logits
         for token in self._arrived(tokens):
             self._advance(token)
         if not self.queue and self.thinking:
