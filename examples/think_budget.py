@@ -8,6 +8,7 @@ any thread (a button, a timer, Ctrl-C in `smollm3-mlx chat`), does the same at t
 --answer-after sets a timer that calls it.
 """
 
+import argparse
 import sys
 import threading
 
@@ -15,15 +16,17 @@ from smollm3_mlx import AnswerDelta, Chat, Done, ThinkingDelta, load
 
 
 def main() -> None:
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    model_path = args[0] if args else "HuggingFaceTB/SmolLM3-3B"
-    question = args[1] if len(args) > 1 else "What is 2+2?"
-    budget = int(args[2]) if len(args) > 2 else 64
-    model, _ = load(model_path)
-    chat = Chat(model, think=True, think_budget=budget)
-    if "--answer-after" in sys.argv:
-        seconds = float(sys.argv[sys.argv.index("--answer-after") + 1])
-        threading.Timer(seconds, chat.stop_thinking).start()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model", nargs="?", default="HuggingFaceTB/SmolLM3-3B")
+    parser.add_argument("question", nargs="?", default="What is 2+2?")
+    parser.add_argument("budget", nargs="?", type=int, default=64)
+    parser.add_argument("--answer-after", type=float, metavar="SECONDS")
+    args = parser.parse_args()
+    model, _ = load(args.model)
+    chat = Chat(model, think=True, think_budget=args.budget)
+    if args.answer_after is not None:
+        threading.Timer(args.answer_after, chat.stop_thinking).start()
+    budget, question = args.budget, args.question
     for event in chat.send(question):
         if isinstance(event, ThinkingDelta):
             print(event.text, end="", file=sys.stderr, flush=True)
