@@ -19,6 +19,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import mlx.core as mx
 
 from .cache import KVSettings, PromptCache, check_kv_quantization
+from .constrain import (
+    DEFAULT_HANDOFF,
+    AnswerConstraint,
+    ThinkBudget,
+    ToolChoice,
+    make_answer_constraint,
+)
 from .events import (
     AnswerDelta,
     Done,
@@ -26,6 +33,7 @@ from .events import (
     EventParser,
     ThinkingDelta,
     ToolCall,
+    ToolCallDelta,
     ToolCallError,
     TurnStats,
     split_thinking,
@@ -48,6 +56,7 @@ __all__ = [  # the events and Sampling stay importable from here, where they use
     "Sampling",
     "ThinkingDelta",
     "ToolCall",
+    "ToolCallDelta",
     "ToolCallError",
     "TurnStats",
     "split_thinking",
@@ -85,8 +94,16 @@ class Chat:
         kv_bits, kv_group_size, kv_start: quantize the KV cache to 4 or 8 bits, once it holds
             `kv_start` tokens (dense until then).
         prompt_lookup: draft up to this many tokens from n-grams already in the conversation
-            and verify them in one pass (same output; see `generate_step`). 0: off.
+            and verify them in one pass (same output; see `generate_step`). 0: off. Turns
+            that hold the answer to a format, bound the thinking or offer tools do not draft
+            (a draft cannot pass through their token-by-token checks).
         model_name: recorded in saved conversations.
+        think_budget: close the reasoning after this many thinking tokens (None: no bound);
+            per turn in `send` too.
+        handoff: what the model is made to write before a forced `</think>` ("" for nothing).
+        tool_choice: "auto" (the model may call an offered tool; once it opens `<tool_call>`
+            the call is held to {"name": an offered tool, "arguments": its parameters}),
+            "none" (it cannot call), "required" (the answer is calls) or a tool's name.
 
     Sharing: one loaded model may serve several Chats, driven one at a time. A Chat runs one
     turn at a time: starting a turn while another is being generated (from another thread, or
@@ -118,6 +135,9 @@ class Chat:
         kv_start: int = 0,
         prompt_lookup: int = 0,
         model_name: str | None = None,
+        think_budget: int | None = None,
+        handoff: str = DEFAULT_HANDOFF,
+        tool_choice: ToolChoice = "auto",
     ):
         info = model.info
         tokenizer = tokenizer or (info.tokenizer if info is not None else None)
@@ -154,8 +174,13 @@ class Chat:
         self.kv = KVSettings(kv_bits, kv_group_size, kv_start)
         self.prompt_cache: PromptCache | None = None  # made at the first turn (its kept system)
         self._cancel = threading.Event()
+        self._answer_now = threading.Event()  # stop_thinking: close the reasoning now
+        self.thinking = False  # whether the turn being generated is inside its think block
         self._busy = threading.Lock()
         self.system = system
+        if think_budget is not None and (not isinstance(think_budget, int) or think_budget < 0):
+            raise ValueError(f"think_budget must be a whole number >= 0, not {think_budget!r}")
+        self.think_budget, self.handoff, self.tool_choice = think_budget, handoff, tool_choice
 
     @property
     def system(self) -> str | None:
@@ -187,6 +212,18 @@ class Chat:
         """Stop the turn being generated, within one decode step (thread- and signal-safe)."""
         self._cancel.set()
 
+    def stop_thinking(self) -> bool:
+        """Answer now: close the reasoning of the turn being generated at the next step (the
+        hand-off, `</think>`), and let the answer follow. Thread- and signal-safe.
+
+        Returns:
+            False if no turn is thinking or this was asked already (a second Ctrl-C may cancel).
+        """
+        if not self.thinking or self._answer_now.is_set():
+            return False
+        self._answer_now.set()
+        return True
+
     def render(self, *, add_generation_prompt: bool = True) -> list[int]:
         ids = self.tokenizer.apply_chat_template(
             self.messages,
@@ -199,17 +236,40 @@ class Chat:
         assert isinstance(ids, list)
         return ids
 
-    def send(self, text: str) -> Generator[Event, None, None]:
-        """Add a user message and stream the assistant's turn as events, ending with Done."""
-        return self._turn(_user_message(text))
+    def send(
+        self,
+        text: str,
+        *,
+        response_format: Any = None,
+        think_budget: int | None = None,
+        tool_choice: ToolChoice | None = None,
+    ) -> Generator[Event, None, None]:
+        """Add a user message and stream the assistant's turn as events, ending with Done.
 
-    def send_tool_result(self, *results: object) -> Generator[Event, None, None]:
+        Args:
+            text: the user's message.
+            response_format: hold the answer to a JSON schema (dict, OpenAI's `response_format`
+                or a Pydantic model class), a regex or a list of strings; `Done.parsed` has its
+                value. See `constrain.make_response_format`.
+            think_budget: this turn's thinking budget (default: the Chat's).
+            tool_choice: this turn's tool choice (default: the Chat's).
+
+        Raises:
+            ConstraintError: a format or tool choice that cannot be enforced (before any token;
+                the history is left as it was).
+        """
+        return self._turn(_user_message(text), _Turn(response_format, think_budget, tool_choice))
+
+    def send_tool_result(
+        self, *results: object, response_format: Any = None, tool_choice: ToolChoice | None = None
+    ) -> Generator[Event, None, None]:
         """Add tool results (strings as they are, anything else as JSON) and continue the turn."""
-        return self._turn(_tool_messages(results))
+        return self._turn(_tool_messages(results), _Turn(response_format, None, tool_choice))
 
-    def reply(self, text: str) -> str:
-        """The answer to `text` as a plain string (thinking and tool calls left out)."""
-        *_, done = self.send(text)
+    def reply(self, text: str, **options: Any) -> str:
+        """The answer to `text` as a plain string (thinking and tool calls left out); `options`
+        as for `send`."""
+        *_, done = self.send(text, **options)
         assert isinstance(done, Done)
         return done.answer
 
@@ -217,20 +277,20 @@ class Chat:
         """Run a tool given as a function: its result, or its error, as text for the model."""
         return run_tool(self.functions.get(call.name), call.name, call.arguments)
 
-    async def asend(self, text: str) -> AsyncIterator[Event]:
+    async def asend(self, text: str, **options: Any) -> AsyncIterator[Event]:
         """`send` off the event loop: events arrive as generation goes, the loop stays free.
 
         Cancelling the task (or leaving the loop early) stops generation within one step.
         """
-        async for event in self._off_loop(_user_message(text)):
+        async for event in self._off_loop(_user_message(text), _Turn(**options)):
             yield event
 
-    async def asend_tool_result(self, *results: object) -> AsyncIterator[Event]:
+    async def asend_tool_result(self, *results: object, **options: Any) -> AsyncIterator[Event]:
         """`send_tool_result` off the event loop."""
-        async for event in self._off_loop(_tool_messages(results)):
+        async for event in self._off_loop(_tool_messages(results), _Turn(**options)):
             yield event
 
-    async def _off_loop(self, new: list[dict[str, Any]]) -> AsyncIterator[Event]:
+    async def _off_loop(self, new: list[dict[str, Any]], turn: _Turn) -> AsyncIterator[Event]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event | _End] = asyncio.Queue()
         stop = threading.Event()
@@ -238,7 +298,7 @@ class Chat:
         def pump() -> None:
             end = _End()
             try:
-                for event in self._turn(new, stop):
+                for event in self._turn(new, turn, stop):
                     loop.call_soon_threadsafe(queue.put_nowait, event)
             except BaseException as e:  # handed to the awaiting task
                 end = _End(e)
@@ -262,11 +322,15 @@ class Chat:
             worker.join()
 
     def _turn(
-        self, new: list[dict[str, Any]], stop: threading.Event | None = None
+        self, new: list[dict[str, Any]], turn: _Turn, stop: threading.Event | None = None
     ) -> Generator[Event, None, None]:
         with self._turn_lock():
             self._cancel.clear()
-            yield from self._generate(new, stop or self._cancel)
+            self._answer_now.clear()
+            try:
+                yield from self._generate(new, turn, stop or self._cancel)
+            finally:
+                self.thinking = False
 
     def _turn_lock(self) -> _Held:
         if not self._busy.acquire(blocking=False):
@@ -276,10 +340,13 @@ class Chat:
             )
         return _Held(self._busy)
 
-    def _generate(self, new: list[dict[str, Any]], stop: threading.Event) -> Iterator[Event]:
+    def _generate(
+        self, new: list[dict[str, Any]], turn: _Turn, stop: threading.Event
+    ) -> Iterator[Event]:
         self.messages += new
         try:
             prompt = self.render()
+            processors, constraint = self._processors(turn)
         except Exception:
             del self.messages[-len(new) :]
             raise
@@ -295,14 +362,18 @@ class Chat:
             prompt,
             sampling=self.sampling,
             prompt_cache=self.prompt_cache,
+            logits_processors=processors,
             cancel=_Either(stop, self._cancel),
             prompt_lookup=self.prompt_lookup,
         )
+        # Until the first token, a think-mode turn counts as thinking (Ctrl-C: answer now).
+        self.thinking = any(isinstance(p, ThinkBudget) for p in processors) and self.think
         try:
             for last in responses:
                 if last.finish_reason is None and last.token is not None:
                     generated.append(last.token)
                     yield from parser.feed(last.token)
+                    self.thinking = parser.splitter.thinking
         except GeneratorExit:  # the caller closed the stream: a cancel too
             self._record(len(new), generated, "cancelled")
             raise
@@ -315,7 +386,29 @@ class Chat:
         self._record(len(new), generated, last.finish_reason)
         yield from parser.flush()
         self.last = self._stats(last, parser, time.perf_counter() - start)
-        yield parser.done(self.last, last.finish_reason)
+        parsed = None
+        if constraint is not None and last.finish_reason == "stop" and not parser.calls:
+            try:
+                parsed = constraint.parse()
+            except ValueError:  # no format given, or a model class's own check refused it
+                parsed = None
+        yield parser.done(self.last, last.finish_reason, parsed)
+
+    def _processors(self, turn: _Turn) -> tuple[list[Any], AnswerConstraint | None]:
+        """The turn's logits processors: sampling's, the thinking budget, the answer constraint."""
+        processors = list(self.sampling.logits_processors())
+        budget = self.think_budget if turn.think_budget is None else turn.think_budget
+        if budget is not None or not self.prompt_lookup:  # a budget turns drafting off
+            processors.append(
+                ThinkBudget(self.tokenizer, budget, handoff=self.handoff, stop=self._answer_now)
+            )
+        constraint = make_answer_constraint(
+            self.tokenizer,
+            turn.response_format,
+            tools=self.tools,
+            tool_choice=self.tool_choice if turn.tool_choice is None else turn.tool_choice,
+        )
+        return processors + ([constraint] if constraint else []), constraint
 
     def _new_cache(self, prompt: list[int]) -> PromptCache:
         """The cache of this chat, its window and kept system block read off the first prompt."""
@@ -342,6 +435,7 @@ class Chat:
             peak_memory=r.peak_memory,
             drafted_tokens=r.lookup.drafted,
             accepted_tokens=r.lookup.accepted,
+            answer_tokens=parser.answer_tokens,
         )
 
     def _record(self, n_new: int, generated: list[int], finish: str) -> None:
@@ -408,6 +502,15 @@ class Chat:
             self.messages, self.think, self.keep_thinking = messages, think, keep_thinking
             self.sampling, self.tools, self.functions = sampling, tools, {}
         return dict(data)
+
+
+@dataclass(frozen=True)
+class _Turn:
+    """What `send` asks of one turn beyond the Chat's settings."""
+
+    response_format: Any = None
+    think_budget: int | None = None
+    tool_choice: ToolChoice | None = None
 
 
 class _Either:

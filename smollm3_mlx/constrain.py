@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import mlx.core as mx
-import numpy as np
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from .tokenizer import Tokenizer
 
 # Qwen3's documented budget hand-off, ending with the newline SmolLM3 writes before </think>.
@@ -341,6 +342,9 @@ class AnswerConstraint(_Stepper):
         self.matcher = llg.LLMatcher(lt, grammar, log_level=0)
         if self.matcher.is_error():
             raise ConstraintError(f"cannot constrain the answer: {self.matcher.get_error()}")
+        import numpy as np  # here, so that importing the package stays light
+
+        self._np = np
         self._bits = np.zeros((lt.vocab_size + 31) // 32, dtype=np.int32)
         self.stage = "answer"
         self.answer_ids: list[int] = []  # what the grammar has consumed
@@ -375,6 +379,7 @@ class AnswerConstraint(_Stepper):
     def mask(self) -> np.ndarray:
         """The tokens the grammar allows next, one bool each (plus `<think>` at the start)."""
         self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
+        np = self._np
         allowed = np.unpackbits(self._bits.view(np.uint8), bitorder="little").view(np.bool_)
         if self.stage == "start" and self.tokenizer.think_start_id is not None:
             allowed[self.tokenizer.think_start_id] = True
@@ -384,7 +389,7 @@ class AnswerConstraint(_Stepper):
         allowed = self.mask()
         n = logits.shape[-1]
         if n > allowed.size:  # a padded output head: its extra rows are no tokens
-            allowed = np.concatenate([allowed, np.zeros(n - allowed.size, np.bool_)])
+            allowed = self._np.concatenate([allowed, self._np.zeros(n - allowed.size, bool)])
         return mx.where(mx.array(allowed[:n]), logits, -mx.inf)
 
     @property
@@ -487,18 +492,24 @@ class ThinkBudget(_Stepper):
         return self.budget is None or self.count + unread + len(self.handoff) < self.budget
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
-        if self._idle(tokens):
-            return logits
-        for token in self._arrived(tokens):
-            self._advance(token)
-        if not self.queue and self.thinking:
-            handoff = self.handoff
-            if self.budget is not None and self.count + len(handoff) > self.budget:
-                handoff = []  # no room left for it
-            due = self.budget is not None and self.count + len(handoff) >= self.budget
-            if due or (self.stop is not None and self.stop.is_set()):
-                self.queue = [*handoff, self.think_end, self.newline]
-        return _force(logits, self.queue[0]) if self.queue else logits
+        if not self._idle(tokens):
+            for token in self._arrived(tokens):
+                self._advance(token)
+            if not self.queue and self.thinking:
+                self._close_if_due()
+        if self.queue:
+            return _force(logits, self.queue[0])
+        if self.closed and self.tokenizer.think_start_id is not None:
+            return _ban(logits, [self.tokenizer.think_start_id])  # one think block a turn
+        return logits
+
+    def _close_if_due(self) -> None:
+        handoff = self.handoff
+        if self.budget is not None and self.count + len(handoff) > self.budget:
+            handoff = []  # no room left for it
+        due = self.budget is not None and self.count + len(handoff) >= self.budget
+        if due or (self.stop is not None and self.stop.is_set()):
+            self.queue = [*handoff, self.think_end, self.newline]
 
 
 def make_think_budget(

@@ -29,6 +29,17 @@ class AnswerDelta:
 
 
 @dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of a tool call's arguments (JSON text) as it is generated; the complete ToolCall
+    follows. The pieces of one call (same `index`, the call's place in the turn) add up to its
+    arguments' JSON text."""
+
+    index: int
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class ToolCall:
     name: str
     arguments: dict[str, Any]
@@ -57,6 +68,7 @@ class TurnStats:
     peak_memory: float  # GB
     drafted_tokens: int = 0  # prompt lookup: draft tokens verified
     accepted_tokens: int = 0  # ... and accepted
+    answer_tokens: int = 0  # after the think block (tool calls included), end of turn excluded
 
 
 @dataclass(frozen=True)
@@ -66,9 +78,12 @@ class Done:
     thinking: str = ""
     answer: str = ""  # tool calls cut out
     tool_calls: tuple[ToolCall, ...] = ()
+    parsed: Any = None  # the value of an answer held to a response format, once complete
 
 
-Event = ThinkingDelta | AnswerDelta | ToolCall | ToolCallError | Done
+Event = ThinkingDelta | AnswerDelta | ToolCallDelta | ToolCall | ToolCallError | Done
+# The start of a call as SmolLM3 writes it (and a constraint holds it): name, then arguments.
+_CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*(?=\S)')
 
 
 def split_thinking(text: str) -> tuple[str, str]:
@@ -90,6 +105,11 @@ class EventParser:
         self.call_start = tokenizer.token_to_id(TOOL_CALL_START)
         self.call_end = tokenizer.token_to_id(TOOL_CALL_END)
         self.call: str | None = None  # the text of an open tool call
+        self.call_name: str | None = None  # its name, once written
+        self.call_args = 0  # where its arguments start in self.call
+        self.call_sent = 0  # how much of them went out as ToolCallDelta
+        self.think_tags = {tokenizer.think_start_id, tokenizer.think_end_id}
+        self.answer_tokens = 0
         self.thinking: list[str] = []
         self.answer: list[str] = []
         self.calls: list[ToolCall] = []
@@ -103,6 +123,8 @@ class EventParser:
         events = self._events(token, self.detokenizer.last_segment)
         if was_thinking and self.splitter.thinking:  # inside the block, tags excluded
             self.thinking_tokens += 1
+        elif not self.splitter.thinking and token not in self.think_tags:
+            self.answer_tokens += 1
         elif self.splitter.thinking != was_thinking:  # a think tag
             now = time.perf_counter()
             self.think_start, self.think_end = (
@@ -118,7 +140,7 @@ class EventParser:
             self.call = None
         return events
 
-    def done(self, stats: TurnStats, finish_reason: str) -> Done:
+    def done(self, stats: TurnStats, finish_reason: str, parsed: Any = None) -> Done:
         """The turn's last event: the thinking and the answer (tool calls cut out) in full."""
         return Done(
             stats,
@@ -126,6 +148,7 @@ class EventParser:
             "".join(self.thinking).strip(),
             "".join(self.answer).strip(),
             tuple(self.calls),
+            parsed,
         )
 
     def thinking_seconds(self, end: float) -> float:
@@ -142,18 +165,41 @@ class EventParser:
                 continue
             if token == self.call_start and self.call is None:
                 before, _, self.call = piece.partition(TOOL_CALL_START)
-                piece = before
+                self.call_name, piece = None, before
             elif token == self.call_end and self.call is not None:
                 inside, _, piece = piece.partition(TOOL_CALL_END)
-                events.append(self._parse(self.call + inside))
+                self.call += inside
+                events += self._call_delta(end=True)
+                events.append(self._parse(self.call))
                 self.call = None
             elif self.call is not None:
                 self.call += piece
+                events += self._call_delta()
                 piece = ""
             if piece:
                 self.answer.append(piece)
                 events.append(AnswerDelta(piece))
         return events
+
+    def _call_delta(self, end: bool = False) -> list[Event]:
+        """The open call's arguments written since the last delta. Trailing braces and spaces
+        wait for what follows: the call's own closing brace is not part of its arguments."""
+        assert self.call is not None
+        if self.call_name is None:
+            m = _CALL_HEAD.match(self.call)
+            if m is None:
+                return []
+            self.call_name, self.call_args, self.call_sent = json.loads(m[1]), m.end(), 0
+        args = self.call[self.call_args :]
+        if end:
+            args = args.rstrip()
+            args = args[:-1].rstrip() if args.endswith("}") else args
+        else:
+            args = args.rstrip("} \t\r\n")
+        if len(args) <= self.call_sent:
+            return []
+        piece, self.call_sent = args[self.call_sent :], len(args)
+        return [ToolCallDelta(len(self.calls), self.call_name, piece)]
 
     def _parse(self, raw: str) -> ToolCall | ToolCallError:
         try:

@@ -321,14 +321,18 @@ def test_budget_is_exact_with_and_without_hand_off_and_stop_answers_now(random_m
     assert make_think_budget(tok) is None
 
 
-def test_a_model_that_closes_its_thinking_itself_is_left_alone(random_model):
+def test_a_model_that_closes_its_thinking_itself_is_left_alone_but_cannot_reopen_it(
+    random_model,
+):
     _, tok = random_model
     budget = make_think_budget(tok, 5)
     logits = mx.zeros((1, tok.vocab_size))
     ids = tok.encode("<|im_start|>assistant\n<think>\nok\n</think>\n", allow_special=True)
-    assert (np.array(budget(mx.array(ids), logits)) == 0).all()
-    ids += tok.encode(" more text")
-    assert (np.array(budget(mx.array(ids), logits)) == 0).all()
+    for more in ("", " more text"):
+        ids += tok.encode(more)
+        out = np.array(budget(mx.array(ids), logits)[0])
+        assert out[tok.think_start_id] == -np.inf  # one think block a turn
+        assert (np.delete(out, tok.think_start_id) == 0).all()
 
 
 @pytest.mark.parametrize(
