@@ -34,10 +34,16 @@ _LAZY = {
     "ThinkingDelta": "events",
     "AnswerDelta": "events",
     "ToolCall": "events",
+    "ToolCallDelta": "events",
     "ToolCallError": "events",
     "Done": "events",
     "EventParser": "events",
     "tool_schema": "tools",
+    "ConstraintError": "constrain",
+    "ResponseFormat": "constrain",
+    "make_response_format": "constrain",
+    "make_answer_constraint": "constrain",
+    "make_think_budget": "constrain",
     "convert": "convert",
 }
 
@@ -53,6 +59,13 @@ if TYPE_CHECKING:
         ChatBusyError as ChatBusyError,
         ChatFileError as ChatFileError,
     )
+    from .constrain import (
+        ConstraintError as ConstraintError,
+        ResponseFormat as ResponseFormat,
+        make_answer_constraint as make_answer_constraint,
+        make_response_format as make_response_format,
+        make_think_budget as make_think_budget,
+    )
     from .convert import (
         convert as convert,
     )
@@ -63,6 +76,7 @@ if TYPE_CHECKING:
         EventParser as EventParser,
         ThinkingDelta as ThinkingDelta,
         ToolCall as ToolCall,
+        ToolCallDelta as ToolCallDelta,
         ToolCallError as ToolCallError,
         TurnStats as TurnStats,
     )

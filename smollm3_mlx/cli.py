@@ -101,6 +101,16 @@ KVStart = Annotated[
     int,
     typer.Option(help="With --kv-bits: keep the KV cache dense until it holds this many tokens."),
 ]
+ThinkBudget = Annotated[
+    int | None,
+    typer.Option(
+        "--think-budget",
+        min=0,
+        metavar="N",
+        help="Close the reasoning after N tokens (with a short hand-off sentence and </think>, "
+        "as the model closes it) and answer.",
+    ),
+]
 
 
 def default_model_dir() -> Path:
@@ -146,6 +156,7 @@ def _load(model: str | None, dtype: str, max_context: int | None = None):
 def _session(
     model, dtype, think, system, keep_thinking, max_tokens, temperature, top_p, seed,
     max_context=None, kv_bits=None, kv_group_size=64, kv_start=0, prompt_lookup=0,
+    think_budget=None,
 ):  # fmt: skip
     import mlx.core as mx
 
@@ -169,6 +180,7 @@ def _session(
             kv_group_size=kv_group_size,
             kv_start=kv_start,
             prompt_lookup=prompt_lookup,
+            think_budget=think_budget,
         )
     except ValueError as e:
         console.error(str(e))
@@ -185,6 +197,7 @@ COMMANDS = {
     "/load FILE": "load a saved conversation",
     "/stats": "session statistics",
     "/exit": "quit (or Ctrl-D)",
+    "Ctrl-C": "while it thinks: answer now; while it answers: stop the turn",
 }
 
 
@@ -246,9 +259,16 @@ def _stats(chat) -> dict[str, object]:
     return rows
 
 
+def _interrupt(chat) -> None:
+    """Ctrl-C during a turn: while the model thinks, answer now; else (or a second time while
+    the thinking closes) stop the turn, keeping the partial answer."""
+    if not chat.stop_thinking():
+        chat.cancel()
+
+
 def _turn(chat, text: str, view) -> None:
-    """One turn; Ctrl-C stops it (the partial answer is kept) instead of killing the chat."""
-    previous = signal.signal(signal.SIGINT, lambda *_: chat.cancel())
+    """One turn; Ctrl-C answers now or stops it (see _interrupt) instead of killing the chat."""
+    previous = signal.signal(signal.SIGINT, lambda *_: _interrupt(chat))
     try:
         for event in chat.send(text):
             view(event)
@@ -273,12 +293,14 @@ def chat(
     kv_group_size: KVGroupSize = 64,
     kv_start: KVStart = 0,
     prompt_lookup: PromptLookup = 0,
+    think_budget: ThinkBudget = None,
 ) -> None:
-    """Chat in the terminal; /help lists the commands, Ctrl-C stops an answer, Ctrl-D exits."""
+    """Chat in the terminal; /help lists the commands, Ctrl-C answers now while the model thinks
+    and stops the answer while it answers, Ctrl-D exits."""
     try:
         session = _session(
             model, dtype, think, system, keep_thinking, max_tokens, temperature, top_p, seed,
-            max_context, kv_bits, kv_group_size, kv_start, prompt_lookup,
+            max_context, kv_bits, kv_group_size, kv_start, prompt_lookup, think_budget,
         )  # fmt: skip
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
@@ -334,11 +356,22 @@ def generate(
     kv_group_size: KVGroupSize = 64,
     kv_start: KVStart = 0,
     prompt_lookup: PromptLookup = 0,
+    think_budget: ThinkBudget = None,
+    json_schema: Annotated[
+        Path | None,
+        typer.Option(
+            "--json-schema",
+            metavar="FILE",
+            help="Hold the answer to the JSON Schema in FILE: it always parses (thinking stays "
+            "free). Exit 1 if max-tokens cuts it before it is complete.",
+        ),
+    ] = None,
 ) -> None:
     """Answer one prompt with the chat template (or complete it with --raw) and exit."""
     if output_format not in ("text", "json"):
         console.error(f"--format must be text or json, not {output_format}")
         raise typer.Exit(2)
+    schema = _read_schema(json_schema) if json_schema is not None else None
     if prompt is None:
         prompt = sys.stdin.read()
     if not raw:
@@ -346,27 +379,54 @@ def generate(
     if not prompt.strip():
         console.error("the prompt is empty")
         raise typer.Exit(1)
+    from .constrain import ConstraintError
+
     try:
         session = _session(
             model, dtype, think, system, True, max_tokens, temperature, top_p, seed,
-            max_context, kv_bits, kv_group_size, kv_start, prompt_lookup,
+            max_context, kv_bits, kv_group_size, kv_start, prompt_lookup, think_budget,
         )  # fmt: skip
         _check_context(session, prompt, raw)
         if raw:
-            _complete(session, prompt, stats, output_format)
-        elif output_format == "json":
-            *_, done = session.send(prompt)
-            result = {"thinking": done.thinking, "answer": done.answer}
-            result |= {"finish_reason": done.finish_reason, "stats": asdict(done.stats)}
-            console.write(json.dumps(result, ensure_ascii=False) + "\n")
+            parsed = _complete(session, prompt, stats, output_format, schema)
         else:
-            view = console.TurnView(
-                hide_thinking=hide_thinking, thinking_to=console.err, footer=stats
-            )
-            for event in session.send(prompt):
-                view(event)
+            parsed = _answer(session, prompt, stats, output_format, hide_thinking, schema)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+    except ConstraintError as e:  # before any token
+        console.error(f"{json_schema}: {e}")
+        raise typer.Exit(1) from None
+    if schema is not None and parsed is None:
+        console.error("the answer was cut by --max-tokens before the JSON value was complete")
+        raise typer.Exit(1)
+
+
+def _read_schema(path: Path) -> dict:
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        console.error(f"{path}: cannot read a JSON schema ({getattr(e, 'strerror', None) or e})")
+        raise typer.Exit(1) from None
+    if not isinstance(schema, dict):
+        console.error(f"{path}: a JSON schema is an object, not {type(schema).__name__}")
+        raise typer.Exit(1)
+    return schema
+
+
+def _answer(session, prompt, stats, output_format, hide_thinking, schema):
+    """One turn through the chat template, printed; returns the parsed value (with a schema)."""
+    if output_format == "json":
+        *_, done = session.send(prompt, response_format=schema)
+        result = {"thinking": done.thinking, "answer": done.answer}
+        if schema is not None:
+            result["parsed"] = done.parsed
+        result |= {"finish_reason": done.finish_reason, "stats": asdict(done.stats)}
+        console.write(json.dumps(result, ensure_ascii=False) + "\n")
+        return done.parsed
+    view = console.TurnView(hide_thinking=hide_thinking, thinking_to=console.err, footer=stats)
+    for event in session.send(prompt, response_format=schema):
+        view(event)
+    return event.parsed
 
 
 def _check_context(session, prompt: str, raw: bool) -> None:
@@ -386,7 +446,7 @@ def _check_context(session, prompt: str, raw: bool) -> None:
         raise typer.Exit(1)
 
 
-def _complete(session, prompt: str, stats: bool, output_format: str) -> None:
+def _complete(session, prompt: str, stats: bool, output_format: str, schema=None):
     from .cache import PromptCache
     from .generate import stream_generate
 
@@ -398,18 +458,22 @@ def _complete(session, prompt: str, stats: bool, output_format: str) -> None:
         sampling=session.sampling,
         prompt_cache=PromptCache.new(session.model, kv=session.kv),
         prompt_lookup=session.prompt_lookup,
+        response_format=schema,
     ):
         text += last.text
         if output_format == "text":
             console.write(last.text)
     if output_format == "json":
         result = {"text": text, "finish_reason": last.finish_reason, "stats": asdict(last)}
-        del result["stats"]["text"], result["stats"]["token"]
+        del result["stats"]["text"], result["stats"]["token"], result["stats"]["parsed"]
+        if schema is not None:
+            result["parsed"] = last.parsed
         console.write(json.dumps(result, ensure_ascii=False) + "\n")
-        return
+        return last.parsed
     console.write("\n")
     if stats and last is not None:
         console.stats(last)
+    return last.parsed if last is not None else None
 
 
 @app.command()

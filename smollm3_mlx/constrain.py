@@ -290,6 +290,15 @@ def _stage(ids: Sequence[int], tokenizer: Tokenizer) -> tuple[str, int]:
     return "answer", 0
 
 
+def _one_line(message: str) -> str:
+    """llguidance's message on one line: its first line, without its place in our grammar (the
+    user never wrote that), plus a regex error's own `error:` line."""
+    lines = message.strip().splitlines()
+    first = re.sub(r"^at \d+\(\d+\): ", "", lines[0])
+    detail = next((line for line in lines[1:] if line.startswith("error: ")), None)
+    return f"{first} {detail[len('error: ') :]}" if detail else first
+
+
 def _newline(tokenizer: Tokenizer) -> int:
     ids = tokenizer.encode("\n")
     if len(ids) != 1:
@@ -338,10 +347,11 @@ class AnswerConstraint(_Stepper):
         lt = ll_tokenizer(tokenizer)
         bad, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, lt)
         if bad:
-            raise ConstraintError(f"cannot constrain the answer: {messages[0]}")
+            raise ConstraintError(f"cannot constrain the answer: {_one_line(messages[0])}")
         self.matcher = llg.LLMatcher(lt, grammar, log_level=0)
         if self.matcher.is_error():
-            raise ConstraintError(f"cannot constrain the answer: {self.matcher.get_error()}")
+            error = _one_line(self.matcher.get_error())
+            raise ConstraintError(f"cannot constrain the answer: {error}")
         import numpy as np  # here, so that importing the package stays light
 
         self._np = np
@@ -444,6 +454,7 @@ class ThinkBudget(_Stepper):
     The close is what SmolLM3 writes: the hand-off text (ending in a newline), `</think>`, and
     the newline after it. The hand-off counts as thinking, so a forced close leaves exactly
     `budget` tokens between `<think>` and `</think>`; a hand-off longer than that is left out.
+    After a forced close the answer has at least one token, and no turn opens a second block.
     """
 
     def __init__(
@@ -462,7 +473,7 @@ class ThinkBudget(_Stepper):
         self.think_end: int = tokenizer.think_end_id
         self.budget, self.stop = budget, stop
         self.handoff = tokenizer.encode(handoff) if handoff else []
-        self.thinking, self.closed, self.count = False, False, 0
+        self.thinking, self.closed, self.answering, self.count = False, False, False, 0
         self.queue: list[int] = []  # forced ids still to come
 
     def _start(self, prompt: list[int]) -> None:
@@ -472,6 +483,7 @@ class ThinkBudget(_Stepper):
     def _advance(self, token: int) -> None:
         if self.queue:
             self.queue = self.queue[1:] if token == self.queue[0] else []
+            self.answering = not self.queue  # the forced close is written: the answer is next
         if token == self.tokenizer.think_start_id:
             self.thinking, self.count = True, 0
         elif token == self.tokenizer.think_end_id:
@@ -499,9 +511,15 @@ class ThinkBudget(_Stepper):
                 self._close_if_due()
         if self.queue:
             return _force(logits, self.queue[0])
-        if self.closed and self.tokenizer.think_start_id is not None:
-            return _ban(logits, [self.tokenizer.think_start_id])  # one think block a turn
-        return logits
+        if not self.closed:
+            return logits
+        banned = [self.think_end]  # one think block a turn: no tag once it is closed
+        if self.tokenizer.think_start_id is not None:
+            banned.append(self.tokenizer.think_start_id)
+        if self.answering:  # after a forced close, an answer (not an empty one) follows
+            banned += self.tokenizer.eos_token_ids
+            self.answering = False
+        return _ban(logits, banned)
 
     def _close_if_due(self) -> None:
         handoff = self.handoff

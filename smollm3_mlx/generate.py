@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 import mlx.core as mx
 
@@ -275,6 +275,7 @@ class GenerationResponse:
     finish_reason: str | None = None  # "stop" (end of turn or stop string), "length", "cancelled"
     cached_tokens: int = 0  # of prompt_tokens, those reused from the prompt cache (no prefill)
     lookup: LookupStats = field(default_factory=LookupStats)  # forward passes, drafts accepted
+    parsed: Any = None  # the last response: the value of an answer held to `response_format`
 
 
 def _stop_index(text: str, stop_strings: Sequence[str]) -> int:
@@ -308,6 +309,7 @@ def stream_generate(
     stop_strings: Sequence[str] = (),
     prompt_cache: PromptCache | None = None,
     cancel: Cancel | None = None,
+    response_format: Any = None,
     **kwargs,
 ) -> Generator[GenerationResponse, None, None]:
     """Stream text as it is generated, stopping at an end-of-turn token or a stop string.
@@ -327,6 +329,9 @@ def stream_generate(
             prompt and the ids generated (multi-turn reuse); a fresh cache when None.
         cancel: a threading.Event: once set, generation ends after the current token, with
             "cancelled".
+        response_format: hold the output to a JSON schema, regex or choice of strings (see
+            `constrain.make_response_format`); the last response's `parsed` has its value. A
+            chat prompt's answer starts after its think block; a plain prompt's at once.
         **kwargs: passed to `generate_step` (prefill_step_size, prompt_progress, prompt_lookup,
             max_kv_size, ...).
     """
@@ -337,6 +342,12 @@ def stream_generate(
     sampler = sampler or sampling.sampler()
     if logits_processors is None:
         logits_processors = sampling.logits_processors()
+    constraint = None
+    if response_format is not None:
+        from .constrain import make_answer_constraint  # the grammar engine, only when asked
+
+        constraint = make_answer_constraint(tokenizer, response_format)
+        logits_processors = [*logits_processors, *([constraint] if constraint else [])]
     max_tokens = sampling.max_tokens if max_tokens is None else max_tokens
     if isinstance(prompt, str):
         prompt = tokenizer.encode(prompt, allow_special=True)
@@ -412,7 +423,10 @@ def stream_generate(
         pending += detokenizer.last_segment
         if finish == "length" and stop_strings and (i := _stop_index(pending, stop_strings)) >= 0:
             pending, finish = pending[:i], "stop"
-    yield response(pending, token if finish == "length" else None, finish)
+    last = response(pending, token if finish == "length" else None, finish)
+    if constraint is not None and finish == "stop" and constraint.complete:
+        last.parsed = constraint.parse() if constraint.response_format else None
+    yield last
 
 
 def _fit_context(

@@ -23,6 +23,7 @@ from smollm3_mlx import (
     Sampling,
     ThinkingDelta,
     ToolCall,
+    ToolCallDelta,
     ToolCallError,
     load,
     tool_schema,
@@ -99,7 +100,14 @@ def test_tool_call_then_result_with_python_functions(model, think):
     chat = Chat(model, sampling=GREEDY, think=think, tools=[get_weather, to_fahrenheit])
     events = list(chat.send(QUESTIONS["weather"]))
     call = ToolCall("get_weather", {"city": "Paris"})
-    assert kinds(events) == (["ThinkingDelta"] if think else []) + ["ToolCall", "Done"]
+    assert kinds(events) == (["ThinkingDelta"] if think else []) + [
+        "ToolCallDelta",
+        "ToolCall",
+        "Done",
+    ]
+    deltas = [e for e in events if isinstance(e, ToolCallDelta)]
+    assert {(d.index, d.name) for d in deltas} == {(0, "get_weather")}
+    assert "".join(d.arguments for d in deltas) == '{"city": "Paris"}'  # as generated
     assert events[-1].tool_calls == (call,) and events[-1].answer == ""
     result = chat.run_tool(events[-2])
     assert result == TOOL_RESULT
