@@ -38,7 +38,7 @@ def main() -> None:
     model_path = sys.argv[1] if len(sys.argv) > 1 else "HuggingFaceTB/SmolLM3-3B"
     question = sys.argv[2] if len(sys.argv) > 2 else "Describe Paris."
     model, _ = load(model_path)
-    chat = Chat(model, think=False, max_tokens=256)
+    chat = Chat(model, think=False, max_tokens=512)
     city = ask(chat, question, CITY).parsed
     print(json.dumps(city, ensure_ascii=False))
     capital = ask(chat, "Is it a capital city?", ["yes", "no"]).parsed

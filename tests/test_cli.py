@@ -131,6 +131,7 @@ def test_chat_commands_hide_thinking_and_ctrl_d(model_dir):
         shown[line] = ANSI.sub("", child.before)
         assert reply in shown[line], line
     assert re.search(r"messages\s+1\b", shown["/stats"])  # the system message stays
+    assert re.search(r"Ctrl-C\s+while it thinks: answer now", shown["/help"])
     child.sendeof()
     child.expect(pexpect.EOF)
     child.close()

@@ -331,8 +331,9 @@ def test_a_model_that_closes_its_thinking_itself_is_left_alone_but_cannot_reopen
     for more in ("", " more text"):
         ids += tok.encode(more)
         out = np.array(budget(mx.array(ids), logits)[0])
-        assert out[tok.think_start_id] == -np.inf  # one think block a turn
-        assert (np.delete(out, tok.think_start_id) == 0).all()
+        tags = [tok.think_start_id, tok.think_end_id]
+        assert (out[tags] == -np.inf).all()  # one think block a turn
+        assert (np.delete(out, tags) == 0).all()
 
 
 @pytest.mark.parametrize(
@@ -475,10 +476,28 @@ def test_auto_tool_call_once_opened_is_valid_and_none_forbids_it(random_model):
 def test_an_invalid_or_unsupported_format_is_an_error_before_any_token(
     random_model, response_format, message
 ):
-    _, tok = random_model
+    model, tok = random_model
     with pytest.raises(ConstraintError, match=re.escape(message)) as e:
         make_answer_constraint(tok, response_format)
-    assert isinstance(e.value, ValueError)
+    assert isinstance(e.value, ValueError) and "\n" not in str(e.value)
+    steps = stream_generate(model, tok, "Hi", max_tokens=4, response_format=response_format)
+    with pytest.raises(ConstraintError):
+        next(steps)  # before the first token
+
+
+def test_stream_generate_holds_a_plain_prompt_and_parses_the_value(random_model):
+    model, tok = random_model
+    mx.random.seed(3)
+    *_, last = stream_generate(
+        model,
+        tok,
+        "Numbers:",
+        max_tokens=48,
+        sampler=make_sampler(2.0),
+        response_format=SCHEMAS[15],
+    )
+    assert last.finish_reason == "stop"
+    jsonschema.validate(last.parsed, SCHEMAS[15])
 
 
 def test_a_tool_choice_that_cannot_be_met_is_an_error(random_model):

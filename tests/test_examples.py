@@ -1,5 +1,6 @@
 """The examples run as a user runs them, against the trained tiny SmolLM3."""
 
+import json
 import subprocess
 import sys
 
@@ -75,3 +76,20 @@ def test_tools_calls_the_python_function_and_answers(model_dir):
     assert r.returncode == 0, r.stderr
     assert "[get_weather({'city': 'Paris'}) -> " + TOOL_RESULT + "]" in r.stdout
     assert r.stdout.rstrip().endswith("It is sunny and 22 degrees in Paris.")
+
+
+def test_structured_output_prints_values_that_validate(model_dir):
+    r = example("structured_output.py", model_dir, QUESTIONS["math"])
+    assert r.returncode == 0, r.stderr
+    city, capital = r.stdout.splitlines()
+    value = json.loads(city)
+    assert {"name", "country", "landmarks"} <= set(value) and len(value["landmarks"]) <= 3
+    assert capital in ("capital: yes", "capital: no")
+
+
+def test_think_budget_stops_the_reasoning_at_the_budget(model_dir):
+    for budget in (1, 3):
+        r = example("think_budget.py", model_dir, QUESTIONS["math"], budget)
+        assert r.returncode == 0, r.stderr
+        assert f"[stop: thought for {budget} tokens (budget {budget}), answered in " in r.stderr
+        assert r.stdout.strip()
