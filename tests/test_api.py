@@ -211,7 +211,12 @@ def test_malformed_tool_call_is_an_error_event_and_the_chat_goes_on(
             _scripted(chat.tokenizer, "Let me see." + body),
         )
         events = list(chat.send(QUESTIONS["weather"]))
-    assert kinds(events) == ["AnswerDelta", "ToolCallError", "Done"]
+    # Arguments stream as ToolCallDelta while they come; the error is known at the call's end.
+    assert [k for k in kinds(events) if k != "ToolCallDelta"] == [
+        "AnswerDelta",
+        "ToolCallError",
+        "Done",
+    ]
     assert text(events, AnswerDelta) == "Let me see."
     (bad,) = [e for e in events if isinstance(e, ToolCallError)]
     assert error in bad.error and bad.text and bad.text in body
