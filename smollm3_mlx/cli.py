@@ -448,7 +448,7 @@ def convert(
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Quantize SmolLM3 into an MLX folder that smollm3-mlx and mlx-lm both run."""
-    from .convert import ConvertError, convert as convert_model
+    from .convert import ConvertError, ConvertInterrupted, convert as convert_model
 
     try:
         with console.progress("converting") as update:
@@ -463,10 +463,13 @@ def convert(
                 upload_repo=upload_repo,
                 force=force,
                 progress=update,
+                note=console.note,
             )
     except ConvertError as e:
         console.error(str(e))
-        raise typer.Exit(1) from None
+        # As a shell reports a process a signal ended: 130 for Ctrl-C, 143 for SIGTERM.
+        code = 128 + e.signum if isinstance(e, ConvertInterrupted) else 1
+        raise typer.Exit(code) from None
     console.converted(result)
 
 

@@ -32,6 +32,34 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 
+# A byte-level tokenizer with SmolLM3's chat and think tokens, for tiny models that need a
+# loadable folder but not the real 128256-token vocabulary (it fits in TINY's 512 rows).
+TINY_SPECIAL = ["<|im_start|>", "<|im_end|>"]
+TINY_ADDED = ["<think>", "</think>", "<tool_call>", "</tool_call>"]
+TINY_TEMPLATE = (
+    "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor -%}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif -%}"
+)
+
+
+def write_tiny_tokenizer(path: Path) -> Path:
+    """tokenizer.json, tokenizer_config.json and chat_template.jinja of a 262-token tokenizer."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(TINY_SPECIAL)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TINY_ADDED])
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    config = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|im_end|>"}
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (path / "chat_template.jinja").write_text(TINY_TEMPLATE)
+    return path
+
+
 TINY = dict(
     initializer_range=0.2,  # peaky attention, so that a position bug moves the logits
     vocab_size=512,
@@ -57,6 +85,7 @@ def make_tiny_checkpoint(
     rope_scaling: dict | None = None,
     spelling: str = "v5",
     with_tokenizer: bool = False,
+    tiny_tokenizer: bool = True,
     **overrides,
 ) -> Path:
     """Save a random SmolLM3 with `SmolLM3ForCausalLM.save_pretrained`.
@@ -64,7 +93,8 @@ def make_tiny_checkpoint(
     spelling "v5" keeps the config as transformers 5 writes it (`rope_parameters`); "v4" rewrites
     the RoPE settings as transformers 4 spelled them (`rope_theta` + `rope_scaling`), as the real
     SmolLM3-3B config.json does. with_tokenizer gives the model the real 128256-token vocabulary
-    and copies the real tokenizer files beside it.
+    and copies the real tokenizer files beside it; otherwise (unless tiny_tokenizer is False) the
+    tiny tokenizer of `write_tiny_tokenizer` goes beside it, so that the folder is a whole model.
     """
     import torch
     from transformers import SmolLM3Config, SmolLM3ForCausalLM
@@ -100,6 +130,8 @@ def make_tiny_checkpoint(
         for name in TOKENIZER_FILES:
             shutil.copy(REFERENCE_MODEL_DIR / name, path / name)
         shutil.copy(REFERENCE_MODEL_DIR / "generation_config.json", path / "generation_config.json")
+    elif tiny_tokenizer:
+        write_tiny_tokenizer(path)
     return path
 
 
