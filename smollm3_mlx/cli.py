@@ -118,13 +118,17 @@ def _load(model: str | None, dtype: str, max_context: int | None = None):
         if model is None:
             path = default_model_dir()
             if not (path / "config.json").exists():
-                from .convert import ConvertError, convert
+                from .convert import ConvertError, ConvertInterrupted, convert
 
                 console.note(f"first run: downloading {DEFAULT_REPO} and converting it to 4-bit")
                 console.note(f"into {path}")
                 try:
                     with console.progress("converting") as update:
-                        convert(DEFAULT_REPO, path, bits=4, recipe="mixed", progress=update)
+                        convert(DEFAULT_REPO, path, bits=4, recipe="mixed", progress=update,
+                                note=console.note)  # fmt: skip
+                except ConvertInterrupted as e:
+                    console.error(str(e))
+                    raise typer.Exit(128 + e.signum) from None
                 except ConvertError as e:
                     raise ModelLoadError(str(e)) from None
             model = str(path)
