@@ -38,6 +38,7 @@ from .loading import (
     DEFAULT_REPO,
     DTYPES,
     ModelLoadError,
+    hub_error,
     load_config,
     load_model,
     model_args,
@@ -449,7 +450,7 @@ def _fetch(source: str, revision: str | None, progress: Progress | None) -> tupl
     except ConvertError:
         raise
     except Exception as e:  # network, auth, missing revision, offline cache miss: all end here
-        raise ConvertError(f"download of {source} failed: {_download_error(e)}") from e
+        raise ConvertError(f"download of {source} failed: {hub_error(e)}") from e
     return folder, commit
 
 
@@ -524,19 +525,6 @@ def _download_bar(
 
 class _Cancelled(Exception):
     """Raised inside huggingface_hub's download threads to stop them."""
-
-
-def _download_error(e: Exception) -> str:
-    """One line for a failed download: the hub's own reason when it sent one."""
-    from huggingface_hub.errors import RepositoryNotFoundError
-
-    text = _first_line(e)
-    reason = (getattr(e, "server_message", None) or "").strip()
-    if reason:
-        text = f"{text.rstrip('.')}: {reason.splitlines()[0]}"
-    if isinstance(e, RepositoryNotFoundError):  # what the hub answers for private repos too
-        text += " (a private or gated repo needs HF_TOKEN with access)"
-    return text
 
 
 def _validate(path: Path, model: Model) -> tuple[dict[str, _Job], int]:

@@ -75,13 +75,39 @@ def resolve_model_path(path_or_repo: str | Path, revision: str | None = None) ->
     path = Path(path_or_repo).expanduser()
     if path.is_dir():
         return path
-    if path.exists() or str(path_or_repo).startswith((".", "/", "~")):
+    name = str(path_or_repo)
+    if path.exists() or name.startswith((".", "/", "~")):
         raise ModelLoadError(f"{path}: not a model folder")
+    if name.count("/") != 1:  # every SmolLM3 repo lives under an owner: "typo" is a typo
+        raise ModelLoadError(
+            f"{name}: no local folder of that name, and not a hub repo id (OWNER/NAME)"
+        )
     from huggingface_hub import snapshot_download  # only when the hub is really needed
 
-    return Path(
-        snapshot_download(str(path_or_repo), revision=revision, allow_patterns=HUB_PATTERNS)
-    )
+    try:
+        return Path(snapshot_download(name, revision=revision, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # network, auth, unknown repo or revision, offline cache miss
+        raise ModelLoadError(
+            f"{name}: no local folder of that name, and the hub download failed: {hub_error(e)}"
+        ) from e
+
+
+def hub_error(e: Exception) -> str:
+    """Why a hub download failed, in one line: the hub's own reason when it sent one."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    if isinstance(e, LocalEntryNotFoundError):  # offline, or the hub unreachable: not cached
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+        return f"not in the Hugging Face cache ({why})"
+    text = str(e).strip()
+    text = f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+    reason = (getattr(e, "server_message", None) or "").strip()
+    if reason:
+        text = f"{text.rstrip('.')}: {reason.splitlines()[0]}"
+    if isinstance(e, RepositoryNotFoundError):  # what the hub answers for private repos too
+        text += " (a private or gated repo needs HF_TOKEN with access)"
+    return text
 
 
 def load_config(path: Path) -> dict[str, Any]:

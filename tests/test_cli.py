@@ -231,3 +231,14 @@ def test_help_says_past_reasoning_is_kept_by_default():
     assert r.exit_code == 0
     text = " ".join(r.output.split())
     assert "--keep-thinking" in text and "--drop-thinking" in text and "the default" in text
+
+
+def test_a_mistyped_model_name_is_one_line_saying_no_such_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for command in (["generate", "hello"], ["chat"], ["bench"]):
+        r = CliRunner().invoke(cli.app, [command[0], "-m", "SmolLM3-3B-4bt", *command[1:]])
+        assert r.exit_code == 1, r.output
+        assert r.stderr == (
+            "error: SmolLM3-3B-4bt: no local folder of that name, and not a hub repo id "
+            "(OWNER/NAME)\n"
+        )
