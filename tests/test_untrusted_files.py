@@ -1,0 +1,129 @@
+"""Files a user can hand us, whatever their bytes: the loader raises its own one-line error
+type and nothing else (property-based, with Hypothesis)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+from checkpoints import make_tiny_checkpoint
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from smollm3_mlx.loading import ModelLoadError, load_model, read_safetensors_header
+
+FUZZ = settings(
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", 60)),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+scalars = (
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=12)
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("untrusted") / "tiny", num_hidden_layers=2)
+
+
+def a_copy(ckpt: Path) -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="untrusted-"))
+    shutil.copytree(ckpt, folder / "m")
+    return folder / "m"
+
+
+def loads_or_one_line(folder: Path, call=load_model) -> None:
+    try:
+        call(folder)
+    except ModelLoadError as e:
+        assert "\n" not in str(e) and str(e), repr(e)
+    finally:
+        shutil.rmtree(folder.parent, ignore_errors=True)
+
+
+@FUZZ
+@given(data=st.binary(max_size=300))
+def test_any_bytes_as_config_json(ckpt, data):
+    folder = a_copy(ckpt)
+    (folder / "config.json").write_bytes(data)
+    loads_or_one_line(folder)
+
+
+@FUZZ
+@given(value=json_values)
+def test_any_json_document_as_config_json(ckpt, value):
+    folder = a_copy(ckpt)
+    (folder / "config.json").write_text(json.dumps(value))
+    loads_or_one_line(folder)
+
+
+@FUZZ
+@given(data=st.data())
+def test_a_config_with_any_field_changed_or_dropped(ckpt, data):
+    config = json.loads((ckpt / "config.json").read_text())
+    keys = st.sampled_from(sorted(config)) | st.text(max_size=8)
+    for _ in range(data.draw(st.integers(1, 3))):
+        key = data.draw(keys)
+        if data.draw(st.booleans()):
+            config.pop(key, None)
+        else:
+            config[key] = data.draw(json_values | st.integers(-3, 70))
+    folder = a_copy(ckpt)
+    (folder / "config.json").write_text(json.dumps(config))
+    loads_or_one_line(folder)
+
+
+def _tensors(folder: Path) -> tuple[int, bytes, dict]:
+    raw = (folder / "model.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return n, raw[8 + n :], json.loads(raw[8 : 8 + n])
+
+
+def _write(folder: Path, header: bytes, data: bytes) -> None:
+    (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + data)
+
+
+@FUZZ
+@given(header=st.binary(max_size=200), length=st.none() | st.integers(0, 2**64 - 1))
+def test_any_bytes_as_a_safetensors_header(ckpt, header, length):
+    folder = a_copy(ckpt)
+    _, data, _ = _tensors(folder)
+    raw = (length if length is not None else len(header)).to_bytes(8, "little") + header
+    (folder / "model.safetensors").write_bytes(raw + data)
+    loads_or_one_line(folder)
+
+
+@FUZZ
+@given(data=st.data())
+def test_a_safetensors_header_with_any_entry_changed(ckpt, data):
+    folder = a_copy(ckpt)
+    _, tensors, header = _tensors(folder)
+    for _ in range(data.draw(st.integers(1, 3))):
+        name = data.draw(st.sampled_from(sorted(header)))
+        entry = header[name]
+        field = data.draw(st.sampled_from(["dtype", "shape", "data_offsets", None]))
+        value = data.draw(
+            json_values
+            | st.lists(st.integers(-2, 2**40), max_size=3)
+            | st.sampled_from(["F32", "BF16", "I64", "U8", "BOOL", "F8_E4M3"])
+        )
+        if field is None:
+            header[name] = value
+        elif isinstance(entry, dict):
+            entry[field] = value
+    _write(folder, json.dumps(header).encode(), tensors)
+    loads_or_one_line(folder, lambda f: read_safetensors_header(f / "model.safetensors"))
+    folder = a_copy(ckpt)
+    _write(folder, json.dumps(header).encode(), tensors)
+    loads_or_one_line(folder)
