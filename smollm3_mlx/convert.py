@@ -257,20 +257,22 @@ def _signals_as_interrupt() -> Iterator[None]:
     """SIGTERM and SIGHUP raise as Ctrl-C does, so that a killed conversion cleans up after
     itself. Only where Python would otherwise die of them: a handler the application set stays."""
     signums = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
-    previous = {}
+    previous, fired = {}, []
+
+    def terminate(signum: int, frame: object) -> None:
+        if not fired:  # once: a second signal must not cut the clean-up short
+            fired.append(signum)
+            raise _Terminated(signum)
+
     if threading.current_thread() is threading.main_thread():
         for signum in signums:
             if signal.getsignal(signum) == signal.SIG_DFL:
-                previous[signum] = signal.signal(signum, _raise_terminated)
+                previous[signum] = signal.signal(signum, terminate)
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise _Terminated(signum)
 
 
 def _check_out(out: Path, source: Path | None) -> None:
