@@ -352,6 +352,28 @@ def _check_space(out: Path, source: Path, shards: dict[str, tuple]) -> None:
         )
 
 
+def _check_download_space(source: str, commit: str) -> None:
+    """Refuse a download the Hugging Face cache's disk cannot hold (sizes from a dry run)."""
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        quiet = _download_bar(lambda *_: None, "", threading.Event())  # draws nothing
+        plan = snapshot_download(
+            source, revision=commit, allow_patterns=SOURCE_FILES, dry_run=True, tqdm_class=quiet
+        )
+    except Exception:  # offline, say: the download itself will tell
+        return
+    need = sum(f.file_size or 0 for f in plan if f.will_download)
+    cache = Path(constants.HF_HUB_CACHE)
+    cache = cache if cache.exists() else _existing_parent(cache)
+    free = shutil.disk_usage(cache).free
+    if need and free < need:
+        raise ConvertError(
+            f"not enough disk space to download {source}: it needs {_size(need)}, {cache} has "
+            f"{_size(free)} free"
+        )
+
+
 def _data_bytes(header: bytes) -> int:
     table = json.loads(header[8:])
     return max((t["data_offsets"][1] for k, t in table.items() if k != "__metadata__"), default=0)
@@ -449,6 +471,7 @@ def _fetch(source: str, revision: str | None, progress: Progress | None) -> tupl
         commit = folder.name  # snapshot folders are named by their commit
         _check_needed_files(folder, source)
         done = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+        _check_download_space(source, commit)
         _snapshot(source, commit, progress, SOURCE_FILES, offset=done)
     except ConvertError:
         raise

@@ -963,3 +963,33 @@ def test_the_model_cards_commands_run(ckpt, tmp_path):
         assert r.exit_code == 0, (command, r.output)
     for f in first.glob("*.safetensors"):
         assert (out / f.name).read_bytes() == f.read_bytes()
+
+
+@pytest.mark.filterwarnings("ignore:Not enough free disk space")  # huggingface_hub's own, per file
+def test_a_download_the_cache_cannot_hold_is_refused_before_the_weights(
+    ckpt, tmp_path, monkeypatch
+):
+    import shutil as shutil_module
+
+    hf_home, disk_usage = tmp_path / "hf_home", shutil_module.disk_usage
+
+    def full_cache(path):  # the cache's disk is nearly full; the output's is not
+        usage = disk_usage(path)
+        return usage._replace(free=1000) if hf_home in Path(path).parents else usage
+
+    with HubServer({REPO: ckpt}) as hub:
+        use_hub(monkeypatch, hub.url, hf_home)
+        monkeypatch.setattr(shutil_module, "disk_usage", full_cache)
+        size = _size_text((ckpt / "model.safetensors").stat().st_size)
+        with pytest.raises(ConvertError) as e:
+            convert(REPO, tmp_path / "out")
+        assert str(e.value) == (
+            f"not enough disk space to download {REPO}: it needs {size}, "
+            f"{hf_home / 'hub'} has 1.00 KB free"
+        )
+        assert "model.safetensors" not in hub.fetched(REPO)
+    assert_nothing_left(tmp_path, tmp_path / "out")
+
+
+def _size_text(n):
+    return convert_module._size(n)
