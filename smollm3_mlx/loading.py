@@ -442,5 +442,9 @@ def load(
         tokenizer = Tokenizer.from_folder(path)
     except FileNotFoundError as e:
         raise ModelLoadError(str(e)) from None
+    except Exception as e:  # tokenizers raises bare Exceptions; any bad file ends here, named
+        raise ModelLoadError(
+            f"{path}: its tokenizer files cannot be read ({type(e).__name__}: {_first_line(e)})"
+        ) from None
     model.tokenizer = tokenizer  # so that `Chat(model)` needs nothing else
     return model, tokenizer

@@ -127,3 +127,25 @@ def test_a_safetensors_header_with_any_entry_changed(ckpt, data):
     folder = a_copy(ckpt)
     _write(folder, json.dumps(header).encode(), tensors)
     loads_or_one_line(folder)
+
+
+@FUZZ
+@given(name=st.sampled_from(["tokenizer_config.json", "tokenizer.json"]), data=st.data())
+def test_any_tokenizer_files(ckpt, name, data):
+    from smollm3_mlx import load
+
+    folder = a_copy(ckpt)
+    original = json.loads((folder / name).read_text())
+    content = data.draw(
+        st.binary(max_size=200).map(lambda b: ("bytes", b))
+        | json_values.map(lambda v: ("json", v))
+        | st.tuples(st.sampled_from(sorted(original)), json_values).map(lambda kv: ("field", kv))
+    )
+    kind, value = content
+    if kind == "bytes":
+        (folder / name).write_bytes(value)
+    elif kind == "json":
+        (folder / name).write_text(json.dumps(value))
+    else:
+        (folder / name).write_text(json.dumps({**original, value[0]: value[1]}))
+    loads_or_one_line(folder, load)
