@@ -224,7 +224,7 @@ def _command(chat, line: str) -> bool:
             return True
         console.info(
             f"loaded {len(chat.messages)} messages, thinking {'on' if chat.think else 'off'}"
-            + (f" (saved with {data['model']})" if data.get("model") != chat.model_name else "")
+            + (f" (saved with {data['model']})" if data["model"] != chat.model_name else "")
         )
     elif name == "/stats":
         console.session_stats(_stats(chat))

@@ -52,17 +52,23 @@ def sampling_defaults(path: Path) -> Sampling:
     """The sampling of a folder's generation_config.json (greedy when do_sample is false)."""
     file = path / "generation_config.json"
     cfg = _read_json(file) if file.exists() else {}
-    greedy = Sampling(temperature=0.0, top_p=1.0)
-    penalty = float(cfg.get("repetition_penalty", 1.0))
-    if not cfg.get("do_sample", False):
-        return greedy.updated(repetition_penalty=penalty)
-    return greedy.updated(
-        temperature=float(cfg.get("temperature", 1.0)),
-        top_p=float(cfg.get("top_p", 1.0)),
-        top_k=int(cfg.get("top_k", 0) or 0),
-        min_p=float(cfg.get("min_p", 0.0) or 0.0),
-        repetition_penalty=penalty,
-    )
+
+    def value(key: str, default: float) -> Any:
+        v = cfg.get(key)
+        if key == "top_k" and isinstance(v, float) and v.is_integer():
+            return int(v)
+        return default if v is None else v  # null means the default, as for transformers
+
+    values = {"repetition_penalty": value("repetition_penalty", 1.0)}
+    if cfg.get("do_sample", False):
+        values |= {k: value(k, d) for k, d in [("temperature", 1.0), ("top_p", 1.0),
+                                                ("top_k", 0), ("min_p", 0.0)]}  # fmt: skip
+    else:
+        values |= {"temperature": 0.0, "top_p": 1.0}
+    try:
+        return Sampling(**values)
+    except ValueError as e:
+        raise ModelLoadError(f"{file}: {e}") from None
 
 
 def _read_json(file: Path) -> dict[str, Any]:

@@ -149,3 +149,104 @@ def test_any_tokenizer_files(ckpt, name, data):
     else:
         (folder / name).write_text(json.dumps({**original, value[0]: value[1]}))
     loads_or_one_line(folder, load)
+
+
+@FUZZ
+@given(data=st.data())
+def test_any_generation_config(ckpt, data):
+    from smollm3_mlx import load
+
+    folder = a_copy(ckpt)
+    config = json.loads((folder / "generation_config.json").read_text())
+    config["do_sample"] = data.draw(st.booleans())
+    keys = st.sampled_from(["temperature", "top_p", "top_k", "min_p", "repetition_penalty"])
+    for _ in range(data.draw(st.integers(1, 3))):
+        config[data.draw(keys)] = data.draw(json_values)
+    content = data.draw(st.sampled_from(["fields", "bytes"]))
+    if content == "bytes":
+        (folder / "generation_config.json").write_bytes(data.draw(st.binary(max_size=100)))
+    else:
+        (folder / "generation_config.json").write_text(json.dumps(config))
+    loads_or_one_line(folder, load)
+
+
+@pytest.fixture(scope="module")
+def loaded(ckpt):
+    from smollm3_mlx import load
+
+    return load(ckpt)
+
+
+def restores_or_one_line(loaded, content: bytes) -> None:
+    """A chat file is refused in one ChatFileError line, the chat untouched; or it loads, the
+    conversation renders for its next turn, and what `save` then writes loads again."""
+    from smollm3_mlx.chat import Chat, ChatFileError
+
+    folder = Path(tempfile.mkdtemp(prefix="untrusted-chat-"))
+    try:
+        (folder / "chat.json").write_bytes(content)
+        chat = Chat(*loaded, system="Be brief.")
+        before = (list(chat.messages), chat.think, chat.sampling, chat.tools)
+        try:
+            chat.restore(folder / "chat.json")
+        except ChatFileError as e:
+            assert "\n" not in str(e) and str(e)
+            assert (chat.messages, chat.think, chat.sampling, chat.tools) == before
+            return
+        assert chat.render()  # the conversation can go on
+        chat.save(folder / "again.json")
+        Chat(*loaded).restore(folder / "again.json")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@FUZZ
+@given(content=st.binary(max_size=300) | json_values.map(lambda v: json.dumps(v).encode()))
+def test_any_bytes_as_a_chat_file(loaded, content):
+    restores_or_one_line(loaded, content)
+
+
+SAVED = {
+    "format": "smollm3-mlx-chat",
+    "version": 1,
+    "model": "tiny",
+    "think": True,
+    "keep_thinking": True,
+    "sampling": {
+        "temperature": 0.6,
+        "top_p": 0.95,
+        "top_k": 0,
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+        "max_tokens": 4096,
+        "seed": None,
+    },  # fmt: skip
+    "tools": [{"name": "get_weather", "parameters": {"type": "object"}}],
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello", "interrupted": True},
+    ],
+}
+
+
+@FUZZ
+@given(data=st.data())
+def test_a_chat_file_with_any_field_changed_or_dropped(loaded, data):
+    saved = json.loads(json.dumps(SAVED))
+    for _ in range(data.draw(st.integers(1, 3))):
+        where = data.draw(st.sampled_from(["top", "sampling", "message", "tool"]))
+        target = {
+            "top": saved,
+            "sampling": saved.get("sampling"),
+            "message": data.draw(st.sampled_from(saved.get("messages") or [None])),
+            "tool": (saved.get("tools") or [None])[0],
+        }[where]
+        if not isinstance(target, dict):
+            continue
+        key = data.draw(st.sampled_from(sorted(target) or ["x"]) | st.text(max_size=6))
+        if data.draw(st.booleans()):
+            target.pop(key, None)
+        else:
+            target[key] = data.draw(json_values)
+    restores_or_one_line(loaded, json.dumps(saved).encode())
