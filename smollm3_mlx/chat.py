@@ -375,14 +375,16 @@ class Chat:
             cancel=_Either(stop, self._cancel),
             prompt_lookup=self.prompt_lookup,
         )
-        # Until the first token, a think-mode turn counts as thinking (Ctrl-C: answer now).
-        self.thinking = any(isinstance(p, ThinkBudget) for p in processors) and self.think
+        # stop_thinking needs the budget processor; until the first token, a think-mode turn
+        # counts as thinking (Ctrl-C: answer now).
+        can_stop = any(isinstance(p, ThinkBudget) for p in processors)
+        self.thinking = can_stop and self.think
         try:
             for last in responses:
                 if last.finish_reason is None and last.token is not None:
                     generated.append(last.token)
                     yield from parser.feed(last.token)
-                    self.thinking = parser.splitter.thinking
+                    self.thinking = can_stop and parser.splitter.thinking
         except GeneratorExit:  # the caller closed the stream: a cancel too
             self._record(len(new), generated, "cancelled")
             raise
