@@ -126,6 +126,15 @@ def test_stop_thinking_answers_now_and_ctrl_c_in_the_answer_stops_the_turn(model
     assert done.finish_reason == "stop" and done.thinking.endswith(DEFAULT_HANDOFF.strip())
 
 
+def test_with_prompt_lookup_and_no_budget_the_turn_drafts_and_cannot_stop_thinking(model):
+    chat = Chat(model, sampling=GREEDY, prompt_lookup=4)
+    asked = [
+        chat.stop_thinking() for e in chat.send(QUESTIONS["math"]) if e.__class__ is ThinkingDelta
+    ]
+    assert asked and not any(asked)
+    assert chat.messages[-1]["content"] == f"<think>\n{THOUGHTS['math']}\n</think>\n2 + 2 = 4."
+
+
 def test_a_structured_answer_comes_after_free_thinking(model):
     chat = Chat(model, sampling=GREEDY)
     _, done = turn(chat, QUESTIONS["math"], response_format=DIGIT)
