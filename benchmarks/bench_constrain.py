@@ -38,6 +38,7 @@ import mlx.core as mx
 import numpy as np
 
 from smollm3_mlx import constrain
+from smollm3_mlx.grammar import engine, ll_tokenizer, make_answer_grammar, make_response_format
 from smollm3_mlx.tokenizer import Tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -168,8 +169,7 @@ def cases(tokenizer: Tokenizer) -> list[tuple[str, str, list[list[int]], dict | 
     def docs(values: list) -> list[list[int]]:
         return [tokenizer.encode(json.dumps(v, ensure_ascii=False)) for v in values]
 
-    grammar = constrain.make_answer_grammar
-    fmt = constrain.make_response_format
+    grammar, fmt = make_answer_grammar, make_response_format
     call_ids = [tokenizer.token_to_id("<tool_call>"), tokenizer.token_to_id("</tool_call>")]
     tool_docs = [
         [call_ids[0], *tokenizer.encode("\n" + json.dumps(c) + "\n"), call_ids[1]] for c in CALLS
@@ -196,8 +196,8 @@ def cases(tokenizer: Tokenizer) -> list[tuple[str, str, list[list[int]], dict | 
 
 def llg_documents(tokenizer, grammar: str, documents: list[list[int]], prompt: list[int]):
     """(mask-only seconds, its CPU seconds, processor seconds) per token over the documents."""
-    lt = constrain.ll_tokenizer(tokenizer)
-    llg = constrain._llguidance()
+    lt = ll_tokenizer(tokenizer)
+    llg = engine()
     bits = np.zeros((lt.vocab_size + 31) // 32, dtype=np.int32)
     masks, cpu, steps = [], [], []
     logits = mx.random.normal((1, lt.vocab_size))
@@ -224,8 +224,8 @@ def llg_documents(tokenizer, grammar: str, documents: list[list[int]], prompt: l
 def llg_random_walks(tokenizer, grammar: str, walks: int, tokens: int, seed: int):
     """(mask seconds, its CPU seconds) per token, on walks that pick a random allowed token
     at each step, and how many walks ended (the value complete, end of turn picked)."""
-    lt = constrain.ll_tokenizer(tokenizer)
-    llg = constrain._llguidance()
+    lt = ll_tokenizer(tokenizer)
+    llg = engine()
     bits = np.zeros((lt.vocab_size + 31) // 32, dtype=np.int32)
     eos = set(tokenizer.eos_token_ids)
     rng = np.random.default_rng(seed)
@@ -284,7 +284,7 @@ def main() -> None:
 
     tokenizer = Tokenizer.from_folder(REFERENCE / "SmolLM3-3B")
     start = time.perf_counter()
-    constrain.ll_tokenizer(tokenizer)
+    ll_tokenizer(tokenizer)
     print(f"llguidance tokenizer from tokenizer.json: {time.perf_counter() - start:.2f} s")
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=True, enable_thinking=False
