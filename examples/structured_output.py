@@ -18,7 +18,7 @@ CITY = {
     "properties": {
         "name": {"type": "string", "maxLength": 40},
         "country": {"type": "string", "maxLength": 40},
-        "population_millions": {"type": "number", "minimum": 0, "maximum": 100},
+        "population": {"type": "integer", "minimum": 0, "maximum": 40_000_000},
         "landmarks": {"type": "array", "items": {"type": "string", "maxLength": 40}, "maxItems": 3},
     },
     "required": ["name", "country", "landmarks"],
