@@ -3,16 +3,42 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from . import console
+
+
+def _metavars_only(params: list[Any]) -> list[Any]:
+    """typer's rich help labels every option with its Python type (<bool>, <str>, <int>); show
+    the option's metavar instead, and nothing for a flag or an argument (its name says it)."""
+    for p in params:
+        shown = (
+            None if p.param_type_name == "argument" or getattr(p, "is_flag", False) else p.metavar
+        )
+        p.display_type_rich = lambda ctx, shown=shown: shown
+    return params
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx):
+        return _metavars_only(super().get_params(ctx))
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is not None:
+            command.get_params = lambda ctx, get=command.get_params: _metavars_only(get(ctx))
+        return command
+
 
 app = typer.Typer(
     name="smollm3-mlx",
@@ -20,7 +46,56 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_Group,
 )
+
+
+def _in_range(name: str, low: float, high: float | None = None, *, above: bool = False) -> Callable:
+    """An option callback: a value outside [low, high] (or <= low when `above`) is one line."""
+    if high is not None:
+        wanted = (
+            f"{'more than' if above else 'from'} {low} {'and at most' if above else 'to'} {high}"
+        )
+    else:
+        wanted = f"{'more than' if above else 'at least'} {low}"
+
+    def check(value: float | None) -> float | None:
+        if value is None:
+            return value
+        bad = not math.isfinite(value) or value < low or (above and value == low)
+        if bad or (high is not None and value > high):
+            console.error(f"{name} must be {wanted}, not {value}")
+            raise typer.Exit(2)
+        return value
+
+    return check
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        from . import __version__
+
+        try:
+            mlx = f" (mlx {version('mlx')})"
+        except PackageNotFoundError:
+            mlx = ""
+        console.write(f"smollm3-mlx {__version__}{mlx}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print the version and exit.", is_eager=True, callback=_version
+        ),
+    ] = False,
+) -> None:
+    """Run Hugging Face's SmolLM3-3B on Apple MLX."""
+
 
 DEFAULT_MODEL_NAME = "SmolLM3-3B-4bit"  # HuggingFaceTB/SmolLM3-3B, 4-bit mixed recipe
 
@@ -29,6 +104,7 @@ Model = Annotated[
     typer.Option(
         "--model",
         "-m",
+        metavar="FOLDER|REPO",
         help="Local model folder or hub repo id. Default: the converted model in the cache "
         "(SMOLLM3_MLX_HOME, else ~/.cache/smollm3-mlx), made on first use by downloading "
         "HuggingFaceTB/SmolLM3-3B and converting it to 4-bit.",
@@ -38,21 +114,40 @@ Model = Annotated[
 DType = Annotated[
     str,
     typer.Option(
+        metavar="DTYPE",
         help="Compute dtype: auto (float32 on the CPU, stored dtype on the GPU), "
-        "float32, bfloat16 or float16."
+        "float32, bfloat16 or float16.",
     ),
 ]
-MaxTokens = Annotated[int, typer.Option(help="The most tokens per answer, thinking included.")]
+MaxTokens = Annotated[
+    int,
+    typer.Option(
+        metavar="N",
+        help="The most tokens per answer, thinking included.",
+        callback=_in_range("--max-tokens", 1),
+    ),
+]
 Temperature = Annotated[
     float | None,
     typer.Option(
-        "--temp", help="Sampling temperature (default from generation_config.json; 0 is greedy)."
+        "--temp",
+        metavar="T",
+        help="Sampling temperature (default from generation_config.json; 0 is greedy).",
+        callback=_in_range("--temp", 0),
     ),
 ]
 TopP = Annotated[
-    float | None, typer.Option(help="Nucleus sampling mass (default from generation_config.json).")
+    float | None,
+    typer.Option(
+        metavar="P",
+        help="Nucleus sampling mass (default from generation_config.json; 1 keeps all).",
+        callback=_in_range("--top-p", 0, 1, above=True),
+    ),
 ]
-Seed = Annotated[int | None, typer.Option(help="Random seed.")]
+Seed = Annotated[
+    int | None,
+    typer.Option(metavar="N", help="Random seed.", callback=_in_range("--seed", 0, 2**64 - 1)),
+]
 Think = Annotated[
     bool,
     typer.Option(
@@ -75,31 +170,43 @@ KeepThinking = Annotated[
         "reasoned).",
     ),
 ]
-System = Annotated[str | None, typer.Option(help="A system message.")]
+System = Annotated[str | None, typer.Option(metavar="TEXT", help="A system message.")]
 MaxContext = Annotated[
     int | None,
     typer.Option(
-        help="The longest context in tokens. Default: the trained window (65536). Up to 131072 "
-        "switches on YaRN. chat keeps going past it by dropping the oldest turns (never the "
-        "system block); generate refuses a longer prompt.",
+        metavar="N",
+        help="The longest context in tokens. Default: the window the model was trained on "
+        "(max_position_embeddings in its config.json). Past it, up to twice it (or the YaRN "
+        "factor its config names), switches on YaRN. chat keeps going past it by dropping the "
+        "oldest turns (never the system block); generate refuses a longer prompt.",
         show_default=False,
+        callback=_in_range("--max-context", 1),
     ),
 ]
 KVBits = Annotated[
-    int | None, typer.Option(help="Quantize the KV cache to 4 or 8 bits (less memory).")
+    int | None,
+    typer.Option(metavar="BITS", help="Quantize the KV cache to 4 or 8 bits (less memory)."),
 ]
-KVGroupSize = Annotated[int, typer.Option(help="KV quantization group size: 32, 64 or 128.")]
+KVGroupSize = Annotated[
+    int, typer.Option(metavar="N", help="KV quantization group size: 32, 64 or 128.")
+]
 PromptLookup = Annotated[
     int,
     typer.Option(
+        metavar="N",
+        callback=_in_range("--prompt-lookup", 0),
         help="Prompt-lookup decoding: draft up to N tokens from text already in the context and "
         "check them in one pass; the output is the same. It pays where a pass over a few tokens "
-        "costs about one step (GPUs); on the CPU it does not (BENCHMARKS.md). 0: off."
+        "costs about one step (GPUs); on the CPU it does not (BENCHMARKS.md). 0: off.",
     ),
 ]
 KVStart = Annotated[
     int,
-    typer.Option(help="With --kv-bits: keep the KV cache dense until it holds this many tokens."),
+    typer.Option(
+        metavar="N",
+        help="With --kv-bits: keep the KV cache dense until it holds this many tokens.",
+        callback=_in_range("--kv-start", 0),
+    ),
 ]
 
 
@@ -283,9 +390,10 @@ def chat(
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     console.welcome(session.model_name, session.think, session.keep_thinking)
+    ask = console.chat_reader()
     while True:
         try:
-            line = console.ask(session.think)
+            line = ask(session.think)
         except EOFError:
             console.info("")
             break
@@ -304,7 +412,10 @@ def chat(
 @app.command()
 def generate(
     prompt: Annotated[
-        str | None, typer.Argument(help="The prompt; read from stdin if absent.")
+        str | None,
+        typer.Argument(
+            metavar="PROMPT", help="The prompt; read from stdin if absent.", show_default=False
+        ),
     ] = None,
     model: Model = None,
     raw: Annotated[
@@ -317,6 +428,7 @@ def generate(
         str,
         typer.Option(
             "--format",
+            metavar="text|json",
             help="text: the answer on stdout (thinking on stderr); json: one object with "
             "thinking, answer and stats.",
         ),
@@ -340,7 +452,10 @@ def generate(
         console.error(f"--format must be text or json, not {output_format}")
         raise typer.Exit(2)
     if prompt is None:
-        prompt = sys.stdin.read()
+        try:
+            prompt = console.read_prompt() if sys.stdin.isatty() else sys.stdin.read()
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
     if not raw:
         prompt = prompt.strip()  # `echo question |` ends it with a newline
     if not prompt.strip():
@@ -377,11 +492,13 @@ def _check_context(session, prompt: str, raw: bool) -> None:
     else:
         messages = [*session.messages, {"role": "user", "content": prompt}]
         n = len(tok.apply_chat_template(messages, tokenize=True, enable_thinking=session.think))
-    limit = session.model.max_context
+    from .loading import longest_context
+
+    limit, most = session.model.max_context, longest_context(session.model.args)
     if n >= limit:
         console.error(
-            f"the prompt is {n} tokens, no room left to answer in the context of {limit} "
-            "(raise --max-context, up to 131072)"
+            f"the prompt is {n} tokens, no room left to answer in the context of {limit}"
+            + (f" (raise --max-context; this model allows up to {most})" if most > limit else "")
         )
         raise typer.Exit(1)
 
@@ -426,24 +543,29 @@ def convert(
             metavar="SOURCE", help="Hub repo id or local folder of a Hugging Face checkpoint."
         ),
     ] = "HuggingFaceTB/SmolLM3-3B",
-    bits: Annotated[int, typer.Option(help="Bits per weight: 4 or 8.")] = 4,
-    group_size: Annotated[int, typer.Option(help="Weights per scale: 32, 64 or 128.")] = 64,
+    bits: Annotated[int, typer.Option(metavar="BITS", help="Bits per weight: 4 or 8.")] = 4,
+    group_size: Annotated[
+        int, typer.Option(metavar="N", help="Weights per scale: 32, 64 or 128.")
+    ] = 64,
     recipe: Annotated[
         str | None,
         typer.Option(
+            metavar="mixed|uniform",
             help="mixed: the embedding / tied output head at 8 bits (the 4-bit default); "
             "uniform: --bits everywhere (the 8-bit default).",
             show_default=False,
         ),
     ] = None,
     dtype: Annotated[
-        str, typer.Option(help="Of the scales, biases and norms: bfloat16 or float16.")
+        str,
+        typer.Option(metavar="DTYPE", help="Of the scales, biases and norms: bfloat16 or float16."),
     ] = "bfloat16",
     revision: Annotated[
-        str | None, typer.Option(help="Hub revision: branch, tag or commit.")
+        str | None, typer.Option(metavar="REV", help="Hub revision: branch, tag or commit.")
     ] = None,
     upload_repo: Annotated[
-        str | None, typer.Option(help="Then upload the folder to this hub repo (USER/NAME).")
+        str | None,
+        typer.Option(metavar="USER/NAME", help="Then upload the folder to this hub repo."),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
 ) -> None:
@@ -474,9 +596,30 @@ def convert(
 def bench(
     model: Model = None,
     dtype: DType = "auto",
-    prompt_tokens: Annotated[int, typer.Option(help="Prompt length (random tokens).")] = 512,
-    generation_tokens: Annotated[int, typer.Option(help="Tokens to generate, greedy.")] = 128,
-    runs: Annotated[int, typer.Option(help="Timed runs; the medians are shown.")] = 3,
+    prompt_tokens: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            help="Prompt length (random tokens). Default: 512 on the GPU, 8 on the CPU.",
+            show_default=False,
+        ),
+    ] = None,
+    generation_tokens: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            help="Tokens to generate, greedy. Default: 128 on the GPU, 4 on the CPU.",
+            show_default=False,
+        ),
+    ] = None,
+    runs: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            help="Timed runs; the medians are shown. Default: 3 on the GPU, 2 on the CPU.",
+            show_default=False,
+        ),
+    ] = None,
     compare_mlx_lm: Annotated[
         bool,
         typer.Option(
@@ -488,8 +631,12 @@ def bench(
     ] = False,
 ) -> None:
     """Measure prefill and decode speed, time to first token and peak memory on your model."""
-    from .bench import bench as measure, mlx_lm_runners, smollm3_runner
+    from .bench import bench as measure, default_sizes, mlx_lm_runners, smollm3_runner
 
+    sizes = default_sizes()
+    prompt_tokens = prompt_tokens if prompt_tokens is not None else sizes[0]
+    generation_tokens = generation_tokens if generation_tokens is not None else sizes[1]
+    runs = runs if runs is not None else sizes[2]
     for name, value in [("prompt-tokens", prompt_tokens), ("generation-tokens", generation_tokens),
                         ("runs", runs)]:  # fmt: skip
         if value < 1:
@@ -512,10 +659,18 @@ def bench(
         ours = getattr(mx, runners[0].dtype, None)  # e.g. "float32"
         with console.status("loading it with mlx-lm"):
             runners += mlx_lm_runners(m.path, [None, *([ours] if ours else [])])
-    with console.status(f"timing {runs} runs of {prompt_tokens} + {generation_tokens} tokens"):
-        results = measure(
-            runners, prompt_tokens=prompt_tokens, generation_tokens=generation_tokens, runs=runs
-        )
+    what = f"{prompt_tokens} + {generation_tokens} tokens"
+    try:
+        with console.bench_progress(what, runs * len(runners)) as on_run:
+            results = measure(
+                runners,
+                prompt_tokens=prompt_tokens,
+                generation_tokens=generation_tokens,
+                runs=runs,
+                on_run=on_run,
+            )
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
     console.bench_results(name, results)
 
 

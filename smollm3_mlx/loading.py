@@ -104,6 +104,14 @@ def model_args(config: dict[str, Any], path: Path | None = None) -> ModelArgs:
         raise ModelLoadError(f"{where}{e}") from None
 
 
+def longest_context(args: ModelArgs) -> int:
+    """The longest context a model allows: its YaRN factor times the window it was trained on."""
+    scaling = args.rope_scaling
+    if scaling and scaling["rope_type"] == "yarn":
+        return int(scaling["factor"] * scaling["original_max_position_embeddings"])
+    return int(MAX_YARN_FACTOR * args.max_position_embeddings)
+
+
 def context_window(args: ModelArgs, max_context: int | None) -> tuple[int, dict[str, Any] | None]:
     """The context to allow, and the YaRN settings to switch on for it (None: leave RoPE as is).
 
@@ -112,10 +120,7 @@ def context_window(args: ModelArgs, max_context: int | None) -> tuple[int, dict[
     """
     trained = args.max_position_embeddings
     scaling = args.rope_scaling
-    if scaling and scaling["rope_type"] == "yarn":
-        supported = int(scaling["factor"] * scaling["original_max_position_embeddings"])
-    else:
-        supported = int(MAX_YARN_FACTOR * trained)
+    supported = longest_context(args)
     if max_context is None:
         return (supported if scaling else trained), None
     if not 0 < max_context <= supported:
