@@ -1,0 +1,165 @@
+"""The terminal as a person meets it: the chat's line editor in a pseudo-terminal, help, options."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+import pexpect
+import pytest
+from checkpoints import requires_reference
+from trained_model import QUESTIONS, trained_checkpoint
+from typer.testing import CliRunner
+
+from smollm3_mlx import cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPT = r"›(?:\x1b\[[0-9;]*m)* "
+EDITOR_DONE = "\x1b[?2004l"  # the line editor hands a message over: bracketed paste off
+LEFT, UP, ALT_ENTER = "\x1b[D", "\x1b[A", "\x1b\r"
+PASTE_START, PASTE_END = "\x1b[200~", "\x1b[201~"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return trained_checkpoint(tmp_path_factory)
+
+
+def _env(state):
+    path = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "XDG_STATE_HOME": str(state), "TERM": "xterm",
+            "PROMPT_TOOLKIT_NO_CPR": "1"}  # fmt: skip
+
+
+def _chat(model_dir, state, *args):
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "smollm3_mlx.cli", "chat", "-m", str(model_dir), "--temp", "0", *args],
+        env=_env(state),
+        encoding="utf-8",
+        timeout=120,
+        dimensions=(40, 120),
+    )
+    child.expect(PROMPT)
+    return child
+
+
+def _enter(child, keys):
+    """Type `keys` then Enter; wait until the editor has handed the message to the chat."""
+    child.send(keys + "\r")
+    child.expect_exact(EDITOR_DONE)
+    child.expect(PROMPT)
+
+
+def _saved(child, path):
+    _enter(child, f"/save {path}")
+    return json.loads(path.read_text())
+
+
+def _exit(child):
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+@requires_reference
+def test_line_editor_edits_recalls_history_across_sessions_and_keeps_pastes_whole(
+    model_dir, tmp_path
+):
+    state = tmp_path / "state"
+    child = _chat(model_dir, state, "--max-tokens", "2", "--no-think")
+    # Arrow keys move the cursor (they used to reach the model as ^[[D).
+    _enter(child, "/system Be brif." + LEFT * 2 + "e")
+    assert _saved(child, tmp_path / "a.json")["messages"][0]["content"] == "Be brief."
+    # Esc then Enter (Alt+Enter) starts a new line instead of sending.
+    _enter(child, "/system one" + ALT_ENTER + "two")
+    assert _saved(child, tmp_path / "b.json")["messages"][0]["content"] == "one\ntwo"
+    # A 10,000-character line arrives whole (the terminal's canonical mode cut it at 4095).
+    long = "/system " + "".join(f"{i:05d} " for i in range(1666))[:9992]
+    assert len(long) == 10_000
+    _enter(child, long)
+    assert _saved(child, tmp_path / "c.json")["messages"][0]["content"] == long[len("/system ") :]
+    _enter(child, "/reset")
+    _enter(child, "/system")
+    # A multi-line paste is one message, sent with Enter.
+    pasted = "line one\nline two\nline three"
+    _enter(child, PASTE_START + pasted + PASTE_END)
+    users = [m for m in _saved(child, tmp_path / "d.json")["messages"] if m["role"] == "user"]
+    assert [m["content"] for m in users] == [pasted]
+    _exit(child)
+
+    history = (state / "smollm3-mlx" / "history").read_text()
+    assert (
+        "+line two" in history
+        and oct((state / "smollm3-mlx" / "history").stat().st_mode)[-3:] == "600"
+    )
+    # Up recalls what was typed in the earlier session: "/exit", "/save …d.json", the paste.
+    child = _chat(model_dir, state, "--max-tokens", "2", "--no-think")
+    _enter(child, UP * 3)
+    users = [m for m in _saved(child, tmp_path / "e.json")["messages"] if m["role"] == "user"]
+    assert [m["content"] for m in users] == [pasted]
+    _exit(child)
+
+
+@requires_reference
+def test_generate_without_a_prompt_on_a_terminal_says_what_it_expects(model_dir, tmp_path):
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "smollm3_mlx.cli", "generate", "-m", str(model_dir), "--temp", "0"],
+        env=_env(tmp_path / "state"),
+        encoding="utf-8",
+        timeout=120,
+        dimensions=(40, 120),
+    )
+    child.expect("no prompt given: type it here")
+    child.expect(PROMPT)
+    child.send(QUESTIONS["math"] + "\r")
+    child.expect_exact("2 + 2 = 4.")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+COMMANDS = ["chat", "generate", "convert", "bench"]
+
+
+@pytest.mark.parametrize("command", [[], *([c] for c in COMMANDS)])
+def test_help_shows_what_values_mean_not_python_types(command):
+    r = CliRunner().invoke(cli.app, [*command, "--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert not re.search(r"<(bool|str|int|float|path)>", r.output), r.output
+    if command in (["chat"], ["generate"]):
+        text = " ".join(r.output.split())
+        assert "--max-tokens N" in text and "--model -m FOLDER|REPO" in text
+        assert "131072" not in text and "max_position_embeddings" in text
+
+
+def test_version_prints_the_package_and_mlx_versions():
+    from smollm3_mlx import __version__
+
+    r = CliRunner().invoke(cli.app, ["--version"])
+    assert r.exit_code == 0
+    assert re.fullmatch(rf"smollm3-mlx {re.escape(__version__)} \(mlx [\d.]+\)\n", r.output)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["chat", "--prompt-lookup", "-3"], "--prompt-lookup must be at least 0, not -3"),
+        (["generate", "--seed", "-1", "hi"], "--seed must be from 0 to"),
+        (["generate", "--temp", "-1", "hi"], "--temp must be at least 0, not -1.0"),
+        (["generate", "--temp", "nan", "hi"], "--temp must be at least 0, not nan"),
+        (["generate", "--top-p", "2", "hi"], "--top-p must be more than 0 and at most 1, not 2.0"),
+        (["generate", "--top-p", "0", "hi"], "--top-p must be more than 0"),
+        (["generate", "--max-tokens", "-5", "hi"], "--max-tokens must be at least 1, not -5"),
+        (["chat", "--max-context", "0"], "--max-context must be at least 1, not 0"),
+        (["chat", "--kv-start", "-1"], "--kv-start must be at least 0, not -1"),
+    ],
+)
+def test_numeric_options_out_of_range_are_one_line_before_loading(args, message):
+    r = CliRunner().invoke(cli.app, [*args, "-m", "/nonexistent/model"])
+    assert r.exit_code == 2
+    assert r.output.count("\n") == 1 and message in r.output, r.output
