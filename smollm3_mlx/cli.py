@@ -470,10 +470,7 @@ def generate(
         if raw:
             _complete(session, prompt, stats, output_format)
         elif output_format == "json":
-            *_, done = session.send(prompt)
-            result = {"thinking": done.thinking, "answer": done.answer}
-            result |= {"finish_reason": done.finish_reason, "stats": asdict(done.stats)}
-            console.write(json.dumps(result, ensure_ascii=False) + "\n")
+            console.write(json.dumps(_turn_json(session.send(prompt)), ensure_ascii=False) + "\n")
         else:
             view = console.TurnView(
                 hide_thinking=hide_thinking, thinking_to=console.err, footer=stats
@@ -482,6 +479,21 @@ def generate(
                 view(event)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+
+
+def _turn_json(events) -> dict[str, Any]:
+    """One turn as JSON: thinking, answer, the tool calls the model made (and any it wrote
+    malformed), why it ended and its stats."""
+    errors = []
+    for event in events:
+        if type(event).__name__ == "ToolCallError":
+            errors.append({"text": event.text, "error": event.error})
+    done = event
+    calls = [{"name": c.name, "arguments": c.arguments} for c in done.tool_calls]
+    result = {"thinking": done.thinking, "answer": done.answer, "tool_calls": calls}
+    if errors:
+        result["tool_call_errors"] = errors
+    return result | {"finish_reason": done.finish_reason, "stats": asdict(done.stats)}
 
 
 def _check_context(session, prompt: str, raw: bool) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
 
 import pexpect
@@ -163,3 +164,17 @@ def test_numeric_options_out_of_range_are_one_line_before_loading(args, message)
     r = CliRunner().invoke(cli.app, [*args, "-m", "/nonexistent/model"])
     assert r.exit_code == 2
     assert r.output.count("\n") == 1 and message in r.output, r.output
+
+
+@requires_reference
+def test_generate_json_includes_the_tool_call_and_the_thinking(model_dir):
+    r = subprocess.run(
+        [sys.executable, "-m", "smollm3_mlx.cli", "generate", "-m", str(model_dir), "--temp", "0",
+         "--format", "json", QUESTIONS["weather"]],
+        capture_output=True, text=True, env=_env(model_dir.parent / "state"), timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["answer"] == "" and data["thinking"] == "I should call the weather tool."
+    assert data["tool_calls"] == [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+    assert "tool_call_errors" not in data and data["finish_reason"] == "stop"
