@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -217,48 +218,112 @@ def default_model_dir() -> Path:
     return Path(home).expanduser() / DEFAULT_MODEL_NAME
 
 
+def _model_name(model: str | None) -> str:
+    """`model`, or the default model's folder (downloaded and converted on first use)."""
+    if model is not None:
+        return model
+    from .convert import ConvertError, convert
+    from .loading import DEFAULT_REPO
+
+    path = default_model_dir()
+    if not (path / "config.json").exists():
+        console.note(f"first run: downloading {DEFAULT_REPO} and converting it to 4-bit")
+        console.note(f"into {path}")
+        try:
+            with console.progress("converting") as update:
+                convert(DEFAULT_REPO, path, bits=4, recipe="mixed", progress=update)
+        except ConvertError as e:
+            console.error(str(e))
+            raise typer.Exit(1) from None
+    return str(path)
+
+
 def _load(model: str | None, dtype: str, max_context: int | None = None):
-    """Load `model`, or the default model (converted into the cache on first use)."""
-    from .loading import DEFAULT_REPO, ModelLoadError, load
+    """Load `model` (see `_model_name`): (model, tokenizer, name)."""
+    from .loading import ModelLoadError, load
 
+    name = _model_name(model)
     try:
-        if model is None:
-            path = default_model_dir()
-            if not (path / "config.json").exists():
-                from .convert import ConvertError, convert
-
-                console.note(f"first run: downloading {DEFAULT_REPO} and converting it to 4-bit")
-                console.note(f"into {path}")
-                try:
-                    with console.progress("converting") as update:
-                        convert(DEFAULT_REPO, path, bits=4, recipe="mixed", progress=update)
-                except ConvertError as e:
-                    raise ModelLoadError(str(e)) from None
-            model = str(path)
-        with console.status(f"loading {model}"):
-            loaded = load(
-                model, dtype=None if dtype == "stored" else dtype, max_context=max_context,
-                lazy=True,
-            )  # fmt: skip
+        with console.status(f"loading {name}"):
+            loaded = load(name, dtype=_dtype(dtype), max_context=max_context, lazy=True)
     except (ModelLoadError, OSError) as e:
         console.error(str(e))
         raise typer.Exit(1) from None
     import mlx.core as mx
 
-    # The weights are read on MLX's own thread while the prompt shows; the first answer waits.
+    # The weights are read on MLX's own thread meanwhile; the first answer waits for them.
     mx.async_eval(loaded[0].parameters())
-    return (*loaded, model)
+    return (*loaded, name)
+
+
+def _dtype(dtype: str) -> str | None:
+    return None if dtype == "stored" else dtype
+
+
+class _Loading:
+    """`chat` loads the model and tokenizer in a thread of its own while its prompt shows, so
+    that a person can type at once; the first answer waits only for what is left.
+
+    What can be checked without the weights (the folder, its config) is checked before the
+    prompt, so that a wrong -m is one line at once, not after the first message.
+    """
+
+    def __init__(self, model: str | None, dtype: str, max_context: int | None):
+        from .loading import ModelLoadError, load_config, model_args, resolve_model_path
+
+        self.name = _model_name(model)
+        try:  # a hub repo id downloads here, in the open, before the prompt
+            self.path = resolve_model_path(self.name)
+            model_args(load_config(self.path), self.path)
+        except (ModelLoadError, OSError) as e:
+            console.error(str(e))
+            raise typer.Exit(1) from None
+        self.result: tuple | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(
+            target=self._run, args=(_dtype(dtype), max_context), name="smollm3-mlx load"
+        )
+        self.thread.start()
+
+    def _run(self, dtype: str | None, max_context: int | None) -> None:
+        import mlx.core as mx
+
+        from .loading import load
+
+        try:
+            self.result = load(self.path, dtype=dtype, max_context=max_context)  # weights too
+        except BaseException as e:  # handed to the main thread by `wait`
+            self.error = e
+        finally:
+            mx.clear_streams()  # MLX asks it of a thread that ran MLX work, before it ends
+
+    def wait(self) -> tuple:
+        """(model, tokenizer, name) once loaded; a load error is one line and exit 1."""
+        from .loading import ModelLoadError
+
+        if self.thread.is_alive():
+            with console.status("loading the model"):
+                while self.thread.is_alive():
+                    self.thread.join(0.05)  # short waits: Ctrl-C is seen at once
+        if isinstance(self.error, (ModelLoadError, OSError)):
+            console.error(str(self.error))
+            raise typer.Exit(1) from None
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return (*self.result, self.name)
 
 
 def _session(
     model, dtype, think, system, keep_thinking, max_tokens, temperature, top_p, seed,
-    max_context=None, kv_bits=None, kv_group_size=64, kv_start=0, prompt_lookup=0,
+    max_context=None, kv_bits=None, kv_group_size=64, kv_start=0, prompt_lookup=0, loaded=None,
 ):  # fmt: skip
+    """The Chat for `chat` and `generate`, over the model `loaded` (loaded here when None)."""
     import mlx.core as mx
 
     from .chat import Chat
 
-    m, tokenizer, name = _load(model, dtype, max_context)
+    m, tokenizer, name = loaded or _load(model, dtype, max_context)
     if seed is not None:
         mx.random.seed(seed)
     try:
@@ -383,30 +448,39 @@ def chat(
 ) -> None:
     """Chat in the terminal; /help lists the commands, Ctrl-C stops an answer, Ctrl-D exits."""
     try:
-        session = _session(
-            model, dtype, think, system, keep_thinking, max_tokens, temperature, top_p, seed,
-            max_context, kv_bits, kv_group_size, kv_start, prompt_lookup,
-        )  # fmt: skip
+        loading = _Loading(model, dtype, max_context)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
-    console.welcome(session.model_name, session.think, session.keep_thinking)
-    ask = console.chat_reader()
-    while True:
-        try:
-            line = ask(session.think)
-        except EOFError:
-            console.info("")
-            break
-        except KeyboardInterrupt:
-            console.info("\n(/exit or Ctrl-D to quit)")
-            continue
-        if not line.strip():
-            continue
-        if line.startswith("/"):
-            if not _command(session, line):
+    try:
+        console.welcome(loading.name, think, keep_thinking)
+        session = None
+        ask = console.chat_reader()
+        while True:
+            try:
+                line = ask(session.think if session else think)
+            except EOFError:
+                console.info("")
                 break
-            continue
-        _turn(session, line, console.TurnView(hide_thinking=hide_thinking))
+            except KeyboardInterrupt:
+                console.info("\n(/exit or Ctrl-D to quit)")
+                continue
+            if not line.strip():
+                continue
+            if session is None:
+                session = _session(
+                    model, dtype, think, system, keep_thinking, max_tokens, temperature, top_p,
+                    seed, max_context, kv_bits, kv_group_size, kv_start, prompt_lookup,
+                    loading.wait(),
+                )  # fmt: skip
+            if line.startswith("/"):
+                if not _command(session, line):
+                    break
+                continue
+            _turn(session, line, console.TurnView(hide_thinking=hide_thinking))
+    except KeyboardInterrupt:  # while waiting for the model
+        raise typer.Exit(130) from None
+    finally:
+        loading.thread.join()  # never leave a thread inside MLX at exit
 
 
 @app.command()

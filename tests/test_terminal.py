@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 
 import pexpect
 import pytest
@@ -178,3 +179,52 @@ def test_generate_json_includes_the_tool_call_and_the_thinking(model_dir):
     assert data["answer"] == "" and data["thinking"] == "I should call the weather tool."
     assert data["tool_calls"] == [{"name": "get_weather", "arguments": {"city": "Paris"}}]
     assert "tool_call_errors" not in data and data["finish_reason"] == "stop"
+
+
+@requires_reference
+def test_chat_prompt_shows_while_the_model_loads_and_the_first_answer_waits_for_it(
+    model_dir, monkeypatch
+):
+    from smollm3_mlx import console, loading
+
+    asked, real_load, real_reader = threading.Event(), loading.load, console.chat_reader
+    order = []
+
+    def slow_load(*args, **kwargs):
+        order.append("prompt shown before the load" if asked.wait(60) else "load first")
+        return real_load(*args, **kwargs)  # in the loading thread: its arrays serve the turn
+
+    def reader():
+        ask = real_reader()
+
+        def first(think):
+            asked.set()
+            return ask(think)
+
+        return first
+
+    monkeypatch.setattr(loading, "load", slow_load)
+    monkeypatch.setattr(console, "chat_reader", reader)
+    r = CliRunner().invoke(
+        cli.app, ["chat", "-m", str(model_dir), "--temp", "0"], input=QUESTIONS["math"] + "\n"
+    )
+    assert r.exit_code == 0, r.output
+    assert order == ["prompt shown before the load"]
+    assert "2 + 2 = 4." in r.output
+
+
+@requires_reference
+def test_chat_with_a_wrong_folder_fails_before_the_prompt_and_a_broken_one_at_the_first_message(
+    model_dir, tmp_path
+):
+    r = CliRunner().invoke(cli.app, ["chat", "-m", str(tmp_path)], input="hi\n")
+    assert r.exit_code == 1 and "›" not in r.output
+    assert r.output.count("\n") == 1 and "no config.json" in r.output
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in model_dir.iterdir():
+        if f.name != "tokenizer.json":
+            (broken / f.name).symlink_to(f)
+    r = CliRunner().invoke(cli.app, ["chat", "-m", str(broken)], input="hi\n")
+    assert r.exit_code == 1 and "›" in r.output
+    assert "error:" in r.output and "tokenizer.json" in r.output
