@@ -418,13 +418,24 @@ def _stats(chat) -> dict[str, object]:
     return rows
 
 
+def _after_prefill(progress, items):
+    """Pass `items` on, ending the prefill's progress line at the first."""
+    for item in items:
+        progress.stop()
+        yield item
+
+
 def _turn(chat, text: str, view) -> None:
-    """One turn; Ctrl-C stops it (the partial answer is kept) instead of killing the chat."""
+    """One turn; Ctrl-C stops it (the partial answer is kept) instead of killing the chat.
+    A long prefill shows its progress; Ctrl-C stops it after the current forward chunk."""
     previous = signal.signal(signal.SIGINT, lambda *_: chat.cancel())
     try:
-        for event in chat.send(text):
-            view(event)
+        with console.prefill_progress() as progress:
+            chat.prompt_progress = progress
+            for event in _after_prefill(progress, chat.send(text)):
+                view(event)
     finally:
+        chat.prompt_progress = None
         signal.signal(signal.SIGINT, previous)
 
 
@@ -541,16 +552,19 @@ def generate(
             max_context, kv_bits, kv_group_size, kv_start, prompt_lookup,
         )  # fmt: skip
         _check_context(session, prompt, raw)
-        if raw:
-            _complete(session, prompt, stats, output_format)
-        elif output_format == "json":
-            console.write(json.dumps(_turn_json(session.send(prompt)), ensure_ascii=False) + "\n")
-        else:
-            view = console.TurnView(
-                hide_thinking=hide_thinking, thinking_to=console.err, footer=stats
-            )
-            for event in session.send(prompt):
-                view(event)
+        with console.prefill_progress() as progress:
+            session.prompt_progress = progress
+            if raw:
+                _complete(session, prompt, stats, output_format)
+            elif output_format == "json":
+                result = _turn_json(_after_prefill(progress, session.send(prompt)))
+                console.write(json.dumps(result, ensure_ascii=False) + "\n")
+            else:
+                view = console.TurnView(
+                    hide_thinking=hide_thinking, thinking_to=console.err, footer=stats
+                )
+                for event in _after_prefill(progress, session.send(prompt)):
+                    view(event)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 
@@ -594,14 +608,16 @@ def _complete(session, prompt: str, stats: bool, output_format: str) -> None:
     from .generate import stream_generate
 
     last, text = None, ""
-    for last in stream_generate(
+    responses = stream_generate(
         session.model,
         session.tokenizer,
         prompt,
         sampling=session.sampling,
         prompt_cache=PromptCache.new(session.model, kv=session.kv),
         prompt_lookup=session.prompt_lookup,
-    ):
+        prompt_progress=session.prompt_progress,
+    )
+    for last in _after_prefill(session.prompt_progress, responses):
         text += last.text
         if output_format == "text":
             console.write(last.text)

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.live import Live
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
@@ -18,6 +19,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from .events import AnswerDelta, Done, Event, ThinkingDelta, ToolCall, ToolCallError
 
@@ -74,6 +76,50 @@ def progress(description: str) -> Iterator[Callable[[int, int, str], None]]:
 def status(message: str) -> Iterator[None]:
     with err.status(f"[dim]{escape(message)}[/]", spinner="dots"):
         yield
+
+
+class PrefillProgress:
+    """A turn's `prompt_progress`: once the prefill has taken a second, one line on stderr with
+    the prompt tokens done and the rate, redrawn four times a second; gone when it ends (`stop`,
+    at the first token or the end of the turn). Nothing when stderr is not a terminal."""
+
+    DELAY = 1.0  # seconds before the line shows: a short prefill shows nothing
+
+    def __init__(self) -> None:
+        self.live: Live | None = None
+        self.start, self.done, self.total = 0.0, 0, 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.live is None and done == 0 and err.is_terminal:
+            self.start = time.perf_counter()
+            self.live = Live(self, console=err, transient=True, refresh_per_second=4)
+            self.live.start()
+        self.done, self.total = done, total
+
+    def stop(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+
+    def __rich__(self) -> Text:
+        elapsed = time.perf_counter() - self.start
+        if elapsed < self.DELAY:
+            return Text("")
+        rate = f", {self.done / elapsed:.2f} tok/s" if self.done else ""
+        return Text(
+            f"reading the prompt: {self.done} of {self.total} tokens{rate}, {elapsed:.0f} s "
+            "(Ctrl-C stops)",
+            style="dim",
+        )
+
+
+@contextmanager
+def prefill_progress() -> Iterator[PrefillProgress]:
+    show = PrefillProgress()
+    try:
+        yield show
+    finally:
+        show.stop()
 
 
 def welcome(model: str, think: bool, keep_thinking: bool) -> None:

@@ -17,6 +17,9 @@ from .sample import DEFAULT_MAX_TOKENS, LogitsProcessor, Sampler, Sampling, gree
 
 GREEDY = Sampling(temperature=0.0, top_p=1.0)  # for a model `load` did not make
 DEFAULT_PREFILL_STEP = 512
+# On the CPU a chunk of the prompt costs about as much per token as single steps (BENCHMARKS.md),
+# so chunks there are sized to a few tokens of SmolLM3-3B: Ctrl-C acts within seconds.
+CPU_PREFILL_WORK = 4 * 3.0e9  # tokens x parameters per chunk
 
 
 class Cancel(Protocol):
@@ -101,6 +104,15 @@ class _PromptLookup:
             self.pause = self.backoff = 256
 
 
+def default_prefill_step(model) -> int:
+    """Prompt tokens per forward chunk: 512 on a GPU; on the CPU, what makes a chunk short."""
+    if mx.default_device().type == mx.gpu:
+        return DEFAULT_PREFILL_STEP
+    a = model.args
+    params = a.num_hidden_layers * (4 * a.hidden_size**2 + 3 * a.hidden_size * a.intermediate_size)
+    return max(1, min(DEFAULT_PREFILL_STEP, int(CPU_PREFILL_WORK / params)))
+
+
 def generate_step(
     prompt: mx.array,
     model,
@@ -109,8 +121,9 @@ def generate_step(
     sampler: Sampler | None = None,
     logits_processors: Sequence[LogitsProcessor] = (),
     prompt_cache: list[Cache] | None = None,
-    prefill_step_size: int = DEFAULT_PREFILL_STEP,
+    prefill_step_size: int | None = None,
     prompt_progress: Callable[[int, int], None] | None = None,
+    cancel: Cancel | None = None,
     max_kv_size: int | None = None,
     keep: int = 0,
     kv_bits: int | None = None,
@@ -132,8 +145,10 @@ def generate_step(
             are `context`, the prompt and the ids generated. One with `stateful = True` turns
             prompt lookup off.
         prompt_cache: per-layer caches, updated in place; a fresh one when None.
-        prefill_step_size: the prompt is processed in chunks of this many tokens.
+        prefill_step_size: the prompt is processed in chunks of this many tokens
+            (`default_prefill_step`: short chunks on the CPU).
         prompt_progress: called as (processed, total) during prefill.
+        cancel: once set, prefill stops after the current chunk and nothing is yielded.
         max_kv_size, keep: for a new cache, rotate within this many tokens, never dropping the
             first `keep` (see `KVCache`).
         kv_bits, kv_group_size, quantized_kv_start: for a new cache, quantize keys and values
@@ -157,6 +172,7 @@ def generate_step(
             quantize_after=quantized_kv_start,
         )  # fmt: skip
     cache = prompt_cache
+    prefill_step_size = prefill_step_size or default_prefill_step(model)
     window = cache[0].window
     if window is not None:  # a prefill chunk must fit beside the kept tokens
         prefill_step_size = min(prefill_step_size, window - cache[0].keep)
@@ -217,6 +233,8 @@ def generate_step(
     progress(0, total)
     # Prefill all but the last token in chunks, evaluating the cache to bound memory.
     while total - done > 1:
+        if cancel is not None and cancel.is_set():
+            return
         n = min(prefill_step_size, total - done - 1)
         model(prompt[done : done + n][None], cache=cache)
         mx.eval([c.state for c in cache])
@@ -380,6 +398,7 @@ def stream_generate(
         logits_processors=logits_processors,
         prompt_cache=prompt_cache.layers if prompt_cache is not None else None,
         context=ids[:reused],
+        cancel=cancel,
         **kwargs,
     )
     try:
@@ -407,6 +426,8 @@ def stream_generate(
         if prompt_cache is not None:
             prompt_cache.settle(ids + generated)
 
+    if finish == "length" and not generated and cancel is not None and cancel.is_set():
+        finish = "cancelled"  # during the prefill
     detokenizer.finalize()
     if finish != "stop":
         pending += detokenizer.last_segment

@@ -228,3 +228,67 @@ def test_chat_with_a_wrong_folder_fails_before_the_prompt_and_a_broken_one_at_th
     r = CliRunner().invoke(cli.app, ["chat", "-m", str(broken)], input="hi\n")
     assert r.exit_code == 1 and "›" in r.output
     assert "error:" in r.output and "tokenizer.json" in r.output
+
+
+# A slow model: 0.2 s per prefill chunk of 4 tokens (a tiny model's own chunk would be the whole
+# prompt); each chunk is counted in a file, so that a test sees how many ran after Ctrl-C.
+SLOW_PREFILL = """
+import importlib, sys, time
+from smollm3_mlx import cli, model
+
+importlib.import_module("smollm3_mlx.generate").default_prefill_step = lambda m: 4
+forward, counts = model.Model.__call__, sys.argv[1]
+
+def slow(self, inputs, cache=None):
+    if inputs.shape[1] > 1:
+        with open(counts, "a") as f:
+            f.write("chunk\\n")
+        time.sleep(0.2)
+    return forward(self, inputs, cache=cache)
+
+model.Model.__call__ = slow
+sys.argv = ["smollm3-mlx", *sys.argv[2:]]
+cli.app()
+"""
+
+
+def _slow(model_dir, tmp_path, *args):
+    chunks = tmp_path / "chunks"
+    child = pexpect.spawn(
+        sys.executable,
+        ["-c", SLOW_PREFILL, str(chunks), *args, "-m", str(model_dir), "--temp", "0"],
+        env=_env(tmp_path / "state"),
+        encoding="utf-8",
+        timeout=120,
+        dimensions=(40, 160),
+    )
+    return child, lambda: len(chunks.read_text().splitlines()) if chunks.exists() else 0
+
+
+@requires_reference
+@pytest.mark.parametrize("command", ["chat", "generate"])
+def test_a_long_prefill_shows_its_progress_and_ctrl_c_stops_it_within_a_chunk(
+    model_dir, tmp_path, command
+):
+    child, chunks = _slow(
+        model_dir, tmp_path, command, *([QUESTIONS["math"]] * (command != "chat"))
+    )
+    if command == "chat":
+        child.expect(PROMPT)
+        child.send(QUESTIONS["math"] + "\r")
+    child.expect(r"reading the prompt: (\d+) of (\d+) tokens, [\d.]+ tok/s, \d+ s \(Ctrl-C stops\)")
+    total = int(child.match.group(2))
+    seen = chunks()
+    child.sendintr()
+    if command == "chat":
+        child.expect("interrupted")
+        child.expect(PROMPT)
+        ran = chunks()
+        _exit(child)
+    else:
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 130
+        ran = chunks()
+    assert total > 200 and seen <= ran <= seen + 1  # counted as they start: perhaps one more
+    assert ran < total // 4 - 1
