@@ -293,13 +293,19 @@ def load(
         (model, tokenizer); `model.info` holds the folder's path, context window, sampling
         defaults and the tokenizer.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from .tokenizer import Tokenizer
 
     path = resolve_model_path(path_or_repo, revision)
-    model = load_model(path, dtype=dtype, lazy=lazy, max_context=max_context)
-    try:
-        tokenizer = Tokenizer.from_folder(path)
-    except FileNotFoundError as e:
-        raise ModelLoadError(str(e)) from None
+    # The tokenizer (parsing tokenizer.json, ~1 s for SmolLM3's) is read beside the weights;
+    # its thread runs no MLX work.
+    with ThreadPoolExecutor(1, thread_name_prefix="smollm3-mlx tokenizer") as pool:
+        reading = pool.submit(Tokenizer.from_folder, path)
+        model = load_model(path, dtype=dtype, lazy=lazy, max_context=max_context)
+        try:
+            tokenizer = reading.result()
+        except FileNotFoundError as e:
+            raise ModelLoadError(str(e)) from None
     model.info = replace(model.info, tokenizer=tokenizer)  # so that `Chat(model)` needs no more
     return model, tokenizer
