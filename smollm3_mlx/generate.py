@@ -20,7 +20,7 @@ GREEDY = Sampling(temperature=0.0, top_p=1.0)  # for a model `load` did not make
 DEFAULT_PREFILL_STEP = 512
 # On the CPU a chunk of the prompt costs about as much per token as single steps (BENCHMARKS.md),
 # so chunks there are sized to a few tokens of SmolLM3-3B: Ctrl-C acts within seconds.
-CPU_PREFILL_WORK = 4 * 3.0e9  # tokens x parameters per chunk
+CPU_PREFILL_WORK = 4 * 3.04e9  # tokens x parameters per chunk: 4 tokens of the 3B (3.04e9 below)
 
 
 class Cancel(Protocol):

@@ -292,3 +292,31 @@ def test_a_long_prefill_shows_its_progress_and_ctrl_c_stops_it_within_a_chunk(
         ran = chunks()
     assert total > 200 and seen <= ran <= seen + 1  # counted as they start: perhaps one more
     assert ran < total // 4 - 1
+
+
+def test_prefill_chunks_are_a_few_tokens_of_the_3b_on_the_cpu_and_512_on_a_gpu(monkeypatch):
+    from types import SimpleNamespace
+
+    import mlx.core as mx
+
+    from smollm3_mlx.generate import default_prefill_step
+
+    big = SimpleNamespace(args=SimpleNamespace(num_hidden_layers=36, hidden_size=2048,
+                                               intermediate_size=11008))  # fmt: skip
+    tiny = SimpleNamespace(args=SimpleNamespace(num_hidden_layers=2, hidden_size=64,
+                                                intermediate_size=256))  # fmt: skip
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.cpu))
+    assert (default_prefill_step(big), default_prefill_step(tiny)) == (4, 512)
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
+    assert default_prefill_step(big) == 512
+
+
+@requires_reference
+def test_a_prompt_too_long_names_the_longest_context_this_model_allows(model_dir):
+    config = json.loads((model_dir / "config.json").read_text())
+    most = 2 * config["max_position_embeddings"]
+    r = CliRunner().invoke(
+        cli.app, ["generate", "-m", str(model_dir), "--max-context", "40", QUESTIONS["hi"]]
+    )
+    assert r.exit_code == 1 and "131072" not in r.output
+    assert f"(raise --max-context; this model allows up to {most})" in r.output
