@@ -265,7 +265,9 @@ class _Loading:
     that a person can type at once; the first answer waits only for what is left.
 
     What can be checked without the weights (the folder, its config) is checked before the
-    prompt, so that a wrong -m is one line at once, not after the first message.
+    prompt, so that a wrong -m is one line at once, not after the first message. The thread
+    starts once the prompt is drawn: parsing tokenizer.json holds the GIL for a second, which
+    would otherwise hold the prompt back.
     """
 
     def __init__(self, model: str | None, dtype: str, max_context: int | None):
@@ -283,7 +285,10 @@ class _Loading:
         self.thread = threading.Thread(
             target=self._run, args=(_dtype(dtype), max_context), name="smollm3-mlx load"
         )
-        self.thread.start()
+
+    def start(self) -> None:
+        if self.thread.ident is None:
+            self.thread.start()
 
     def _run(self, dtype: str | None, max_context: int | None) -> None:
         import mlx.core as mx
@@ -301,6 +306,7 @@ class _Loading:
         """(model, tokenizer, name) once loaded; a load error is one line and exit 1."""
         from .loading import ModelLoadError
 
+        self.start()
         if self.thread.is_alive():
             with console.status("loading the model"):
                 while self.thread.is_alive():
@@ -465,7 +471,7 @@ def chat(
     try:
         console.welcome(loading.name, think, keep_thinking)
         session = None
-        ask = console.chat_reader()
+        ask = console.chat_reader(on_shown=loading.start)
         while True:
             try:
                 line = ask(session.think if session else think)
@@ -491,7 +497,8 @@ def chat(
     except KeyboardInterrupt:  # while waiting for the model
         raise typer.Exit(130) from None
     finally:
-        loading.thread.join()  # never leave a thread inside MLX at exit
+        if loading.thread.ident is not None:
+            loading.thread.join()  # never leave a thread inside MLX at exit
 
 
 @app.command()

@@ -137,14 +137,16 @@ def ask(think: bool) -> str:
     return out.input(f"\n[bold cyan]you[/] [dim]({mode})[/] [bold cyan]›[/] ")
 
 
-def chat_reader() -> Callable[[bool], str]:
+def chat_reader(on_shown: Callable[[], None] = lambda: None) -> Callable[[bool], str]:
     """What reads the chat's messages: the line editor on a terminal (editing keys, history,
-    multi-line paste), plain lines from a pipe or a file."""
+    multi-line paste), plain lines from a pipe or a file. `on_shown` is called once the first
+    prompt is on the screen (at once without the editor)."""
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        on_shown()
         return ask
     from .editor import LineEditor
 
-    editor = LineEditor()
+    editor = LineEditor(on_shown=on_shown)
     return lambda think: editor.ask("you", "think" if think else "no_think")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from prompt_toolkit import PromptSession
@@ -39,6 +40,17 @@ def _keys() -> KeyBindings:
     return keys
 
 
+def _once(call: Callable[[], None]) -> Callable[[object], None]:
+    done = []
+
+    def handler(_app: object) -> None:
+        if not done:
+            done.append(True)
+            call()
+
+    return handler
+
+
 def _history():
     """The history file, private to the user (messages can be), or none if it cannot be made."""
     path = history_file()
@@ -56,9 +68,10 @@ class LineEditor:
 
     Args:
         stderr: draw on stderr (for `generate`, whose stdout is the answer alone).
+        on_shown: called once, when the prompt has first been drawn.
     """
 
-    def __init__(self, *, stderr: bool = False) -> None:
+    def __init__(self, *, stderr: bool = False, on_shown: Callable[[], None] | None = None) -> None:
         self.session: PromptSession[str] = PromptSession(
             output=create_output(stdout=sys.stderr) if stderr else None,
             history=_history(),
@@ -67,6 +80,8 @@ class LineEditor:
             prompt_continuation=lambda width, *_: "." * (width - 1) + " ",
             enable_open_in_editor=False,
         )
+        if on_shown is not None:
+            self.session.app.after_render += _once(on_shown)
 
     def ask(self, label: str, hint: str) -> str:
         """`label (hint) › ` then the user's message."""

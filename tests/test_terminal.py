@@ -194,8 +194,8 @@ def test_chat_prompt_shows_while_the_model_loads_and_the_first_answer_waits_for_
         order.append("prompt shown before the load" if asked.wait(60) else "load first")
         return real_load(*args, **kwargs)  # in the loading thread: its arrays serve the turn
 
-    def reader():
-        ask = real_reader()
+    def reader(**kwargs):
+        ask = real_reader(**kwargs)
 
         def first(think):
             asked.set()
