@@ -222,7 +222,7 @@ def _model_name(model: str | None) -> str:
     """`model`, or the default model's folder (downloaded and converted on first use)."""
     if model is not None:
         return model
-    from .convert import ConvertError, convert
+    from .convert import ConvertError, ConvertInterrupted, convert
     from .loading import DEFAULT_REPO
 
     path = default_model_dir()
@@ -231,7 +231,11 @@ def _model_name(model: str | None) -> str:
         console.note(f"into {path}")
         try:
             with console.progress("converting") as update:
-                convert(DEFAULT_REPO, path, bits=4, recipe="mixed", progress=update)
+                convert(DEFAULT_REPO, path, bits=4, recipe="mixed", progress=update,
+                        note=console.note)  # fmt: skip
+        except ConvertInterrupted as e:
+            console.error(str(e))
+            raise typer.Exit(128 + e.signum) from None
         except ConvertError as e:
             console.error(str(e))
             raise typer.Exit(1) from None
@@ -398,7 +402,7 @@ def _command(chat, line: str) -> bool:
             return True
         console.info(
             f"loaded {len(chat.messages)} messages, thinking {'on' if chat.think else 'off'}"
-            + (f" (saved with {data['model']})" if data.get("model") != chat.model_name else "")
+            + (f" (saved with {data['model']})" if data["model"] != chat.model_name else "")
         )
     elif name == "/stats":
         console.session_stats(_stats(chat))
@@ -674,7 +678,7 @@ def convert(
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Quantize SmolLM3 into an MLX folder that smollm3-mlx and mlx-lm both run."""
-    from .convert import ConvertError, convert as convert_model
+    from .convert import ConvertError, ConvertInterrupted, convert as convert_model
 
     try:
         with console.progress("converting") as update:
@@ -689,10 +693,13 @@ def convert(
                 upload_repo=upload_repo,
                 force=force,
                 progress=update,
+                note=console.note,
             )
     except ConvertError as e:
         console.error(str(e))
-        raise typer.Exit(1) from None
+        # As a shell reports a process a signal ended: 130 for Ctrl-C, 143 for SIGTERM.
+        code = 128 + e.signum if isinstance(e, ConvertInterrupted) else 1
+        raise typer.Exit(code) from None
     console.converted(result)
 
 
