@@ -108,6 +108,9 @@ class Chat:
         tool_choice: "auto" (the model may call an offered tool; once it opens `<tool_call>`
             the call is held to {"name": an offered tool, "arguments": its parameters}),
             "none" (it cannot call), "required" (the answer is calls) or a tool's name.
+        prompt_progress: called as (prompt ids processed, to process) during each turn's
+            prefill, between forward chunks (a long prefill can show its progress; `cancel`
+            stops it after the current chunk).
 
     Sharing: one loaded model may serve several Chats, driven one at a time. A Chat runs one
     turn at a time: starting a turn while another is being generated (from another thread, or
@@ -142,6 +145,7 @@ class Chat:
         think_budget: int | None = None,
         handoff: str = DEFAULT_HANDOFF,
         tool_choice: ToolChoice = "auto",
+        prompt_progress: Callable[[int, int], None] | None = None,
     ):
         info = model.info
         tokenizer = tokenizer or (info.tokenizer if info is not None else None)
@@ -178,6 +182,7 @@ class Chat:
         _check_whole("kv_start", kv_start, 0)
         check_kv_quantization(model.args.head_dim or 0, kv_bits, kv_group_size)
         self.prompt_lookup = prompt_lookup
+        self.prompt_progress = prompt_progress
         self.kv = KVSettings(kv_bits, kv_group_size, kv_start)
         self.prompt_cache: PromptCache | None = None  # made at the first turn (its kept system)
         self._cancel = threading.Event()
@@ -374,6 +379,7 @@ class Chat:
             logits_processors=processors,
             cancel=_Either(stop, self._cancel),
             prompt_lookup=self.prompt_lookup,
+            prompt_progress=self.prompt_progress,
         )
         # stop_thinking needs the budget processor; until the first token, a think-mode turn
         # counts as thinking (Ctrl-C: answer now).
