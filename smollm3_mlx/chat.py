@@ -381,10 +381,9 @@ class Chat:
             prompt_lookup=self.prompt_lookup,
             prompt_progress=self.prompt_progress,
         )
-        # stop_thinking needs the budget processor; until the first token, a think-mode turn
-        # counts as thinking (Ctrl-C: answer now).
+        # stop_thinking needs the budget processor, and acts once `<think>` is written (during
+        # the prefill, Ctrl-C stops the turn).
         can_stop = any(isinstance(p, ThinkBudget) for p in processors)
-        self.thinking = can_stop and self.think
         try:
             for last in responses:
                 if last.finish_reason is None and last.token is not None:
