@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -118,14 +118,25 @@ class Tokenizer:
     def token_to_id(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)
 
-    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
+    def encode(self, text: str, *, allow_special: bool | Collection[str] = False) -> list[int]:
         """Encode `text` without adding BOS/EOS.
 
         Args:
             text: The text to encode.
             allow_special: If True, added-token text like `<|im_end|>` or `<think>` becomes its
-                control id; if False (the default) every added token, special or not, is plain text.
+                control id; if False (the default) every added token, special or not, is plain
+                text; a collection of added tokens (ASSISTANT_TAGS): only those.
         """
+        if not isinstance(allow_special, bool):
+            allowed = frozenset(allow_special)
+            ids: list[int] = []
+            pos = 0
+            for m in self._added_re.finditer(text):
+                if m[0] in allowed:
+                    ids += self.encode(text[pos : m.start()])
+                    ids.append(self._added[m[0]])
+                    pos = m.end()
+            return ids + self.encode(text[pos:])
         ids = self.backend.encode(text, add_special_tokens=False).ids
         # Judged on the ids, not the text: a normalizer could make an added token of other text
         if allow_special or self._added_ids.isdisjoint(ids):

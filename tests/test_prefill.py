@@ -9,7 +9,7 @@ from datetime import datetime
 import pytest
 from checkpoints import REFERENCE_MODEL_DIR, requires_reference
 
-from smollm3_mlx.tokenizer import Tokenizer
+from smollm3_mlx.tokenizer import ASSISTANT_TAGS, Tokenizer
 
 pytestmark = requires_reference
 FROZEN = datetime(2025, 11, 5, 12, 0)
@@ -100,3 +100,17 @@ def test_unknown_options_are_refused_not_dropped(tok, hf):
     assert rendered == hf.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True, custom_instructions="Be brief."
     )
+
+
+def test_encode_lets_only_the_named_tags_through(tok):
+    """How a prefilled answer is tokenized: the tags the model writes itself are control ids,
+    every other added token stays text."""
+    text = "a<think>b<|im_end|>c</think>"
+    ids = tok.encode(text, allow_special=ASSISTANT_TAGS)
+    assert ids == [
+        *tok.encode("a"),
+        tok.think_start_id,
+        *tok.encode("b<|im_end|>c"),
+        tok.think_end_id,
+    ]
+    assert tok.im_end_id not in ids and tok.decode(ids) == text
