@@ -313,6 +313,15 @@ def generate(
     think: Think = True,
     hide_thinking: HideThinking = False,
     system: System = None,
+    prefill: Annotated[
+        str | None,
+        typer.Option(
+            "--prefill",
+            metavar="TEXT",
+            help="Start the answer with TEXT and let the model continue it ('{' for JSON); "
+            "TEXT is printed as part of the answer.",
+        ),
+    ] = None,
     output_format: Annotated[
         str,
         typer.Option(
@@ -346,16 +355,21 @@ def generate(
     if not prompt.strip():
         console.error("the prompt is empty")
         raise typer.Exit(1)
+    if raw and prefill is not None:
+        console.error(
+            "--prefill opens the chat template's answer; with --raw, end the prompt with it"
+        )
+        raise typer.Exit(2)
     try:
         session = _session(
             model, dtype, think, system, True, max_tokens, temperature, top_p, seed,
             max_context, kv_bits, kv_group_size, kv_start, prompt_lookup,
         )  # fmt: skip
-        _check_context(session, prompt, raw)
+        _check_context(session, prompt, raw, prefill)
         if raw:
             _complete(session, prompt, stats, output_format)
         elif output_format == "json":
-            *_, done = session.send(prompt)
+            *_, done = session.send(prompt, prefill=prefill)
             result = {"thinking": done.thinking, "answer": done.answer}
             result |= {"finish_reason": done.finish_reason, "stats": asdict(done.stats)}
             console.write(json.dumps(result, ensure_ascii=False) + "\n")
@@ -363,20 +377,29 @@ def generate(
             view = console.TurnView(
                 hide_thinking=hide_thinking, thinking_to=console.err, footer=stats
             )
-            for event in session.send(prompt):
+            for event in session.send(prompt, prefill=prefill):
                 view(event)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 
 
-def _check_context(session, prompt: str, raw: bool) -> None:
+def _check_context(session, prompt: str, raw: bool, prefill: str | None) -> None:
     """generate answers one prompt: one longer than the context is an error, not a rotation."""
     tok = session.tokenizer
     if raw:
         n = len(tok.encode(prompt, allow_special=True))
     else:
         messages = [*session.messages, {"role": "user", "content": prompt}]
-        n = len(tok.apply_chat_template(messages, tokenize=True, enable_thinking=session.think))
+        if prefill is not None:
+            messages.append({"role": "assistant", "content": prefill})
+        n = len(
+            tok.apply_chat_template(
+                messages,
+                tokenize=True,
+                enable_thinking=session.think,
+                continue_final_message=prefill is not None,
+            )
+        )
     limit = session.model.max_context
     if n >= limit:
         console.error(
