@@ -199,14 +199,21 @@ class Chat:
             continue_final_message=continue_final_message,
         )
 
-    def _render(self, messages: list[dict[str, Any]], **options: bool) -> list[int]:
+    def _render(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> list[int]:
         ids = self.tokenizer.apply_chat_template(
             messages,
             tokenize=True,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
             enable_thinking=self.think,
             tools=self.tools,
             assistant_tags=True,
-            **options,
         )
         assert isinstance(ids, list)
         return ids
@@ -413,7 +420,7 @@ class Chat:
         if finish == "cancelled" and self.on_cancel == "drop":
             self._undo(n_new)
             return
-        message = self.messages.pop() if open_answer else {"role": "assistant"}
+        message: dict[str, Any] = self.messages.pop() if open_answer else {"role": "assistant"}
         body = message.get("content", "") + self.tokenizer.decode(generated)
         thinking, answer = split_thinking(body)
         message["content"] = answer if thinking and not self.keep_thinking else body

@@ -79,7 +79,9 @@ class Tokenizer:
         self.im_start_id = self.token_to_id("<|im_start|>")
         self.im_end_id = self.token_to_id("<|im_end|>")
         names = ("bos_token", "eos_token", "unk_token", "pad_token")
-        self._special_vars = {n: _token_text(self.config[n]) for n in names if self.config.get(n)}
+        self._special_vars: dict[str, str] = {
+            n: text for n in names if (text := _token_text(self.config.get(n)))
+        }
         self._template: CompiledTemplate | None = None
 
     @classmethod
