@@ -244,6 +244,8 @@ class Tokenizer:
             else add_generation_prompt,
             enable_thinking=enable_thinking,
         )
+        now = self.now()  # one date for both renderings of a tokenized chat
+        inputs["strftime_now"] = lambda fmt: now.strftime(fmt)
         text = compiled.render({**self._special_vars, **inputs})
         if final is not None:
             text = cut_at_continue_tag(text, final)
