@@ -172,7 +172,13 @@ def test_send_with_prefill_continues_the_answer(loaded, think):
         {"role": "user", "content": QUESTIONS["hi"]},
         {"role": "assistant", "content": prefill},
     ]
-    prompt = chat._render(opened, continue_final_message=True)
+    prompt = chat.tokenizer.apply_chat_template(
+        opened,
+        tokenize=True,
+        continue_final_message=True,
+        enable_thinking=think,
+        assistant_tags=True,
+    )
     thinking, answer, done = _split(list(chat.send(QUESTIONS["hi"], prefill=prefill)))
     # The prefill streams first, as if the model had written it; the model went on from there
     assert (thinking, answer) == _streams(full)
