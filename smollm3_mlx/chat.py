@@ -531,6 +531,8 @@ def _prefilled(new: list[dict[str, Any]], prefill: str | None) -> tuple[list[dic
     """The turn's new messages, with the answer opened by `prefill` when one is given."""
     if prefill is None:
         return new, False
+    if not isinstance(prefill, str):
+        raise TypeError(f"prefill must be a str, not {_kind(prefill)}")
     return [*new, {"role": "assistant", "content": prefill}], True
 
 

@@ -211,6 +211,9 @@ def test_continue_answer_finishes_a_cut_off_answer(loaded):
 
 def test_continue_answer_needs_an_answer_to_continue(loaded):
     chat = _chat(loaded)
+    with pytest.raises(TypeError, match="prefill"):
+        chat.send("hi", prefill=123)  # type: ignore[arg-type]
+    assert chat.messages == []
     with pytest.raises(ValueError, match="nothing to continue"):
         chat.continue_answer()
     chat.messages.append({"role": "user", "content": "hi"})
