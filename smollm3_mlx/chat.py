@@ -92,6 +92,9 @@ class Chat:
         prompt_lookup: draft up to this many tokens from n-grams already in the conversation
             and verify them in one pass (same output; see `generate_step`). 0: off.
         model_name: recorded in saved conversations.
+        prompt_progress: called as (prompt ids processed, to process) during each turn's
+            prefill, between forward chunks (a long prefill can show its progress; `cancel`
+            stops it after the current chunk).
 
     Sharing: one loaded model may serve several Chats, driven one at a time. A Chat runs one
     turn at a time: starting a turn while another is being generated (from another thread, or
@@ -123,6 +126,7 @@ class Chat:
         kv_start: int = 0,
         prompt_lookup: int = 0,
         model_name: str | None = None,
+        prompt_progress: Callable[[int, int], None] | None = None,
     ):
         info = model.info
         tokenizer = tokenizer or (info.tokenizer if info is not None else None)
@@ -159,6 +163,7 @@ class Chat:
         _check_whole("kv_start", kv_start, 0)
         check_kv_quantization(model.args.head_dim or 0, kv_bits, kv_group_size)
         self.prompt_lookup = prompt_lookup
+        self.prompt_progress = prompt_progress
         self.kv = KVSettings(kv_bits, kv_group_size, kv_start)
         self.prompt_cache: PromptCache | None = None  # made at the first turn (its kept system)
         self._cancel = threading.Event()
@@ -347,7 +352,6 @@ class Chat:
             raise
         if self.prompt_cache is None:
             self.prompt_cache = self._new_cache(prompt)
-        yield from given
         generated: list[int] = []  # the end-of-turn id left out
         last = None
         start = time.perf_counter()
@@ -359,9 +363,12 @@ class Chat:
             prompt_cache=self.prompt_cache,
             cancel=_Either(stop, self._cancel),
             prompt_lookup=self.prompt_lookup,
+            prompt_progress=self.prompt_progress,
         )
         try:
             for last in responses:
+                yield from given  # a prefill streams once the prompt is read, as an answer would
+                given = []
                 if last.finish_reason is None and last.token is not None:
                     generated.append(last.token)
                     yield from parser.feed(last.token)
