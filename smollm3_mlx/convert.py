@@ -15,10 +15,9 @@ import os
 import shlex
 import shutil
 import tempfile
-import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -33,10 +32,14 @@ from .loading import (
     DEFAULT_REPO,
     DTYPES,
     ModelLoadError,
+    Progress,
+    check_tensors,
+    first_line,
     load_config,
     load_model,
     model_args,
     read_safetensors_header,
+    resolve_model_path,
     weight_files,
 )
 from .model import Model
@@ -53,8 +56,6 @@ WORKERS = 2  # threads quantizing row blocks: MLX and file I/O release the GIL
 # safetensors dtype name -> (numpy dtype of its bytes, MLX dtype); and MLX dtype -> name
 ST_DTYPES = {"BF16": ("<u2", mx.bfloat16), "F16": ("<f2", mx.float16), "F32": ("<f4", mx.float32)}
 ST_NAMES = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.uint32: "U32"}
-
-Progress = Callable[[int, int, str], None]
 
 
 class ConvertError(ValueError):
@@ -197,112 +198,20 @@ def _one_line_error(e: BaseException, out: Path) -> ConvertError | None:
         return ConvertError(f"interrupted; nothing was written to {out}")
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
         return ConvertError(f"disk full writing {out} ({e.strerror}); nothing was written")
-    return ConvertError(f"conversion to {out} failed: {_first_line(e)}")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+    return ConvertError(f"conversion to {out} failed: {first_line(e)}")
 
 
 def _resolve_source(
     source: str, revision: str | None, progress: Progress | None = None
 ) -> tuple[Path, str | None]:
     """(local folder, hub commit) of a folder or a hub repo id, downloading only what is used."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        if revision:
-            raise ConvertError(f"{path} is a local folder; --revision applies to hub repos only")
-        return path, None
-    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise ConvertError(f"{path}: not a model folder")
-    try:
-        folder = _snapshot(source, revision, progress)
-    except Exception as e:  # network, auth, missing revision, offline cache miss: all end here
-        raise ConvertError(f"download of {source} failed: {_download_error(e)}") from e
-    return Path(folder), Path(folder).name  # snapshot folders are named by their commit
-
-
-def _snapshot(source: str, revision: str | None, progress: Progress | None) -> str:
-    """snapshot_download on a thread of its own, so that Ctrl-C stops it: huggingface_hub
-    itself would let KeyboardInterrupt through only once every file it started is complete."""
-    from huggingface_hub import snapshot_download
-
-    cancel, result = threading.Event(), {}
-    bar = _download_bar(progress, f"downloading {source}", cancel)
-
-    def fetch() -> None:
-        try:
-            result["folder"] = snapshot_download(
-                source, revision=revision, allow_patterns=SOURCE_FILES, tqdm_class=bar
-            )
-        except BaseException as e:
-            result["error"] = e
-
-    thread = threading.Thread(target=fetch, name="smollm3-mlx-download", daemon=True)
-    thread.start()
-    try:
-        thread.join()
-    except KeyboardInterrupt:
-        cancel.set()  # each download thread stops at its next block of bytes
-        thread.join(timeout=10)
-        raise
-    if "error" in result:
-        raise result["error"]
-    return result["folder"]
-
-
-def _download_bar(progress: Progress | None, label: str, cancel: threading.Event) -> type:
-    """A tqdm class for snapshot_download that stops the download once `cancel` is set, and
-    with a `progress` callback draws nothing but hands it the byte counts (bytes written, not the
-    network's), so that one bar shows the download and the conversion."""
-    from huggingface_hub.utils import tqdm
-
-    lock = threading.Lock()
-
-    class Bar(tqdm):
-        def __init__(self, *args, **kwargs):
-            name = kwargs.get("name") or ""
-            self.reports = kwargs.get("unit") == "B" and not name.endswith(".transfer")
-            if progress is not None:
-                kwargs["disable"] = True
-            super().__init__(*args, **kwargs)
-
-        def update(self, n: float | None = 1) -> bool | None:
-            if cancel.is_set():
-                raise _Cancelled("download cancelled")
-            if progress is None:
-                return super().update(n)
-            with lock:  # the files download on several threads
-                self.n += n or 0
-                done, total = int(self.n), int(self.total or 0)
-            if self.reports and total:
-                progress(min(done, total), total, label)
-            return None
-
-    return Bar
-
-
-class _Cancelled(Exception):
-    """Raised inside huggingface_hub's download threads to stop them."""
-
-
-def _download_error(e: Exception) -> str:
-    """One line for a failed download: the hub's own reason when it sent one."""
-    from huggingface_hub.errors import RepositoryNotFoundError
-
-    text = _first_line(e)
-    reason = (getattr(e, "server_message", None) or "").strip()
-    if reason:
-        text = f"{text.rstrip('.')}: {reason.splitlines()[0]}"
-    if isinstance(e, RepositoryNotFoundError):  # what the hub answers for private repos too
-        text += " (a private or gated repo needs HF_TOKEN with access)"
-    return text
+    path = resolve_model_path(source, revision, patterns=SOURCE_FILES, progress=progress)
+    from_hub = not Path(source).expanduser().is_dir()
+    return path, path.name if from_hub else None  # snapshot folders are named by their commit
 
 
 def _validate(path: Path, model: Model) -> tuple[dict[str, _Job], int]:
     """A job per source tensor, checked against the model's parameters; and their count."""
-    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
     jobs = {}
     for file in weight_files(path):
         header = read_safetensors_header(file)
@@ -314,20 +223,13 @@ def _validate(path: Path, model: Model) -> tuple[dict[str, _Job], int]:
             offset = start + t["data_offsets"][0]
             jobs[name] = _Job(name, file, offset, t["dtype"], tuple(t["shape"]))
     jobs = model.sanitize(jobs)
+    check_tensors(
+        model, {n: j.shape for n, j in jobs.items()}, {n: j.file for n, j in jobs.items()}, path
+    )
     for name, job in jobs.items():
-        if name not in expected:
-            raise ConvertError(f"{job.file}: unexpected tensor {name}")
-        if job.shape != expected[name]:
-            raise ConvertError(
-                f"{job.file}: tensor {name} has shape {job.shape}, expected {expected[name]}"
-            )
         if job.dtype not in ST_DTYPES:
             raise ConvertError(f"{job.file}: tensor {name} has unsupported dtype {job.dtype}")
-    missing = sorted(set(expected) - set(jobs))
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ConvertError(f"{path}: tensor {missing[0]} is missing{more}")
-    return jobs, sum(math.prod(s) for s in expected.values())
+    return jobs, sum(v.size for _, v in tree_flatten(model.parameters()))
 
 
 def _quantized_layout(model, jobs, bits, group_size, recipe, dtype):
@@ -356,39 +258,65 @@ def _quantized_layout(model, jobs, bits, group_size, recipe, dtype):
     return outputs, overrides
 
 
-def _plan_shards(jobs: dict[str, _Job], outputs, shard_size: int) -> dict[str, tuple]:
-    """Shard file name -> (its safetensors header, its jobs with their output offsets)."""
-    groups: list[list[_Job]] = [[]]
+def plan_shards(sizes: Sequence[int], max_size: int) -> list[tuple[str, list[int]]]:
+    """Shard file names with the indices of the tensors each holds: filled in order, a new shard
+    whenever the next tensor would pass `max_size` (as huggingface_hub splits a state dict)."""
+    groups: list[list[int]] = [[]]
     size = 0
-    for name in sorted(jobs):
-        stem = name.removesuffix(".weight")
-        names = (
-            [f"{stem}.{s}" for s in ("weight", "scales", "biases")] if jobs[name].quant else [name]
-        )
-        nbytes = sum(math.prod(outputs[n][1]) * outputs[n][0].size for n in names)
-        if groups[-1] and size + nbytes > shard_size:
+    for i, n in enumerate(sizes):
+        if groups[-1] and size + n > max_size:
             groups.append([])
             size = 0
-        groups[-1].append(dataclasses.replace(jobs[name], outputs=dict.fromkeys(names, 0)))
-        size += nbytes
+        groups[-1].append(i)
+        size += n
+    return [
+        (f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors", g) for i, g in enumerate(groups)
+    ]
+
+
+def safetensors_header(
+    tensors: Sequence[tuple[str, str, Sequence[int], int]], fmt: str
+) -> tuple[bytes, dict[str, int]]:
+    """The header of a safetensors file holding `tensors` (name, dtype name, shape, bytes), their
+    data in this order from an 8-byte aligned start; and where each tensor starts in the file."""
+    table: dict[str, Any] = {"__metadata__": {"format": fmt}}
+    offset = 0
+    for name, dtype, shape, nbytes in tensors:
+        table[name] = dict(dtype=dtype, shape=list(shape), data_offsets=[offset, offset + nbytes])
+        offset += nbytes
+    raw = json.dumps(table, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # so that the data starts 8-byte aligned
+    header = len(raw).to_bytes(8, "little") + raw
+    return header, {t[0]: len(header) + table[t[0]]["data_offsets"][0] for t in tensors}
+
+
+def _plan_shards(jobs: dict[str, _Job], outputs, shard_size: int) -> dict[str, tuple]:
+    """Shard file name -> (its safetensors header, its jobs with their output offsets)."""
+
+    def names(job: _Job) -> list[str]:
+        stem = job.name.removesuffix(".weight")
+        return [f"{stem}.{s}" for s in ("weight", "scales", "biases")] if job.quant else [job.name]
+
+    def nbytes(name: str) -> int:
+        dtype, shape = outputs[name]
+        return math.prod(shape) * dtype.size
+
+    ordered = [jobs[name] for name in sorted(jobs)]
     shards = {}
-    for i, group in enumerate(groups):
-        table: dict[str, Any] = {"__metadata__": {"format": "mlx"}}
-        offset = 0
-        for job in group:
-            for n in job.outputs:
-                dt, shape = outputs[n]
-                end = offset + math.prod(shape) * dt.size
-                table[n] = dict(dtype=ST_NAMES[dt], shape=list(shape), data_offsets=[offset, end])
-                offset = end
-        raw = json.dumps(table, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # so that the data starts 8-byte aligned
-        for job in group:
-            job.outputs.update({n: 8 + len(raw) + table[n]["data_offsets"][0] for n in job.outputs})
-        shards[f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"] = (
-            len(raw).to_bytes(8, "little") + raw,
-            group,
-        )
+    for file, indices in plan_shards(
+        [sum(map(nbytes, names(ordered[i]))) for i in range(len(ordered))], shard_size
+    ):
+        group = [ordered[i] for i in indices]
+        tensors = [
+            (n, ST_NAMES[outputs[n][0]], outputs[n][1], nbytes(n))
+            for job in group
+            for n in names(job)
+        ]
+        header, offsets = safetensors_header(tensors, "mlx")
+        group = [
+            dataclasses.replace(job, outputs={n: offsets[n] for n in names(job)}) for job in group
+        ]
+        shards[file] = (header, group)
     return shards
 
 
@@ -573,4 +501,4 @@ def _upload(folder: Path, repo: str) -> None:
         api.upload_folder(folder_path=folder, repo_id=repo, repo_type="model")
     except (Exception, KeyboardInterrupt) as e:
         raise ConvertError(f"{folder} was written, but the upload to {repo} failed: "
-                           f"{_first_line(e)}") from e  # fmt: skip
+                           f"{first_line(e)}") from e  # fmt: skip
