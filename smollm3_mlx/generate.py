@@ -1,6 +1,8 @@
 """Generation in three layers: generate_step (token ids) -> stream_generate (responses) -> generate.
 
-Nothing here prints; callers render.
+`stream_generate` is the one core that Chat, the CLI and a server use: it reuses a PromptCache,
+decides the end of a turn, and measures. Prompt lookup is a step of its own (lookup.py) that it
+chooses instead of `generate_step`. Nothing here prints; callers render.
 """
 
 from __future__ import annotations
@@ -108,7 +110,9 @@ class StepOptions:
     context: Sequence[int] = ()
 
 
-def start(prompt: mx.array, model, o: StepOptions) -> tuple[Decoder, mx.array, Callable[[], None]]:
+def prefill(
+    prompt: mx.array, model, o: StepOptions
+) -> tuple[Decoder, mx.array, Callable[[], None]]:
     """Make the cache if none is given and prefill all of `prompt` but its last id.
 
     Returns the decoder, the ids left to feed, and what to call once the first token is out
@@ -161,7 +165,7 @@ def plain_steps(
     prompt: mx.array, model, max_tokens: int, options: StepOptions
 ) -> Generator[tuple[int, mx.array], None, None]:
     """The loop of `generate_step`: one forward pass per token."""
-    decoder, last, prefilled = start(prompt, model, options)
+    decoder, last, prefilled = prefill(prompt, model, options)
     y, logprobs = decoder.step(last)
     mx.async_eval(y, logprobs)
     n = 0

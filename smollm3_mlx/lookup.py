@@ -21,7 +21,7 @@ from .generate import (
     LookupStats,
     StepOptions,
     plain_steps,
-    start,
+    prefill,
 )
 
 DEFAULT_LOOKUP_NGRAM = 3
@@ -124,7 +124,7 @@ def lookup_generate_step(
 def _lookup_steps(
     prompt: mx.array, model, max_tokens: int, prompt_lookup: int, ngram: int, o: StepOptions
 ) -> Generator[tuple[int, mx.array], None, None]:
-    decoder, last, prefilled = start(prompt, model, o)
+    decoder, last, prefilled = prefill(prompt, model, o)
     lookup = _PromptLookup([*o.context, *prompt.tolist()], ngram)
     y, logprobs = decoder.step(last)
     mx.async_eval(y, logprobs)
