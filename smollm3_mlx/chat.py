@@ -137,14 +137,9 @@ class Chat:
         if on_cancel not in ("keep", "drop"):
             raise ValueError(f"on_cancel must be 'keep' or 'drop', not {on_cancel!r}")
         self.on_cancel = on_cancel
-        self.sampling = (sampling or Sampling.from_model(model)).updated(
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-            max_tokens=max_tokens,
-        )
+        given = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
+        given |= dict(repetition_penalty=repetition_penalty, max_tokens=max_tokens)
+        self.sampling = (sampling or Sampling.from_model(model)).updated(**given)
         self.functions: dict[str, Callable[..., Any]] = {}
         self.tools: list[dict[str, Any]] | None = None
         self.set_tools(tools)
