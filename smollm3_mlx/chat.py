@@ -25,6 +25,7 @@ from .cache import KVSettings, PromptCache, check_kv_quantization
 from .constrain import (
     DEFAULT_HANDOFF,
     AnswerConstraint,
+    ConstraintError,
     ThinkBudget,
     ToolChoice,
     make_answer_constraint,
@@ -43,6 +44,7 @@ from .events import (
 )
 from .generate import GenerationResponse, stream_generate
 from .sample import Sampling
+from .tokenizer import ASSISTANT_TAGS
 from .tools import Tool, as_text, run_tool, tool_schema, tool_schemas
 
 if TYPE_CHECKING:
@@ -156,14 +158,9 @@ class Chat:
         if on_cancel not in ("keep", "drop"):
             raise ValueError(f"on_cancel must be 'keep' or 'drop', not {on_cancel!r}")
         self.on_cancel = on_cancel
-        self.sampling = (sampling or Sampling.from_model(model)).updated(
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-            max_tokens=max_tokens,
-        )
+        given = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
+        given |= dict(repetition_penalty=repetition_penalty, max_tokens=max_tokens)
+        self.sampling = (sampling or Sampling.from_model(model)).updated(**given)
         self.functions: dict[str, Callable[..., Any]] = {}
         self.tools: list[dict[str, Any]] | None = None
         self.set_tools(tools)
@@ -238,11 +235,29 @@ class Chat:
         self._answer_now.set()
         return True
 
-    def render(self, *, add_generation_prompt: bool = True) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(
+    def render(
+        self, *, add_generation_prompt: bool = True, continue_final_message: bool = False
+    ) -> list[int]:
+        """The ids of the conversation as the model reads it (continue_final_message: with the
+        final message left open, as `Tokenizer.apply_chat_template` does)."""
+        return self._render(
             self.messages,
+            add_generation_prompt=add_generation_prompt and not continue_final_message,
+            continue_final_message=continue_final_message,
+        )
+
+    def _render(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(
+            messages,
             tokenize=True,
             add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
             enable_thinking=self.think,
             tools=self.tools,
             assistant_tags=True,
@@ -254,6 +269,7 @@ class Chat:
         self,
         text: str,
         *,
+        prefill: str | None = None,
         response_format: Any = None,
         think_budget: int | None = None,
         tool_choice: ToolChoice | None = None,
@@ -262,9 +278,12 @@ class Chat:
 
         Args:
             text: the user's message.
+            prefill: the start of the answer, which the model continues (`{` to begin a JSON
+                object, a phrase to steer it, `<think>` and a first thought): streamed as the
+                turn's first events and part of the answer, as if the model had written it.
             response_format: hold the answer to a JSON schema (dict, OpenAI's `response_format`
                 or a Pydantic model class), a regex or a list of strings; `Done.parsed` has its
-                value. See `constrain.make_response_format`.
+                value. See `constrain.make_response_format`. Not with `prefill`.
             think_budget: this turn's thinking budget (default: the Chat's).
             tool_choice: this turn's tool choice (default: the Chat's).
 
@@ -272,7 +291,19 @@ class Chat:
             ConstraintError: a format or tool choice that cannot be enforced (before any token;
                 the history is left as it was).
         """
-        return self._turn(_user_message(text), _Turn(response_format, think_budget, tool_choice))
+        new, open_answer = _prefilled(_user_message(text), prefill)
+        return self._turn(new, _Turn(response_format, think_budget, tool_choice, open_answer))
+
+    def continue_answer(self) -> Generator[Event, None, None]:
+        """Continue the last assistant message (one cut off by max_tokens, or cancelled): stream
+        what the model adds to it; the message grows by that, and Done holds the whole answer.
+
+        Raises:
+            ValueError: the last message is not the assistant's.
+        """
+        if not self.messages or self.messages[-1]["role"] != "assistant":
+            raise ValueError("nothing to continue: the last message is not the assistant's")
+        return self._turn([], _Turn(open_answer=True))
 
     def send_tool_result(
         self, *results: object, response_format: Any = None, tool_choice: ToolChoice | None = None
@@ -296,7 +327,16 @@ class Chat:
 
         Cancelling the task (or leaving the loop early) stops generation within one step.
         """
-        async for event in self._off_loop(_user_message(text), _Turn(**options)):
+        prefill = options.pop("prefill", None)
+        new, open_answer = _prefilled(_user_message(text), prefill)
+        async for event in self._off_loop(new, _Turn(**options, open_answer=open_answer)):
+            yield event
+
+    async def acontinue_answer(self) -> AsyncIterator[Event]:
+        """`continue_answer` off the event loop."""
+        if not self.messages or self.messages[-1]["role"] != "assistant":
+            raise ValueError("nothing to continue: the last message is not the assistant's")
+        async for event in self._off_loop([], _Turn(open_answer=True)):
             yield event
 
     async def asend_tool_result(self, *results: object, **options: Any) -> AsyncIterator[Event]:
@@ -336,7 +376,10 @@ class Chat:
             worker.join()
 
     def _turn(
-        self, new: list[dict[str, Any]], turn: _Turn, stop: threading.Event | None = None
+        self,
+        new: list[dict[str, Any]],
+        turn: _Turn,
+        stop: threading.Event | None = None,
     ) -> Generator[Event, None, None]:
         with self._turn_lock():
             self._cancel.clear()
@@ -357,16 +400,18 @@ class Chat:
     def _generate(
         self, new: list[dict[str, Any]], turn: _Turn, stop: threading.Event
     ) -> Iterator[Event]:
+        """One turn; with turn.open_answer, the final message is an answer to continue."""
+        open_answer = turn.open_answer
         self.messages += new
         try:
-            prompt = self.render()
+            prompt = self.render(continue_final_message=open_answer)
+            parser, given = self._answer_parser(prompt, open_answer, bool(new))
             processors, constraint = self._processors(turn)
         except Exception:
-            del self.messages[-len(new) :]
+            self._undo(len(new))
             raise
         if self.prompt_cache is None:
             self.prompt_cache = self._new_cache(prompt)
-        parser = EventParser(self.tokenizer, prompt)
         generated: list[int] = []  # the end-of-turn id left out
         last = None
         start = time.perf_counter()
@@ -386,20 +431,22 @@ class Chat:
         can_stop = any(isinstance(p, ThinkBudget) for p in processors)
         try:
             for last in responses:
+                yield from given  # a prefill streams once the prompt is read, as an answer would
+                given = []
                 if last.finish_reason is None and last.token is not None:
                     generated.append(last.token)
                     yield from parser.feed(last.token)
                     self.thinking = can_stop and parser.splitter.thinking
         except GeneratorExit:  # the caller closed the stream: a cancel too
-            self._record(len(new), generated, "cancelled")
+            self._record(len(new), generated, "cancelled", open_answer)
             raise
         except BaseException:  # an error: the history is left as before the turn
-            del self.messages[-len(new) :]
+            self._undo(len(new))
             raise
         finally:
             responses.close()  # the prompt cache settles, however the turn ended
         assert last is not None and last.finish_reason is not None
-        self._record(len(new), generated, last.finish_reason)
+        self._record(len(new), generated, last.finish_reason, open_answer)
         yield from parser.flush()
         self.last = self._stats(last, parser, time.perf_counter() - start)
         parsed = None
@@ -418,6 +465,8 @@ class Chat:
             processors.append(
                 ThinkBudget(self.tokenizer, budget, handoff=self.handoff, stop=self._answer_now)
             )
+        if turn.open_answer and turn.response_format is not None:
+            raise ConstraintError("a response_format holds a whole answer: not with a prefill")
         constraint = make_answer_constraint(
             self.tokenizer,
             turn.response_format,
@@ -454,16 +503,34 @@ class Chat:
             answer_tokens=parser.answer_tokens,
         )
 
-    def _record(self, n_new: int, generated: list[int], finish: str) -> None:
-        """Add the assistant message (marked if interrupted), or drop a cancelled turn."""
-        if finish == "cancelled" and self.on_cancel == "drop":
+    def _answer_parser(
+        self, prompt: list[int], open_answer: bool, shown: bool
+    ) -> tuple[EventParser, list[Event]]:
+        """The parser of the turn's answer, and the events of the part of it given, not
+        generated: a prefill is streamed (`shown`), a continued answer's start was already."""
+        if not open_answer:
+            return EventParser(self.tokenizer, prompt), []
+        *before, answer = self.messages
+        parser = EventParser(self.tokenizer, self._render(before, add_generation_prompt=True))
+        ids = self.tokenizer.encode(answer["content"], allow_special=ASSISTANT_TAGS)
+        events = [event for i in ids for event in parser.feed(i)]
+        return parser, events if shown else []
+
+    def _undo(self, n_new: int) -> None:
+        if n_new:
             del self.messages[-n_new:]
+
+    def _record(self, n_new: int, generated: list[int], finish: str, open_answer: bool) -> None:
+        """Add the assistant message, or grow the open one (marked if interrupted); or drop a
+        cancelled turn."""
+        if finish == "cancelled" and self.on_cancel == "drop":
+            self._undo(n_new)
             return
-        body = self.tokenizer.decode(generated)
+        message: dict[str, Any] = self.messages.pop() if open_answer else {"role": "assistant"}
+        body = message.get("content", "") + self.tokenizer.decode(generated)
         thinking, answer = split_thinking(body)
-        message: dict[str, Any] = {"role": "assistant", "content": body}
-        if thinking and not self.keep_thinking:
-            message["content"] = answer
+        message["content"] = answer if thinking and not self.keep_thinking else body
+        message.pop("interrupted", None)
         if finish == "cancelled":
             message["interrupted"] = True
         self.messages.append(message)
@@ -536,6 +603,7 @@ class _Turn:
     response_format: Any = None
     think_budget: int | None = None
     tool_choice: ToolChoice | None = None
+    open_answer: bool = False  # the final message is an answer to continue (prefill, continue)
 
 
 class _Either:
@@ -564,6 +632,15 @@ class _Held:
 
     def __exit__(self, *exc: object) -> None:
         self.lock.release()
+
+
+def _prefilled(new: list[dict[str, Any]], prefill: str | None) -> tuple[list[dict[str, Any]], bool]:
+    """The turn's new messages, with the answer opened by `prefill` when one is given."""
+    if prefill is None:
+        return new, False
+    if not isinstance(prefill, str):
+        raise TypeError(f"prefill must be a str, not {_kind(prefill)}")
+    return [*new, {"role": "assistant", "content": prefill}], True
 
 
 def _user_message(text: str) -> list[dict[str, Any]]:

@@ -343,27 +343,19 @@ def _session(
     import mlx.core as mx
 
     from .chat import Chat
+    from .sample import Sampling
 
     m, tokenizer, name = loaded or _load(model, dtype, max_context)
     if seed is not None:
         mx.random.seed(seed)
+    # The options given, over generation_config.json's defaults
+    sampling = Sampling.from_model(m, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
     try:
         return Chat(
-            m,
-            tokenizer,
-            think=think,
-            system=system,
-            keep_thinking=keep_thinking,
-            temperature=temperature,  # over generation_config.json's defaults, where given
-            top_p=top_p,
-            max_tokens=max_tokens,
-            model_name=name,
-            kv_bits=kv_bits,
-            kv_group_size=kv_group_size,
-            kv_start=kv_start,
-            prompt_lookup=prompt_lookup,
-            think_budget=think_budget,
-        )
+            m, tokenizer, think=think, system=system, keep_thinking=keep_thinking,
+            sampling=sampling, model_name=name, kv_bits=kv_bits, kv_group_size=kv_group_size,
+            kv_start=kv_start, prompt_lookup=prompt_lookup, think_budget=think_budget,
+        )  # fmt: skip
     except ValueError as e:
         console.error(str(e))
         raise typer.Exit(1) from None
@@ -542,6 +534,15 @@ def generate(
     think: Think = True,
     hide_thinking: HideThinking = False,
     system: System = None,
+    prefill: Annotated[
+        str | None,
+        typer.Option(
+            "--prefill",
+            metavar="TEXT",
+            help="Start the answer with TEXT and let the model continue it ('{' for JSON); "
+            "TEXT is printed as part of the answer.",
+        ),
+    ] = None,
     output_format: Annotated[
         str,
         typer.Option(
@@ -590,6 +591,11 @@ def generate(
     if not prompt.strip():
         console.error("the prompt is empty")
         raise typer.Exit(1)
+    if raw and prefill is not None:
+        console.error(
+            "--prefill opens the chat template's answer; with --raw, end the prompt with it"
+        )
+        raise typer.Exit(2)
     from .constrain import ConstraintError
 
     try:
@@ -598,14 +604,14 @@ def generate(
             max_context, kv_bits, kv_group_size, kv_start, prompt_lookup,
             think_budget=think_budget,
         )  # fmt: skip
-        _check_context(session, prompt, raw)
+        _check_context(session, prompt, raw, prefill)
         with console.prefill_progress() as progress:
             session.prompt_progress = progress
             if raw:
                 parsed = _complete(session, prompt, stats, output_format, schema)
             else:
                 parsed = _answer(
-                    session, prompt, progress, output_format, hide_thinking, stats, schema
+                    session, prompt, progress, output_format, hide_thinking, stats, schema, prefill
                 )
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
@@ -629,9 +635,10 @@ def _read_schema(path: Path) -> dict:
     return schema
 
 
-def _answer(session, prompt, progress, output_format, hide_thinking, stats, schema):
+def _answer(session, prompt, progress, output_format, hide_thinking, stats, schema, prefill):
     """One turn through the chat template, printed; the parsed value (with a schema)."""
-    events = _after_prefill(progress, session.send(prompt, response_format=schema))
+    turn = session.send(prompt, prefill=prefill, response_format=schema)
+    events = _after_prefill(progress, turn)
     if output_format == "json":
         result = _turn_json(events, parsed=schema is not None)
         console.write(json.dumps(result, ensure_ascii=False) + "\n")
@@ -659,14 +666,23 @@ def _turn_json(events, parsed: bool = False) -> dict[str, Any]:
     return result | {"finish_reason": done.finish_reason, "stats": asdict(done.stats)}
 
 
-def _check_context(session, prompt: str, raw: bool) -> None:
+def _check_context(session, prompt: str, raw: bool, prefill: str | None) -> None:
     """generate answers one prompt: one longer than the context is an error, not a rotation."""
     tok = session.tokenizer
     if raw:
         n = len(tok.encode(prompt, allow_special=True))
     else:
         messages = [*session.messages, {"role": "user", "content": prompt}]
-        n = len(tok.apply_chat_template(messages, tokenize=True, enable_thinking=session.think))
+        if prefill is not None:
+            messages.append({"role": "assistant", "content": prefill})
+        n = len(
+            tok.apply_chat_template(
+                messages,
+                tokenize=True,
+                enable_thinking=session.think,
+                continue_final_message=prefill is not None,
+            )
+        )
     from .loading import longest_context
 
     limit, most = session.model.max_context, longest_context(session.model.args)

@@ -23,7 +23,7 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -38,11 +38,16 @@ from .loading import (
     DEFAULT_REPO,
     DTYPES,
     ModelLoadError,
+    Progress,
+    check_tensors,
+    download_bar,
+    first_line,
     hub_error,
     load_config,
     load_model,
     model_args,
     read_safetensors_header,
+    snapshot,
     weight_files,
 )
 from .model import Model, ModelArgs
@@ -68,8 +73,6 @@ ST_NAMES = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.uint32
 TEMP_NAME = re.compile(r"\.(?P<out>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[a-z0-9_]{8}")
 MARKER = ".smollm3-mlx-convert.json"
 SPACE_MARGIN = 1 << 20  # bytes beyond the planned output: the card, the configs' rewrites
-
-Progress = Callable[[int, int, str], None]
 
 
 class ConvertError(ValueError):
@@ -249,7 +252,7 @@ def _one_line_error(e: BaseException, out: Path) -> ConvertError | None:
         return ConvertInterrupted(f"interrupted; nothing was written to {out}")
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
         return ConvertError(f"disk full writing {out} ({e.strerror}); nothing was written")
-    return ConvertError(f"conversion to {out} failed: {_first_line(e)}")
+    return ConvertError(f"conversion to {out} failed: {first_line(e)}")
 
 
 @contextlib.contextmanager
@@ -311,7 +314,7 @@ def _check_needed_files(path: Path, source: str, hint: str = "") -> None:
     try:
         Tokenizer.from_folder(path)
     except Exception as e:  # tokenizers raises its own Exception subclass for a bad file
-        raise ConvertError(f"{path / 'tokenizer.json'}: cannot be read ({_first_line(e)})") from e
+        raise ConvertError(f"{path / 'tokenizer.json'}: cannot be read ({first_line(e)})") from e
 
 
 def _check_upload_repo(repo: str) -> None:
@@ -357,7 +360,7 @@ def _check_download_space(source: str, commit: str) -> None:
     from huggingface_hub import constants, snapshot_download
 
     try:
-        quiet = _download_bar(lambda *_: None, "", threading.Event())  # draws nothing
+        quiet = download_bar(lambda *_: None, "", threading.Event())  # draws nothing
         plan = snapshot_download(
             source, revision=commit, allow_patterns=SOURCE_FILES, dry_run=True, tqdm_class=quiet
         )
@@ -446,11 +449,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
-
-
 def _local_source(source: str, revision: str | None) -> Path | None:
     """The folder `source` names; None when it is a hub repo id."""
     path = Path(source).expanduser()
@@ -467,12 +465,12 @@ def _fetch(source: str, revision: str | None, progress: Progress | None) -> tupl
     """(local folder, hub commit) of a hub repo: its small files first, checked, then the
     weights of that same commit, so that a repo lacking what the output needs costs no download."""
     try:
-        folder = Path(_snapshot(source, revision, progress, SMALL_FILES))
+        folder = Path(snapshot(source, revision, progress, SMALL_FILES))
         commit = folder.name  # snapshot folders are named by their commit
         _check_needed_files(folder, source)
         done = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
         _check_download_space(source, commit)
-        _snapshot(source, commit, progress, SOURCE_FILES, offset=done)
+        snapshot(source, commit, progress, SOURCE_FILES, offset=done)
     except ConvertError:
         raise
     except Exception as e:  # network, auth, missing revision, offline cache miss: all end here
@@ -480,82 +478,8 @@ def _fetch(source: str, revision: str | None, progress: Progress | None) -> tupl
     return folder, commit
 
 
-def _snapshot(
-    source: str,
-    revision: str | None,
-    progress: Progress | None,
-    patterns: list[str],
-    offset: int = 0,
-) -> str:
-    """snapshot_download on a thread of its own, so that Ctrl-C stops it: huggingface_hub
-    itself would let KeyboardInterrupt through only once every file it started is complete.
-    `offset`: bytes an earlier call reported, added to this one's progress."""
-    from huggingface_hub import snapshot_download
-
-    cancel, result = threading.Event(), {}
-    bar = _download_bar(progress, f"downloading {source}", cancel, offset)
-
-    def fetch() -> None:
-        try:
-            result["folder"] = snapshot_download(
-                source, revision=revision, allow_patterns=patterns, tqdm_class=bar
-            )
-        except BaseException as e:
-            result["error"] = e
-
-    thread = threading.Thread(target=fetch, name="smollm3-mlx-download", daemon=True)
-    thread.start()
-    try:
-        thread.join()
-    except KeyboardInterrupt:
-        cancel.set()  # each download thread stops at its next block of bytes
-        thread.join(timeout=10)
-        raise
-    if "error" in result:
-        raise result["error"]
-    return result["folder"]
-
-
-def _download_bar(
-    progress: Progress | None, label: str, cancel: threading.Event, offset: int = 0
-) -> type:
-    """A tqdm class for snapshot_download that stops the download once `cancel` is set, and
-    with a `progress` callback draws nothing but hands it the byte counts (bytes written, not the
-    network's), so that one bar shows the download and the conversion."""
-    from huggingface_hub.utils import tqdm
-
-    lock = threading.Lock()
-
-    class Bar(tqdm):
-        def __init__(self, *args, **kwargs):
-            name = kwargs.get("name") or ""
-            self.reports = kwargs.get("unit") == "B" and not name.endswith(".transfer")
-            if progress is not None:
-                kwargs["disable"] = True
-            super().__init__(*args, **kwargs)
-
-        def update(self, n: float | None = 1) -> bool | None:
-            if cancel.is_set():
-                raise _Cancelled("download cancelled")
-            if progress is None:
-                return super().update(n)
-            with lock:  # the files download on several threads
-                self.n += n or 0
-                done, total = int(self.n), int(self.total or 0)
-            if self.reports and total:
-                progress(offset + min(done, total), offset + total, label)
-            return None
-
-    return Bar
-
-
-class _Cancelled(Exception):
-    """Raised inside huggingface_hub's download threads to stop them."""
-
-
 def _validate(path: Path, model: Model) -> tuple[dict[str, _Job], int]:
     """A job per source tensor, checked against the model's parameters; and their count."""
-    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
     jobs = {}
     for file in weight_files(path):
         header = read_safetensors_header(file)
@@ -567,20 +491,13 @@ def _validate(path: Path, model: Model) -> tuple[dict[str, _Job], int]:
             offset = start + t["data_offsets"][0]
             jobs[name] = _Job(name, file, offset, t["dtype"], tuple(t["shape"]))
     jobs = model.sanitize(jobs)
+    check_tensors(
+        model, {n: j.shape for n, j in jobs.items()}, {n: j.file for n, j in jobs.items()}, path
+    )
     for name, job in jobs.items():
-        if name not in expected:
-            raise ConvertError(f"{job.file}: unexpected tensor {name}")
-        if job.shape != expected[name]:
-            raise ConvertError(
-                f"{job.file}: tensor {name} has shape {job.shape}, expected {expected[name]}"
-            )
         if job.dtype not in ST_DTYPES:
             raise ConvertError(f"{job.file}: tensor {name} has unsupported dtype {job.dtype}")
-    missing = sorted(set(expected) - set(jobs))
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ConvertError(f"{path}: tensor {missing[0]} is missing{more}")
-    return jobs, sum(math.prod(s) for s in expected.values())
+    return jobs, sum(v.size for _, v in tree_flatten(model.parameters()))
 
 
 def _quantized_layout(model, jobs, bits, group_size, recipe, dtype):
@@ -609,39 +526,65 @@ def _quantized_layout(model, jobs, bits, group_size, recipe, dtype):
     return outputs, overrides
 
 
-def _plan_shards(jobs: dict[str, _Job], outputs, shard_size: int) -> dict[str, tuple]:
-    """Shard file name -> (its safetensors header, its jobs with their output offsets)."""
-    groups: list[list[_Job]] = [[]]
+def plan_shards(sizes: Sequence[int], max_size: int) -> list[tuple[str, list[int]]]:
+    """Shard file names with the indices of the tensors each holds: filled in order, a new shard
+    whenever the next tensor would pass `max_size` (as huggingface_hub splits a state dict)."""
+    groups: list[list[int]] = [[]]
     size = 0
-    for name in sorted(jobs):
-        stem = name.removesuffix(".weight")
-        names = (
-            [f"{stem}.{s}" for s in ("weight", "scales", "biases")] if jobs[name].quant else [name]
-        )
-        nbytes = sum(math.prod(outputs[n][1]) * outputs[n][0].size for n in names)
-        if groups[-1] and size + nbytes > shard_size:
+    for i, n in enumerate(sizes):
+        if groups[-1] and size + n > max_size:
             groups.append([])
             size = 0
-        groups[-1].append(dataclasses.replace(jobs[name], outputs=dict.fromkeys(names, 0)))
-        size += nbytes
+        groups[-1].append(i)
+        size += n
+    return [
+        (f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors", g) for i, g in enumerate(groups)
+    ]
+
+
+def safetensors_header(
+    tensors: Sequence[tuple[str, str, Sequence[int], int]], fmt: str
+) -> tuple[bytes, dict[str, int]]:
+    """The header of a safetensors file holding `tensors` (name, dtype name, shape, bytes), their
+    data in this order from an 8-byte aligned start; and where each tensor starts in the file."""
+    table: dict[str, Any] = {"__metadata__": {"format": fmt}}
+    offset = 0
+    for name, dtype, shape, nbytes in tensors:
+        table[name] = dict(dtype=dtype, shape=list(shape), data_offsets=[offset, offset + nbytes])
+        offset += nbytes
+    raw = json.dumps(table, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # so that the data starts 8-byte aligned
+    header = len(raw).to_bytes(8, "little") + raw
+    return header, {t[0]: len(header) + table[t[0]]["data_offsets"][0] for t in tensors}
+
+
+def _plan_shards(jobs: dict[str, _Job], outputs, shard_size: int) -> dict[str, tuple]:
+    """Shard file name -> (its safetensors header, its jobs with their output offsets)."""
+
+    def names(job: _Job) -> list[str]:
+        stem = job.name.removesuffix(".weight")
+        return [f"{stem}.{s}" for s in ("weight", "scales", "biases")] if job.quant else [job.name]
+
+    def nbytes(name: str) -> int:
+        dtype, shape = outputs[name]
+        return math.prod(shape) * dtype.size
+
+    ordered = [jobs[name] for name in sorted(jobs)]
     shards = {}
-    for i, group in enumerate(groups):
-        table: dict[str, Any] = {"__metadata__": {"format": "mlx"}}
-        offset = 0
-        for job in group:
-            for n in job.outputs:
-                dt, shape = outputs[n]
-                end = offset + math.prod(shape) * dt.size
-                table[n] = dict(dtype=ST_NAMES[dt], shape=list(shape), data_offsets=[offset, end])
-                offset = end
-        raw = json.dumps(table, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # so that the data starts 8-byte aligned
-        for job in group:
-            job.outputs.update({n: 8 + len(raw) + table[n]["data_offsets"][0] for n in job.outputs})
-        shards[f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"] = (
-            len(raw).to_bytes(8, "little") + raw,
-            group,
-        )
+    for file, indices in plan_shards(
+        [sum(map(nbytes, names(ordered[i]))) for i in range(len(ordered))], shard_size
+    ):
+        group = [ordered[i] for i in indices]
+        tensors = [
+            (n, ST_NAMES[outputs[n][0]], outputs[n][1], nbytes(n))
+            for job in group
+            for n in names(job)
+        ]
+        header, offsets = safetensors_header(tensors, "mlx")
+        group = [
+            dataclasses.replace(job, outputs={n: offsets[n] for n in names(job)}) for job in group
+        ]
+        shards[file] = (header, group)
     return shards
 
 
@@ -834,4 +777,4 @@ def _upload(folder: Path, repo: str) -> None:
         api.upload_folder(folder_path=folder, repo_id=repo, repo_type="model")
     except (Exception, KeyboardInterrupt) as e:
         raise ConvertError(f"{folder} was written, but the upload to {repo} failed: "
-                           f"{_first_line(e)}") from e  # fmt: skip
+                           f"{first_line(e)}") from e  # fmt: skip

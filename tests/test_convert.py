@@ -804,7 +804,7 @@ def _refused_before_any_work(monkeypatch):
         raise AssertionError("the conversion started")
 
     monkeypatch.setattr(convert_module, "_validate", never)
-    monkeypatch.setattr(convert_module, "_snapshot", never)
+    monkeypatch.setattr(convert_module, "snapshot", never)
 
 
 @pytest.mark.parametrize(
