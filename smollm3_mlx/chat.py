@@ -89,6 +89,9 @@ class Chat:
         prompt_lookup: draft up to this many tokens from n-grams already in the conversation
             and verify them in one pass (same output; see `generate_step`). 0: off.
         model_name: recorded in saved conversations.
+        prompt_progress: called as (prompt ids processed, to process) during each turn's
+            prefill, between forward chunks (a long prefill can show its progress; `cancel`
+            stops it after the current chunk).
 
     Sharing: one loaded model may serve several Chats, driven one at a time. A Chat runs one
     turn at a time: starting a turn while another is being generated (from another thread, or
@@ -120,6 +123,7 @@ class Chat:
         kv_start: int = 0,
         prompt_lookup: int = 0,
         model_name: str | None = None,
+        prompt_progress: Callable[[int, int], None] | None = None,
     ):
         info = model.info
         tokenizer = tokenizer or (info.tokenizer if info is not None else None)
@@ -156,6 +160,7 @@ class Chat:
         _check_whole("kv_start", kv_start, 0)
         check_kv_quantization(model.args.head_dim or 0, kv_bits, kv_group_size)
         self.prompt_lookup = prompt_lookup
+        self.prompt_progress = prompt_progress
         self.kv = KVSettings(kv_bits, kv_group_size, kv_start)
         self.prompt_cache: PromptCache | None = None  # made at the first turn (its kept system)
         self._cancel = threading.Event()
@@ -304,6 +309,7 @@ class Chat:
             prompt_cache=self.prompt_cache,
             cancel=_Either(stop, self._cancel),
             prompt_lookup=self.prompt_lookup,
+            prompt_progress=self.prompt_progress,
         )
         try:
             for last in responses:
