@@ -520,6 +520,15 @@ def generate(
     think: Think = True,
     hide_thinking: HideThinking = False,
     system: System = None,
+    prefill: Annotated[
+        str | None,
+        typer.Option(
+            "--prefill",
+            metavar="TEXT",
+            help="Start the answer with TEXT and let the model continue it ('{' for JSON); "
+            "TEXT is printed as part of the answer.",
+        ),
+    ] = None,
     output_format: Annotated[
         str,
         typer.Option(
@@ -557,24 +566,30 @@ def generate(
     if not prompt.strip():
         console.error("the prompt is empty")
         raise typer.Exit(1)
+    if raw and prefill is not None:
+        console.error(
+            "--prefill opens the chat template's answer; with --raw, end the prompt with it"
+        )
+        raise typer.Exit(2)
     try:
         session = _session(
             model, dtype, think, system, True, max_tokens, temperature, top_p, seed,
             max_context, kv_bits, kv_group_size, kv_start, prompt_lookup,
         )  # fmt: skip
-        _check_context(session, prompt, raw)
+        _check_context(session, prompt, raw, prefill)
         with console.prefill_progress() as progress:
             session.prompt_progress = progress
             if raw:
                 _complete(session, prompt, stats, output_format)
             elif output_format == "json":
-                result = _turn_json(_after_prefill(progress, session.send(prompt)))
+                turn = session.send(prompt, prefill=prefill)
+                result = _turn_json(_after_prefill(progress, turn))
                 console.write(json.dumps(result, ensure_ascii=False) + "\n")
             else:
                 view = console.TurnView(
                     hide_thinking=hide_thinking, thinking_to=console.err, footer=stats
                 )
-                for event in _after_prefill(progress, session.send(prompt)):
+                for event in _after_prefill(progress, session.send(prompt, prefill=prefill)):
                     view(event)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
@@ -595,14 +610,23 @@ def _turn_json(events) -> dict[str, Any]:
     return result | {"finish_reason": done.finish_reason, "stats": asdict(done.stats)}
 
 
-def _check_context(session, prompt: str, raw: bool) -> None:
+def _check_context(session, prompt: str, raw: bool, prefill: str | None) -> None:
     """generate answers one prompt: one longer than the context is an error, not a rotation."""
     tok = session.tokenizer
     if raw:
         n = len(tok.encode(prompt, allow_special=True))
     else:
         messages = [*session.messages, {"role": "user", "content": prompt}]
-        n = len(tok.apply_chat_template(messages, tokenize=True, enable_thinking=session.think))
+        if prefill is not None:
+            messages.append({"role": "assistant", "content": prefill})
+        n = len(
+            tok.apply_chat_template(
+                messages,
+                tokenize=True,
+                enable_thinking=session.think,
+                continue_final_message=prefill is not None,
+            )
+        )
     from .loading import longest_context
 
     limit, most = session.model.max_context, longest_context(session.model.args)

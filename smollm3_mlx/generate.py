@@ -14,6 +14,7 @@ from typing import Protocol
 import mlx.core as mx
 
 from .cache import Cache, PromptCache
+from .model import Model
 from .sample import DEFAULT_MAX_TOKENS, LogitsProcessor, Sampler, Sampling, greedy
 
 GREEDY = Sampling(temperature=0.0, top_p=1.0)  # for a model `load` did not make
@@ -78,8 +79,9 @@ class Decoder:
 
 
 def default_prefill_step(model) -> int:
-    """Prompt tokens per forward chunk: 512 on a GPU; on the CPU, what makes a chunk short."""
-    if mx.default_device().type == mx.gpu:
+    """Prompt tokens per forward chunk: 512 on a GPU; on the CPU, what makes a chunk short
+    (512 for a model that is not ours, e.g. a wrapper: its size is unknown)."""
+    if mx.default_device().type == mx.gpu or not isinstance(model, Model):
         return DEFAULT_PREFILL_STEP
     a = model.args
     params = a.num_hidden_layers * (4 * a.hidden_size**2 + 3 * a.hidden_size * a.intermediate_size)

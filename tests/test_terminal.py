@@ -11,7 +11,7 @@ import threading
 
 import pexpect
 import pytest
-from checkpoints import requires_reference
+from checkpoints import REFERENCE_MODEL_DIR, requires_reference
 from trained_model import QUESTIONS, trained_checkpoint
 from typer.testing import CliRunner
 
@@ -294,19 +294,22 @@ def test_a_long_prefill_shows_its_progress_and_ctrl_c_stops_it_within_a_chunk(
     assert ran < total // 4 - 1
 
 
+@requires_reference
 def test_prefill_chunks_are_a_few_tokens_of_the_3b_on_the_cpu_and_512_on_a_gpu(monkeypatch):
-    from types import SimpleNamespace
-
     import mlx.core as mx
 
     from smollm3_mlx.generate import default_prefill_step
+    from smollm3_mlx.model import Model, ModelArgs
 
-    big = SimpleNamespace(args=SimpleNamespace(num_hidden_layers=36, hidden_size=2048,
-                                               intermediate_size=11008))  # fmt: skip
-    tiny = SimpleNamespace(args=SimpleNamespace(num_hidden_layers=2, hidden_size=64,
-                                                intermediate_size=256))  # fmt: skip
+    config = json.loads((REFERENCE_MODEL_DIR / "config.json").read_text())
+    big = Model(ModelArgs.from_dict(config))  # SmolLM3-3B's shapes; lazy, nothing is allocated
+    tiny = Model(ModelArgs.from_dict({**config, "num_hidden_layers": 2, "hidden_size": 64,
+                                      "intermediate_size": 256, "num_attention_heads": 4,
+                                      "num_key_value_heads": 2, "vocab_size": 512,
+                                      "no_rope_layers": [1, 0]}))  # fmt: skip
+    wrapper = lambda inputs, cache=None: big(inputs, cache=cache)  # noqa: E731
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.cpu))
-    assert (default_prefill_step(big), default_prefill_step(tiny)) == (4, 512)
+    assert [default_prefill_step(m) for m in (big, tiny, wrapper)] == [4, 512, 512]
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
     assert default_prefill_step(big) == 512
 
