@@ -8,10 +8,7 @@ prints: `send` yields ThinkingDelta, AnswerDelta, ToolCall and ToolCallError eve
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
@@ -42,6 +39,7 @@ from .events import (
     TurnStats,
     split_thinking,
 )
+from .files import write_atomic
 from .generate import GenerationResponse, stream_generate
 from .sample import Sampling
 from .tokenizer import ASSISTANT_TAGS
@@ -558,7 +556,7 @@ class Chat:
         """
         path = Path(path).expanduser()
         data = (json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n").encode()
-        _write_atomic(path, data)
+        write_atomic(path, data)
         return path
 
     @classmethod
@@ -659,29 +657,6 @@ def _check_whole(name: str, value: object, low: int, optional: bool = False) -> 
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be a whole number >= {low}, not {value!r:.40}")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` in one rename, so that a failure leaves the old file whole."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644  # mkstemp's is 0o600
-        tmp.chmod(mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    with contextlib.suppress(OSError):  # the rename itself reaches the disk with the folder
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
 
 
 def _tool_messages(results: tuple[object, ...]) -> list[dict[str, Any]]:

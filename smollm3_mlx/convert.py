@@ -7,23 +7,18 @@ source bytes, quantized and written at their planned offsets. Memory stays near 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import json
 import math
 import os
-import re
 import shlex
 import shutil
 import signal
-import socket
-import tempfile
 import threading
 import time
-import warnings
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -34,6 +29,16 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from . import __version__
+from .files import (
+    Terminated,
+    existing_parent,
+    human_size,
+    make_temp,
+    remove_stale,
+    replace_folder,
+    signals_as_interrupt,
+    unmark,
+)
 from .loading import (
     DEFAULT_REPO,
     DTYPES,
@@ -68,10 +73,6 @@ WORKERS = 2  # threads quantizing row blocks: MLX and file I/O release the GIL
 ST_DTYPES = {"BF16": ("<u2", mx.bfloat16), "F16": ("<f2", mx.float16), "F32": ("<f4", mx.float32)}
 ST_NAMES = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.uint32: "U32"}
 
-# Our temporary folders: .OUT.tmp-PID-XXXXXXXX (the conversion) and .OUT.old-PID-XXXXXXXX (an old
-# OUT while --force replaces it), each with a MARKER naming the process and host that made it.
-TEMP_NAME = re.compile(r"\.(?P<out>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[a-z0-9_]{8}")
-MARKER = ".smollm3-mlx-convert.json"
 SPACE_MARGIN = 1 << 20  # bytes beyond the planned output: the card, the configs' rewrites
 
 
@@ -84,14 +85,6 @@ class ConvertInterrupted(ConvertError):
 
     def __init__(self, message: str, signum: int = signal.SIGINT):
         super().__init__(message)
-        self.signum = signum
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised where Ctrl-C raises KeyboardInterrupt, so that both clean up."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
         self.signum = signum
 
 
@@ -192,10 +185,10 @@ def convert(
         raise ConvertError(f"{out} already exists; pass --force to replace it")
     if upload_repo:
         _check_upload_repo(upload_repo)
-    _remove_stale(out.parent, note)
+    remove_stale(out.parent, note)
 
     tmp = None
-    with _signals_as_interrupt():
+    with signals_as_interrupt():
         try:
             if local is None:
                 path, revision = _fetch(str(source), revision, progress)
@@ -212,7 +205,7 @@ def convert(
             shards = _plan_shards(jobs, outputs, shard_size)
             _check_space(out, path, shards)
 
-            tmp = _make_temp(out, "tmp")
+            tmp = make_temp(out, "tmp")
             _write_shards(tmp, shards, DTYPES[dtype], progress)
             quantization = {"group_size": group_size, "bits": bits, "mode": "affine", **overrides}
             config = {**config, **_rope_spellings(model.args)}
@@ -224,8 +217,8 @@ def convert(
             )  # fmt: skip
             (tmp / "README.md").write_text(_model_card(result, config))
             _check(tmp)
-            (tmp / MARKER).unlink()
-            _replace(tmp, out)
+            unmark(tmp)
+            replace_folder(tmp, out)
         except BaseException as e:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -245,7 +238,7 @@ def _one_line_error(e: BaseException, out: Path) -> ConvertError | None:
         return None
     if isinstance(e, ModelLoadError):
         return ConvertError(str(e))
-    if isinstance(e, _Terminated):
+    if isinstance(e, Terminated):
         name = signal.Signals(e.signum).name
         return ConvertInterrupted(f"stopped by {name}; nothing was written to {out}", e.signum)
     if isinstance(e, KeyboardInterrupt):
@@ -253,29 +246,6 @@ def _one_line_error(e: BaseException, out: Path) -> ConvertError | None:
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
         return ConvertError(f"disk full writing {out} ({e.strerror}); nothing was written")
     return ConvertError(f"conversion to {out} failed: {first_line(e)}")
-
-
-@contextlib.contextmanager
-def _signals_as_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise as Ctrl-C does, so that a killed conversion cleans up after
-    itself. Only where Python would otherwise die of them: a handler the application set stays."""
-    signums = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
-    previous, fired = {}, []
-
-    def terminate(signum: int, frame: object) -> None:
-        if not fired:  # once: a second signal must not cut the clean-up short
-            fired.append(signum)
-            raise _Terminated(signum)
-
-    if threading.current_thread() is threading.main_thread():
-        for signum in signums:
-            if signal.getsignal(signum) == signal.SIG_DFL:
-                previous[signum] = signal.signal(signum, terminate)
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def _check_out(out: Path, source: Path | None) -> None:
@@ -346,12 +316,12 @@ def _check_space(out: Path, source: Path, shards: dict[str, tuple]) -> None:
     need = sum(len(header) + _data_bytes(header) for header, _ in shards.values())
     need += sum((source / n).stat().st_size for n in COPIED_FILES if (source / n).is_file())
     need += SPACE_MARGIN
-    parent = out.parent if out.parent.exists() else _existing_parent(out)
+    parent = out.parent if out.parent.exists() else existing_parent(out)
     free = shutil.disk_usage(parent).free
     if free < need:
         raise ConvertError(
-            f"not enough disk space for {out}: it needs {_size(need)}, {parent} has "
-            f"{_size(free)} free"
+            f"not enough disk space for {out}: it needs {human_size(need)}, {parent} has "
+            f"{human_size(free)} free"
         )
 
 
@@ -368,85 +338,18 @@ def _check_download_space(source: str, commit: str) -> None:
         return
     need = sum(f.file_size or 0 for f in plan if f.will_download)
     cache = Path(constants.HF_HUB_CACHE)
-    cache = cache if cache.exists() else _existing_parent(cache)
+    cache = cache if cache.exists() else existing_parent(cache)
     free = shutil.disk_usage(cache).free
     if need and free < need:
         raise ConvertError(
-            f"not enough disk space to download {source}: it needs {_size(need)}, {cache} has "
-            f"{_size(free)} free"
+            f"not enough disk space to download {source}: it needs {human_size(need)}, {cache} has "
+            f"{human_size(free)} free"
         )
 
 
 def _data_bytes(header: bytes) -> int:
     table = json.loads(header[8:])
     return max((t["data_offsets"][1] for k, t in table.items() if k != "__metadata__"), default=0)
-
-
-def _existing_parent(path: Path) -> Path:
-    for parent in path.resolve().parents:
-        if parent.exists():
-            return parent
-    return Path("/")
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} bytes"
-
-
-def _make_temp(out: Path, kind: str) -> Path:
-    """A hidden folder beside `out`, named and marked as ours so that a later run can tell it
-    is stale once this process is gone."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-{os.getpid()}-", dir=out.parent))
-    (tmp / MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
-    tmp.chmod(0o755)
-    return tmp
-
-
-def _remove_stale(folder: Path, note: Callable[[str], None] | None) -> None:
-    """Remove the temporary folders that killed conversions left in `folder`, and say so. An old
-    OUT that a --force replacement had set aside before the kill is put back if OUT is gone."""
-    if not folder.is_dir():
-        return
-    for path in sorted(folder.iterdir()):
-        match = TEMP_NAME.fullmatch(path.name)
-        if not match or not path.is_dir() or path.is_symlink():
-            continue
-        try:
-            marker = json.loads((path / MARKER).read_text())
-        except (OSError, ValueError):
-            continue  # not ours, or not yet marked
-        pid = marker.get("pid") if isinstance(marker, dict) else None
-        if marker.get("host") != socket.gethostname() or pid != int(match["pid"]):
-            continue  # another machine's, on a shared disk: its process may be alive
-        if _alive(pid):
-            continue
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-        old, out = path / match["out"], folder / match["out"]
-        if match["kind"] == "old" and old.exists() and not (out.exists() or out.is_symlink()):
-            old.rename(out)
-            message = f"put back {out}, set aside by a conversion (process {pid}) that was killed"
-        else:
-            message = (f"removed {path} ({_size(size)}), left by a conversion (process {pid}) "
-                       "that was killed")  # fmt: skip
-        shutil.rmtree(path, ignore_errors=True)
-        if note is None:
-            warnings.warn(message, stacklevel=3)
-        else:
-            note(message)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def _local_source(source: str, revision: str | None) -> Path | None:
@@ -750,22 +653,6 @@ def _check(folder: Path) -> None:
     mx.clear_cache()  # hand the check's buffers back
     if not finite:
         raise ConvertError(f"check of the converted model failed: non-finite logits ({folder})")
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Rename the finished folder to `out`; an old `out` (--force) is removed only after that."""
-    if not (out.exists() or out.is_symlink()):
-        tmp.rename(out)
-        return
-    old = _make_temp(out, "old")
-    out.rename(old / out.name)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        (old / out.name).rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _upload(folder: Path, repo: str) -> None:
