@@ -67,6 +67,13 @@ def status(message: str) -> Iterator[None]:
         yield
 
 
+def serving(url: str, model: str, auth: bool) -> None:
+    """The server's ready line (on stdout, so that scripts can wait for it)."""
+    err.print(f"[dim]serving {escape(model)} at {escape(url)}"
+              f"{' (API key required)' if auth else ''}; Ctrl-C stops[/]")  # fmt: skip
+    out.print(f"ready: {url}")
+
+
 def welcome(model: str, think: bool, keep_thinking: bool) -> None:
     out.print(
         f"[bold]SmolLM3[/] [dim]{escape(model)}[/]\n"

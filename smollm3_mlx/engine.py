@@ -1,0 +1,370 @@
+"""The generation worker behind the server: one thread runs MLX, one request at a time.
+
+Requests wait in a bounded queue (beyond it, `Busy`). Each runs on a prompt cache taken from an
+LRU of prefix caches bounded in bytes, so a follow-up turn prefills only its new tokens, and goes
+back into it afterwards, however the request ended. A set `cancel` event stops a request within
+one step (during prefill, between chunks). Results go to the request through its `emit`
+callback, called on the worker thread.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+
+DEFAULT_QUEUE = 8
+DEFAULT_CACHE_BYTES = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class Started:
+    prompt_tokens: int
+    cached_tokens: int  # of them, reused from a cached prefix
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()  # the most likely ids and their logprobs
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # "stop" (end of turn), "length" or "cancelled"
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: BaseException
+
+
+Item = Started | Token | Finished | Failed
+
+
+@dataclass
+class Job:
+    """One request's generation.
+
+    Args:
+        prompt: all the prompt's ids (the cached prefix is found here).
+        max_tokens: the most ids to generate; None: up to the end of the context.
+        sampling: temperature, top_p, top_k, min_p, repetition_penalty given by the request.
+        seed: for reproducible sampling; None draws a fresh one.
+        top_logprobs: None: no logprobs; else the count of alternatives per token.
+        processors: extra logits processors (constrained decoding).
+        emit: receives the items, on the worker thread.
+    """
+
+    prompt: list[int]
+    max_tokens: int | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+    top_logprobs: int | None = None
+    processors: Sequence[Callable[[mx.array, mx.array], mx.array]] = ()
+    emit: Callable[[Item], None] = lambda item: None
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+class Busy(RuntimeError):
+    """The queue is full; try again after `retry_after` seconds."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"the server is busy; retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+class _Cancelled(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Record:
+    """How a finished request went (the last few are kept, for logs and tests)."""
+
+    prompt_tokens: int
+    cached_tokens: int
+    generated: int
+    reason: str
+    seconds: float
+
+
+class PromptCacheLRU:
+    """Prefix caches kept across requests, keyed by the ids they hold, bounded in bytes.
+
+    `take` hands out the cache sharing the longest prefix with a prompt: the cache itself when
+    all it holds is a prefix of the prompt (a follow-up turn), else a copy (the original stays,
+    for the conversation it belongs to). `put` stores a cache after its request, dropping the
+    caches it extends and then the least recently used ones until the total fits.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.entries: list[Any] = []  # PromptCache, least recently used first
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.entries)
+
+    def take(self, prompt: Sequence[int]) -> Any | None:
+        best, n = None, 0
+        for cache in self.entries:
+            k = _common_prefix(cache.ids, prompt)
+            if k > n:
+                best, n = cache, k
+        if best is None:
+            return None
+        if n == len(best.ids):
+            self.entries.remove(best)
+            return best
+        return best.copy()
+
+    def put(self, cache: Any) -> None:
+        ids = cache.ids
+        self.entries = [
+            c for c in self.entries if not (len(c.ids) <= len(ids) and ids[: len(c.ids)] == c.ids)
+        ]
+        self.entries.append(cache)
+        total = self.nbytes
+        while self.entries and total > self.max_bytes:
+            total -= self.entries.pop(0).nbytes
+
+    def clear(self) -> None:
+        self.entries = []
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Engine:
+    """Runs jobs one at a time on a thread of its own (start / stop around the server's life).
+
+    Args:
+        model, tokenizer: as `load` returns them.
+        queue_size: how many requests may wait while one runs; more get `Busy`.
+        cache_bytes: the prompt-cache LRU's budget.
+        kv_bits: quantize the KV cache to 4 or 8 bits (None: dense).
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        queue_size: int = DEFAULT_QUEUE,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        kv_bits: int | None = None,
+    ):
+        self.model, self.tokenizer = model, tokenizer
+        self.context: int = model.max_context
+        self.kv = KVSettings(bits=kv_bits)
+        self.lru = PromptCacheLRU(cache_bytes)
+        self.records: deque[Record] = deque(maxlen=64)
+        self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max(queue_size, 0) or 1)
+        self._queue_size = queue_size
+        self._current: Job | None = None
+        self._closed = False
+        self._mean_seconds = 1.0
+        self._thread: threading.Thread | None = None
+
+    @property
+    def waiting(self) -> int:
+        return self._jobs.qsize()
+
+    @property
+    def busy(self) -> bool:
+        return self._current is not None
+
+    def start(self) -> None:
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="smollm3-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Cancel the running and waiting jobs and end the worker thread."""
+        self._closed = True
+        if self._current is not None:
+            self._current.cancel.set()
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.emit(Finished("cancelled"))
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def submit(self, job: Job) -> None:
+        """Queue `job`, or raise Busy when the queue is full."""
+        if self._closed or (self._queue_size == 0 and self.busy):
+            raise Busy(self._retry_after())
+        try:
+            self._jobs.put_nowait(job)
+        except queue.Full:
+            raise Busy(self._retry_after()) from None
+
+    def _retry_after(self) -> int:
+        return max(1, math.ceil((self.waiting + 1) * self._mean_seconds))
+
+    def _run(self) -> None:
+        try:
+            while (job := self._jobs.get()) is not None:
+                if job.cancel.is_set():  # its client left while it waited
+                    self.records.append(Record(len(job.prompt), 0, 0, "cancelled", 0.0))
+                    job.emit(Finished("cancelled"))
+                    continue
+                self._current = job
+                start = time.perf_counter()
+                try:
+                    self._generate(job)
+                except Exception as e:  # the request fails; the server goes on
+                    job.emit(Failed(e))
+                finally:
+                    self._current = None
+                    mx.clear_cache()  # what the request used goes back; the LRU's caches stay
+                seconds = time.perf_counter() - start
+                self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * seconds
+        finally:
+            mx.clear_streams()  # MLX asks a thread that ran MLX work to free its streams
+
+    def _generate(self, job: Job) -> None:
+        prompt = job.prompt
+        cache = self.lru.take(prompt) or PromptCache.new(self.model, kv=self.kv)
+        cached = cache.reuse(prompt)
+        job.emit(Started(len(prompt), cached))
+        room = self.context - len(prompt)
+        max_tokens = room if job.max_tokens is None else min(job.max_tokens, room)
+        mx.random.seed(secrets.randbits(63) if job.seed is None else job.seed)
+        generated: list[int] = []
+        reason = "cancelled"
+        start = time.perf_counter()
+        try:
+            for token, logprobs in _steps(self.model, cache, prompt, cached, job, max_tokens):
+                generated.append(token)
+                if token in self.tokenizer.eos_token_ids:
+                    reason = "stop"
+                    break
+                job.emit(_token(token, logprobs, job.top_logprobs))
+                if job.cancel.is_set():
+                    break
+            else:
+                reason = "length"
+        except _Cancelled:
+            pass
+        finally:
+            cache.settle(prompt + generated)
+            self.lru.put(cache)
+        seconds = time.perf_counter() - start
+        self.records.append(Record(len(prompt), cached, len(generated), reason, seconds))
+        job.emit(Finished(reason))
+
+
+def _token(token: int, logprobs: mx.array, top: int | None) -> Token:
+    if top is None:
+        return Token(token)
+    chosen = logprobs[token].item()
+    if not top:
+        return Token(token, chosen)
+    ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
+    values = logprobs[ids]
+    pairs = sorted(zip(ids.tolist(), values.tolist(), strict=True), key=lambda p: -p[1])
+    return Token(token, chosen, tuple(pairs))
+
+
+def _steps(model, cache, prompt: list[int], cached: int, job: Job, max_tokens: int):
+    """(token, logprobs) pairs for `job`: the one adapter to the generation core."""
+    from .chat import Sampling
+    from .generate import generate_step
+    from .sample import make_logits_processors, make_sampler
+
+    s = Sampling.from_model(model, **job.sampling)
+    processors = [*make_logits_processors(s.repetition_penalty), *job.processors]
+
+    def progress(done: int, total: int) -> None:
+        if job.cancel.is_set():  # stop a long prefill between chunks
+            raise _Cancelled
+
+    return generate_step(
+        mx.array(prompt[cached:], dtype=mx.uint32),
+        model,
+        max_tokens=max_tokens,
+        sampler=make_sampler(s.temperature, s.top_p, s.top_k, s.min_p),
+        logits_processors=processors,
+        prompt_cache=cache.layers,
+        prompt_progress=progress,
+    )
+
+
+try:
+    from .cache import KVSettings, PromptCache  # type: ignore[attr-defined]
+except ImportError:  # until the generation core (issue 13) lands: the same contract, minimal
+
+    @dataclass(frozen=True)
+    class KVSettings:  # type: ignore[no-redef]
+        bits: int | None = None
+        group_size: int = 64
+        start: int = 0
+
+    class PromptCache:  # type: ignore[no-redef]
+        def __init__(self, layers: list[Any], kv: KVSettings):
+            self.layers, self.kv, self.ids = layers, kv, []
+
+        @classmethod
+        def new(cls, model, *, kv: KVSettings = KVSettings()) -> PromptCache:
+            layers = model.make_cache(
+                None, 0, bits=kv.bits, group_size=kv.group_size, quantize_after=kv.start
+            )
+            return cls(layers, kv)
+
+        @property
+        def offset(self) -> int:
+            return min(c.offset for c in self.layers)
+
+        @property
+        def nbytes(self) -> int:
+            return sum(c.nbytes for c in self.layers)
+
+        def reuse(self, prompt: Sequence[int]) -> int:
+            n = _common_prefix(self.ids, prompt[:-1])
+            for c in self.layers:
+                c.trim(c.offset - n)
+            self.ids = list(prompt[:n])
+            return n
+
+        def settle(self, ids: list[int]) -> None:
+            n = self.offset
+            for c in self.layers:
+                c.trim(c.offset - n)
+            self.ids = ids[:n]
+
+        def copy(self) -> PromptCache:
+            import copy
+
+            layers = []
+            for c in self.layers:
+                c2 = copy.copy(c)
+                if c.keys is not None:
+                    c2.keys = tuple(mx.array(x) for x in c.keys)
+                    c2.values = tuple(mx.array(x) for x in c.values)
+                layers.append(c2)
+            twin = PromptCache(layers, self.kv)
+            twin.ids = list(self.ids)
+            return twin

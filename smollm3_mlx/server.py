@@ -1,0 +1,435 @@
+"""The OpenAI-compatible HTTP server: routes, auth, limits, streaming (`smollm3-mlx serve`).
+
+Starlette + uvicorn + sse-starlette (the `server` extra), imported only here. Requests are checked
+and rendered on the event loop's side (openai_compat.py); generation runs on the engine's single
+worker thread (engine.py). Safe by default: loopback only, a Host check against DNS rebinding,
+JSON bodies only (no cross-site form posts), bounded bodies, no CORS unless asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from sse_starlette import EventSourceResponse
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from . import openai_compat as oc
+from .engine import Busy, Engine, Failed, Finished, Item, Job, Started, Token
+
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
+DEFAULT_MAX_BODY = 4 * 1024**2
+LOOPBACK_NAMES = ("localhost",)
+
+
+class Fault(Exception):
+    """An HTTP error in OpenAI's format."""
+
+    def __init__(self, status: int, message: str, kind: str, code: str | None = None, **headers):
+        super().__init__(message)
+        self.status, self.body = status, oc.error_body(message, kind, None, code)
+        self.headers = headers
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_problem(host: str, api_key: str | None, allow_open: bool) -> str | None:
+    """Why binding `host` this way is refused (None: it is fine)."""
+    if is_loopback(host) or api_key or allow_open:
+        return None
+    return (
+        f"--host {host} reaches beyond this machine: pass --api-key (or set SMOLLM3_MLX_API_KEY), "
+        "or --allow-unauthenticated if an open server is really what you want"
+    )
+
+
+def _host_name(header: str) -> str:
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class _Api:
+    """The routes, sharing the engine and the settings."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        model_name: str,
+        api_key: str | None,
+        loopback: bool,
+        max_body: int,
+    ):
+        self.engine, self.tokenizer = engine, engine.tokenizer
+        self.served = (model_name,)
+        self.api_key = api_key.encode() if api_key else None
+        self.loopback, self.max_body = loopback, max_body
+        self.created = oc.now()
+
+    def guard(self, request: Request) -> None:
+        host = _host_name(request.headers.get("host", ""))
+        if self.loopback and not is_loopback(host):  # a rebound DNS name pointing here
+            raise Fault(400, f"unexpected Host {host!r} for a loopback server", "invalid_request")
+        if self.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if not (scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), self.api_key)):
+            raise Fault(
+                401,
+                "Incorrect or missing API key: send Authorization: Bearer <key>",
+                "invalid_request_error",
+                "invalid_api_key",
+                **{"WWW-Authenticate": "Bearer"},
+            )
+
+    async def body(self, request: Request) -> Any:
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise Fault(415, "the body must be JSON (Content-Type: application/json)",
+                        "invalid_request_error")  # fmt: skip
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body:
+            raise self._too_large()
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > self.max_body:
+                raise self._too_large()
+        try:
+            return json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise oc.RequestError(f"the body is not valid JSON: {e}") from None
+
+    def _too_large(self) -> Fault:
+        return Fault(413, f"the body is larger than {self.max_body} bytes", "invalid_request_error")
+
+    async def health(self, request: Request) -> Response:
+        e = self.engine
+        return JSONResponse({"status": "ok", "busy": e.busy, "waiting": e.waiting})
+
+    async def models(self, request: Request) -> Response:
+        self.guard(request)
+        return JSONResponse({"object": "list", "data": [self._model(m) for m in self.served]})
+
+    async def model(self, request: Request) -> Response:
+        self.guard(request)
+        name = request.path_params["name"]
+        if name not in self.served:
+            raise Fault(404, f"the model {name!r} does not exist", "invalid_request_error",
+                        "model_not_found")  # fmt: skip
+        return JSONResponse(self._model(name))
+
+    def _model(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "smollm3-mlx"}
+
+    async def chat(self, request: Request) -> Response:
+        self.guard(request)
+        req = oc.parse(oc.ChatRequest, await self.body(request))
+        settings = oc.settings(req, self.served)
+        oc.constraint(req)
+        messages, think, tools = oc.template_messages(req.messages), oc.thinking(req), oc.tools(req)
+        prompt = await anyio.to_thread.run_sync(lambda: self._render(messages, think, tools))
+        oc.check_context(len(prompt), settings.max_tokens, self.engine.context)
+        reply = oc.Reply(self.tokenizer, prompt, stop=settings.stop,
+                         top_logprobs=settings.top_logprobs)  # fmt: skip
+        job, items = self._submit(prompt, settings)
+        meta = {"id": oc.new_id("chatcmpl-"), "created": oc.now(), "model": req.model}
+        if req.stream:
+            usage = req.stream_options is not None and req.stream_options.include_usage
+            return _sse(_chat_chunks(job, items, reply, meta, usage))
+        finish = await _collect(request, job, items, reply)
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(reply.content) or None}
+        if reply.reasoning:
+            message["reasoning_content"] = message["reasoning"] = "".join(reply.reasoning)
+        if reply.tool_calls:
+            message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"}
+                                     for c in reply.tool_calls]  # fmt: skip
+        logprobs = {"content": reply.logprobs} if settings.top_logprobs is not None else None
+        choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
+        return JSONResponse({**meta, "object": "chat.completion", "choices": [choice],
+                             "usage": reply.usage.body()})  # fmt: skip
+
+    async def completions(self, request: Request) -> Response:
+        self.guard(request)
+        req = oc.parse(oc.CompletionRequest, await self.body(request))
+        settings = oc.settings(req, self.served)
+        prompt = oc.completion_prompt(req, self.tokenizer)
+        oc.check_context(len(prompt), settings.max_tokens, self.engine.context)
+        reply = oc.Reply(self.tokenizer, prompt, stop=settings.stop,
+                         top_logprobs=settings.top_logprobs, chat=False)  # fmt: skip
+        job, items = self._submit(prompt, settings)
+        meta = {"id": oc.new_id("cmpl-"), "created": oc.now(), "model": req.model}
+        if req.stream:
+            usage = req.stream_options is not None and req.stream_options.include_usage
+            return _sse(_text_chunks(job, items, reply, meta, usage))
+        finish = await _collect(request, job, items, reply)
+        choice = {"index": 0, "text": "".join(reply.content),
+                  "logprobs": _legacy_logprobs(reply), "finish_reason": finish}  # fmt: skip
+        return JSONResponse({**meta, "object": "text_completion", "choices": [choice],
+                             "usage": reply.usage.body()})  # fmt: skip
+
+    def _render(self, messages: list[dict[str, Any]], think: bool, tools) -> list[int]:
+        from jinja2 import TemplateError
+
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                messages, tokenize=True, enable_thinking=think, tools=tools, assistant_tags=True
+            )
+        except TemplateError as e:
+            raise oc.RequestError(f"the chat template refused the messages: {e}") from None
+        assert isinstance(ids, list)
+        return ids
+
+    def _submit(self, prompt: list[int], s: oc.Settings) -> tuple[Job, asyncio.Queue[Item]]:
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue[Item] = asyncio.Queue()
+
+        def emit(item: Item) -> None:
+            try:
+                loop.call_soon_threadsafe(items.put_nowait, item)
+            except RuntimeError:  # the loop is gone (shutdown): nobody is listening
+                pass
+
+        job = Job(prompt, s.max_tokens, s.sampling, s.seed, s.top_logprobs, emit=emit)
+        try:
+            self.engine.submit(job)
+        except Busy as e:
+            raise Fault(429, str(e), "rate_limit_error", "busy",
+                        **{"Retry-After": str(e.retry_after)}) from None  # fmt: skip
+        return job, items
+
+
+async def _collect(request: Request, job: Job, items: asyncio.Queue[Item], reply: oc.Reply) -> str:
+    """Feed the reply until the job ends; a client that leaves cancels it at once."""
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        job.cancel.set()
+
+    watcher = asyncio.create_task(watch())
+    finish = "stop"
+    try:
+        async for d in _deltas(job, items, reply):
+            if isinstance(d, str):
+                finish = d
+        return finish
+    finally:
+        watcher.cancel()
+        job.cancel.set()
+
+
+async def _deltas(job: Job, items: asyncio.Queue[Item], reply: oc.Reply) -> AsyncIterator:
+    """The job's items fed into `reply`: the Deltas, then the finish reason (a str)."""
+    while True:
+        item = await items.get()
+        if isinstance(item, Started):
+            reply.usage.cached_tokens = item.cached_tokens
+        elif isinstance(item, Token):
+            delta = reply.feed(item.id, item.logprob, item.top)
+            if reply.stopped:
+                job.cancel.set()
+            if delta:
+                yield delta
+        elif isinstance(item, Finished):
+            delta = reply.flush()
+            if delta:
+                yield delta
+            yield reply.finish_reason(item.reason)
+            return
+        elif isinstance(item, Failed):
+            raise Fault(500, f"generation failed: {item.error}", "server_error")
+
+
+def _sse(chunks: AsyncIterator[dict[str, Any] | str]) -> Response:
+    async def events() -> AsyncIterator[dict[str, str]]:
+        async for c in chunks:
+            yield {"data": c if isinstance(c, str) else json.dumps(c, ensure_ascii=False)}
+
+    return EventSourceResponse(events(), ping=15, headers={"Cache-Control": "no-cache"})
+
+
+async def _stream(job: Job, items, reply: oc.Reply, make: Callable, usage: bool):
+    """The chunks of a streamed reply, made by `make(delta | None, finish)`, then [DONE]."""
+    try:
+        async for d in _deltas(job, items, reply):
+            yield make(d, None) if isinstance(d, oc.Delta) else make(None, d)
+        if usage:
+            yield {**make(None, None), "choices": [], "usage": reply.usage.body()}
+        yield "[DONE]"
+    except Fault as e:  # the status line is sent already: the error goes in the stream
+        yield e.body
+    finally:  # the client left, or the reply is complete: stop generating either way
+        job.cancel.set()
+
+
+def _chat_chunks(job, items, reply, meta, usage: bool) -> AsyncIterator:
+    def make(delta: oc.Delta | None, finish: str | None) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "delta": delta.chat() if delta else {},
+                                  "logprobs": None, "finish_reason": finish}  # fmt: skip
+        if delta and delta.logprobs:
+            choice["logprobs"] = {"content": delta.logprobs}
+        chunk = {**meta, "object": "chat.completion.chunk", "choices": [choice]}
+        return {**chunk, "usage": None} if usage else chunk
+
+    async def chunks() -> AsyncIterator:
+        first = make(None, None)
+        first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+        yield first
+        async for c in _stream(job, items, reply, make, usage):
+            yield c
+
+    return chunks()
+
+
+def _text_chunks(job, items, reply, meta, usage: bool) -> AsyncIterator:
+    def make(delta: oc.Delta | None, finish: str | None) -> dict[str, Any]:
+        logprobs = _legacy_logprobs(reply, delta.logprobs) if delta and delta.logprobs else None
+        choice = {"index": 0, "text": delta.content if delta else "", "logprobs": logprobs,
+                  "finish_reason": finish}  # fmt: skip
+        chunk = {**meta, "object": "text_completion", "choices": [choice]}
+        return {**chunk, "usage": None} if usage else chunk
+
+    return _stream(job, items, reply, make, usage)
+
+
+def _legacy_logprobs(reply: oc.Reply, entries: list | None = None) -> dict[str, Any] | None:
+    """/v1/completions' older logprobs layout."""
+    if reply.top_logprobs is None:
+        return None
+    entries = reply.logprobs if entries is None else entries
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+    }
+
+
+def _error(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def make_app(
+    engine: Engine,
+    *,
+    model_name: str,
+    api_key: str | None = None,
+    cors_origins: Sequence[str] = (),
+    loopback: bool = True,
+    max_body: int = DEFAULT_MAX_BODY,
+) -> Starlette:
+    """The ASGI app; it starts the engine's worker when it starts, and stops it when it stops.
+
+    Args:
+        engine: the generation worker, on the loaded model.
+        model_name: the id clients name in `model`.
+        api_key: require `Authorization: Bearer <api_key>` on /v1 routes.
+        cors_origins: browser origins allowed to call the API (none by default).
+        loopback: the server is bound to loopback: refuse Host headers naming anything else.
+        max_body: the largest request body, in bytes.
+    """
+    api = _Api(engine, model_name, api_key, loopback, max_body)
+
+    def route(path: str, handler: Callable, methods: list[str]) -> Route:
+        async def endpoint(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Fault as e:
+                return _error(e.status, e.body, e.headers)
+            except oc.RequestError as e:
+                return _error(400, e.body())
+            except ClientDisconnect:
+                return Response(status_code=499)
+
+        return Route(path, endpoint, methods=methods)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        message = exc.detail if isinstance(exc, HTTPException) else "internal server error"
+        return _error(status, oc.error_body(str(message), "invalid_request_error"))
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette):
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    middleware = []
+    if cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(cors_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["authorization", "content-type"],
+            )
+        )
+    return Starlette(
+        routes=[
+            route("/health", api.health, ["GET"]),
+            route("/v1/models", api.models, ["GET"]),
+            route("/v1/models/{name:path}", api.model, ["GET"]),
+            route("/v1/chat/completions", api.chat, ["POST"]),
+            route("/v1/completions", api.completions, ["POST"]),
+        ],
+        middleware=middleware,
+        exception_handlers={HTTPException: http_error, Exception: http_error},
+        lifespan=lifespan,
+    )
+
+
+def serve(
+    model,
+    tokenizer,
+    *,
+    model_name: str,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    api_key: str | None = None,
+    cors_origins: Sequence[str] = (),
+    queue_size: int = 8,
+    cache_bytes: int = 2 * 1024**3,
+    kv_bits: int | None = None,
+    max_body: int = DEFAULT_MAX_BODY,
+    on_ready: Callable[[str], None] = print,
+) -> None:
+    """Serve `model` until interrupted (Ctrl-C shuts down cleanly); `on_ready(url)` once bound."""
+    import uvicorn
+
+    engine = Engine(model, tokenizer, queue_size=queue_size, cache_bytes=cache_bytes,
+                    kv_bits=kv_bits)  # fmt: skip
+    app = make_app(engine, model_name=model_name, api_key=api_key, cors_origins=cors_origins,
+                   loopback=is_loopback(host), max_body=max_body)  # fmt: skip
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                bound = self.servers[0].sockets[0].getsockname()[1] if self.servers else port
+                shown = f"[{host}]" if ":" in host else host
+                on_ready(f"http://{shown}:{bound}/v1")
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=3, lifespan="on")  # fmt: skip
+    Server(config).run()
