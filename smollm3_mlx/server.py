@@ -1,9 +1,10 @@
 """The OpenAI-compatible HTTP server: routes, auth, limits, streaming (`smollm3-mlx serve`).
 
 Starlette + uvicorn + sse-starlette (the `server` extra), imported only here. Requests are checked
-and rendered on the event loop's side (openai_compat.py); generation runs on the engine's single
-worker thread (engine.py). Safe by default: loopback only, a Host check against DNS rebinding,
-JSON bodies only (no cross-site form posts), bounded bodies, no CORS unless asked.
+and rendered, and replies shaped, on the event loop's side (openai_request.py, openai_reply.py);
+generation runs on the engine's single worker thread (engine.py). Safe by default: loopback only,
+a Host check against DNS rebinding, JSON bodies only (no cross-site form posts), bounded bodies,
+no CORS unless asked.
 """
 
 from __future__ import annotations
@@ -26,8 +27,32 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import openai_compat as oc
 from .engine import Busy, Engine, Failed, Finished, Item, Job, Started, Token
+from .openai_reply import (
+    Delta,
+    Reply,
+    chat_chunk,
+    chat_response,
+    new_id,
+    text_chunk,
+    text_response,
+)
+from .openai_request import (
+    ChatRequest,
+    CompletionRequest,
+    RequestError,
+    Settings,
+    check_context,
+    completion_prompt,
+    constraint,
+    error_body,
+    now,
+    parse,
+    settings as request_settings,
+    template_messages,
+    thinking,
+    tools as request_tools,
+)
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 DEFAULT_MAX_BODY = 4 * 1024**2
@@ -39,7 +64,7 @@ class Fault(Exception):
 
     def __init__(self, status: int, message: str, kind: str, code: str | None = None, **headers):
         super().__init__(message)
-        self.status, self.body = status, oc.error_body(message, kind, None, code)
+        self.status, self.body = status, error_body(message, kind, None, code)
         self.headers = headers
 
 
@@ -83,7 +108,7 @@ class _Api:
         self.served = (model_name,)
         self.api_key = api_key.encode() if api_key else None
         self.loopback, self.max_body = loopback, max_body
-        self.created = oc.now()
+        self.created = now()
 
     def guard(self, request: Request) -> None:
         host = _host_name(request.headers.get("host", ""))
@@ -117,7 +142,7 @@ class _Api:
         try:
             return json.loads(data)
         except (ValueError, UnicodeDecodeError) as e:
-            raise oc.RequestError(f"the body is not valid JSON: {e}") from None
+            raise RequestError(f"the body is not valid JSON: {e}") from None
 
     def _too_large(self) -> Fault:
         return Fault(413, f"the body is larger than {self.max_body} bytes", "invalid_request_error")
@@ -143,49 +168,47 @@ class _Api:
 
     async def chat(self, request: Request) -> Response:
         self.guard(request)
-        req = oc.parse(oc.ChatRequest, await self.body(request))
-        settings = oc.settings(req, self.served)
-        oc.constraint(req)
-        messages, think, tools = oc.template_messages(req.messages), oc.thinking(req), oc.tools(req)
+        r = parse(ChatRequest, await self.body(request))
+        settings = request_settings(r, self.served)
+        constraint(r)
+        messages, think, tools = template_messages(r.messages), thinking(r), request_tools(r)
         prompt = await anyio.to_thread.run_sync(lambda: self._render(messages, think, tools))
-        oc.check_context(len(prompt), settings.max_tokens, self.engine.context)
-        reply = oc.Reply(self.tokenizer, prompt, stop=settings.stop,
-                         top_logprobs=settings.top_logprobs)  # fmt: skip
+        check_context(len(prompt), settings.max_tokens, self.engine.context)
+        reply = Reply(self.tokenizer, prompt, stop=settings.stop,
+                          top_logprobs=settings.top_logprobs)  # fmt: skip
         job, items = self._submit(prompt, settings)
-        meta = {"id": oc.new_id("chatcmpl-"), "created": oc.now(), "model": req.model}
-        if req.stream:
-            usage = req.stream_options is not None and req.stream_options.include_usage
-            return _sse(_chat_chunks(job, items, reply, meta, usage))
+        meta = {"id": new_id("chatcmpl-"), "created": now(), "model": r.model}
+        if r.stream:
+            usage = r.stream_options is not None and r.stream_options.include_usage
+
+            def make(delta: Delta | None, finish: str | None) -> dict[str, Any]:
+                return chat_chunk(meta, delta, finish, usage)
+
+            first = make(None, None)
+            first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+            return _sse(_stream(job, items, reply, make, usage, first))
         finish = await _collect(request, job, items, reply)
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(reply.content) or None}
-        if reply.reasoning:
-            message["reasoning_content"] = message["reasoning"] = "".join(reply.reasoning)
-        if reply.tool_calls:
-            message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"}
-                                     for c in reply.tool_calls]  # fmt: skip
-        logprobs = {"content": reply.logprobs} if settings.top_logprobs is not None else None
-        choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
-        return JSONResponse({**meta, "object": "chat.completion", "choices": [choice],
-                             "usage": reply.usage.body()})  # fmt: skip
+        return JSONResponse(chat_response(meta, reply, finish))
 
     async def completions(self, request: Request) -> Response:
         self.guard(request)
-        req = oc.parse(oc.CompletionRequest, await self.body(request))
-        settings = oc.settings(req, self.served)
-        prompt = oc.completion_prompt(req, self.tokenizer)
-        oc.check_context(len(prompt), settings.max_tokens, self.engine.context)
-        reply = oc.Reply(self.tokenizer, prompt, stop=settings.stop,
-                         top_logprobs=settings.top_logprobs, chat=False)  # fmt: skip
+        r = parse(CompletionRequest, await self.body(request))
+        settings = request_settings(r, self.served)
+        prompt = completion_prompt(r, self.tokenizer)
+        check_context(len(prompt), settings.max_tokens, self.engine.context)
+        reply = Reply(self.tokenizer, prompt, stop=settings.stop,
+                          top_logprobs=settings.top_logprobs, chat=False)  # fmt: skip
         job, items = self._submit(prompt, settings)
-        meta = {"id": oc.new_id("cmpl-"), "created": oc.now(), "model": req.model}
-        if req.stream:
-            usage = req.stream_options is not None and req.stream_options.include_usage
-            return _sse(_text_chunks(job, items, reply, meta, usage))
+        meta = {"id": new_id("cmpl-"), "created": now(), "model": r.model}
+        if r.stream:
+            usage = r.stream_options is not None and r.stream_options.include_usage
+
+            def make(delta: Delta | None, finish: str | None) -> dict[str, Any]:
+                return text_chunk(meta, reply, delta, finish, usage)
+
+            return _sse(_stream(job, items, reply, make, usage))
         finish = await _collect(request, job, items, reply)
-        choice = {"index": 0, "text": "".join(reply.content),
-                  "logprobs": _legacy_logprobs(reply), "finish_reason": finish}  # fmt: skip
-        return JSONResponse({**meta, "object": "text_completion", "choices": [choice],
-                             "usage": reply.usage.body()})  # fmt: skip
+        return JSONResponse(text_response(meta, reply, finish))
 
     def _render(self, messages: list[dict[str, Any]], think: bool, tools) -> list[int]:
         from jinja2 import TemplateError
@@ -195,11 +218,11 @@ class _Api:
                 messages, tokenize=True, enable_thinking=think, tools=tools, assistant_tags=True
             )
         except TemplateError as e:
-            raise oc.RequestError(f"the chat template refused the messages: {e}") from None
+            raise RequestError(f"the chat template refused the messages: {e}") from None
         assert isinstance(ids, list)
         return ids
 
-    def _submit(self, prompt: list[int], s: oc.Settings) -> tuple[Job, asyncio.Queue[Item]]:
+    def _submit(self, prompt: list[int], s: Settings) -> tuple[Job, asyncio.Queue[Item]]:
         loop = asyncio.get_running_loop()
         items: asyncio.Queue[Item] = asyncio.Queue()
 
@@ -218,7 +241,7 @@ class _Api:
         return job, items
 
 
-async def _collect(request: Request, job: Job, items: asyncio.Queue[Item], reply: oc.Reply) -> str:
+async def _collect(request: Request, job: Job, items: asyncio.Queue[Item], reply: Reply) -> str:
     """Feed the reply until the job ends; a client that leaves cancels it at once."""
 
     async def watch() -> None:
@@ -238,7 +261,7 @@ async def _collect(request: Request, job: Job, items: asyncio.Queue[Item], reply
         job.cancel.set()
 
 
-async def _deltas(job: Job, items: asyncio.Queue[Item], reply: oc.Reply) -> AsyncIterator:
+async def _deltas(job: Job, items: asyncio.Queue[Item], reply: Reply) -> AsyncIterator:
     """The job's items fed into `reply`: the Deltas, then the finish reason (a str)."""
     while True:
         item = await items.get()
@@ -268,11 +291,13 @@ def _sse(chunks: AsyncIterator[dict[str, Any] | str]) -> Response:
     return EventSourceResponse(events(), ping=15, headers={"Cache-Control": "no-cache"})
 
 
-async def _stream(job: Job, items, reply: oc.Reply, make: Callable, usage: bool):
+async def _stream(job: Job, items, reply: Reply, make: Callable, usage: bool, *first):
     """The chunks of a streamed reply, made by `make(delta | None, finish)`, then [DONE]."""
     try:
+        for chunk in first:
+            yield chunk
         async for d in _deltas(job, items, reply):
-            yield make(d, None) if isinstance(d, oc.Delta) else make(None, d)
+            yield make(d, None) if isinstance(d, Delta) else make(None, d)
         if usage:
             yield {**make(None, None), "choices": [], "usage": reply.usage.body()}
         yield "[DONE]"
@@ -280,48 +305,6 @@ async def _stream(job: Job, items, reply: oc.Reply, make: Callable, usage: bool)
         yield e.body
     finally:  # the client left, or the reply is complete: stop generating either way
         job.cancel.set()
-
-
-def _chat_chunks(job, items, reply, meta, usage: bool) -> AsyncIterator:
-    def make(delta: oc.Delta | None, finish: str | None) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "delta": delta.chat() if delta else {},
-                                  "logprobs": None, "finish_reason": finish}  # fmt: skip
-        if delta and delta.logprobs:
-            choice["logprobs"] = {"content": delta.logprobs}
-        chunk = {**meta, "object": "chat.completion.chunk", "choices": [choice]}
-        return {**chunk, "usage": None} if usage else chunk
-
-    async def chunks() -> AsyncIterator:
-        first = make(None, None)
-        first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-        yield first
-        async for c in _stream(job, items, reply, make, usage):
-            yield c
-
-    return chunks()
-
-
-def _text_chunks(job, items, reply, meta, usage: bool) -> AsyncIterator:
-    def make(delta: oc.Delta | None, finish: str | None) -> dict[str, Any]:
-        logprobs = _legacy_logprobs(reply, delta.logprobs) if delta and delta.logprobs else None
-        choice = {"index": 0, "text": delta.content if delta else "", "logprobs": logprobs,
-                  "finish_reason": finish}  # fmt: skip
-        chunk = {**meta, "object": "text_completion", "choices": [choice]}
-        return {**chunk, "usage": None} if usage else chunk
-
-    return _stream(job, items, reply, make, usage)
-
-
-def _legacy_logprobs(reply: oc.Reply, entries: list | None = None) -> dict[str, Any] | None:
-    """/v1/completions' older logprobs layout."""
-    if reply.top_logprobs is None:
-        return None
-    entries = reply.logprobs if entries is None else entries
-    return {
-        "tokens": [e["token"] for e in entries],
-        "token_logprobs": [e["logprob"] for e in entries],
-        "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
-    }
 
 
 def _error(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
@@ -355,7 +338,7 @@ def make_app(
                 return await handler(request)
             except Fault as e:
                 return _error(e.status, e.body, e.headers)
-            except oc.RequestError as e:
+            except RequestError as e:
                 return _error(400, e.body())
             except ClientDisconnect:
                 return Response(status_code=499)
@@ -365,7 +348,7 @@ def make_app(
     async def http_error(request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 500
         message = exc.detail if isinstance(exc, HTTPException) else "internal server error"
-        return _error(status, oc.error_body(str(message), "invalid_request_error"))
+        return _error(status, error_body(str(message), "invalid_request_error"))
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
