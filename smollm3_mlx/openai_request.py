@@ -114,6 +114,7 @@ class ChatRequest(_Sampling):
     response_format: dict[str, Any] | None = None
     reasoning_effort: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    thinking_token_budget: int | None = Field(default=None, ge=0)  # vLLM's name for it
 
 
 class CompletionRequest(_Sampling):
@@ -235,7 +236,8 @@ def tools(request: ChatRequest) -> list[dict[str, Any]] | None:
 
 
 def constraint(request: ChatRequest) -> None:
-    """The one place tool_choice and response_format will become constrained decoding.
+    """The one place tool_choice, response_format and thinking_token_budget will become logits
+    processors (constrained decoding, a thinking budget).
 
     Until that lands (smollm3_mlx/constrain.py), forcing a tool or a format is refused rather
     than ignored: a client that asks for guaranteed JSON must not get free text.
@@ -249,6 +251,8 @@ def constraint(request: ChatRequest) -> None:
         raise RequestError(
             f"response_format {fmt!r} is not supported yet (only text)", "response_format"
         )
+    if request.thinking_token_budget is not None:
+        raise RequestError("thinking_token_budget is not supported yet", "thinking_token_budget")
 
 
 def template_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:

@@ -315,6 +315,7 @@ def chat_body(**fields):
         (chat_body(model="gpt-4o"), 400, "does not exist"),
         (chat_body(response_format={"type": "json_object"}), 400, "not supported yet"),
         (chat_body(tool_choice="required"), 400, "not supported yet"),
+        (chat_body(thinking_token_budget=10), 400, "not supported yet"),
         (
             chat_body(messages=[{"role": "user", "content": [{"type": "image_url"}]}]),
             400,
