@@ -24,8 +24,7 @@ import time
 
 from openai import OpenAI
 
-from smollm3_mlx import Chat, load
-from smollm3_mlx.chat import AnswerDelta, Done, ThinkingDelta
+from smollm3_mlx import AnswerDelta, Chat, Done, ThinkingDelta, load
 
 FILLER = (
     "The harbour town kept its records in a long ledger: arrivals, departures, the weather at "

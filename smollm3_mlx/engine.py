@@ -21,6 +21,10 @@ from typing import Any
 
 import mlx.core as mx
 
+from .cache import KVSettings, PromptCache
+from .generate import stream_generate
+from .sample import Sampling
+
 DEFAULT_QUEUE = 8
 DEFAULT_CACHE_BYTES = 2 * 1024**3
 
@@ -248,123 +252,80 @@ class Engine:
     def _generate(self, job: Job) -> None:
         prompt = job.prompt
         cache = self.lru.take(prompt) or PromptCache.new(self.model, kv=self.kv)
-        cached = cache.reuse(prompt)
-        job.emit(Started(len(prompt), cached))
         room = self.context - len(prompt)
         max_tokens = room if job.max_tokens is None else min(job.max_tokens, room)
-        mx.random.seed(secrets.randbits(63) if job.seed is None else job.seed)
-        generated: list[int] = []
-        reason = "cancelled"
+        recorder = _Logprobs() if job.top_logprobs is not None else None
+        responses = _responses(self.model, self.tokenizer, cache, job, max_tokens, recorder)
+        reason, cached, generated, started = "cancelled", 0, 0, False
         start = time.perf_counter()
         try:
-            for token, logprobs in _steps(self.model, cache, prompt, cached, job, max_tokens):
-                generated.append(token)
-                if token in self.tokenizer.eos_token_ids:
-                    reason = "stop"
+            for r in responses:
+                if not started:  # the cache was reused and the prompt prefilled
+                    started, cached = True, r.cached_tokens
+                    job.emit(Started(len(prompt), cached))
+                if r.finish_reason is not None:  # its token, if any, came already
+                    reason = r.finish_reason
                     break
-                job.emit(_token(token, logprobs, job.top_logprobs))
-                if job.cancel.is_set():
-                    break
-            else:
-                reason = "length"
-        except _Cancelled:
+                generated += 1
+                job.emit(_token(r.token, recorder, job.top_logprobs))
+        except _Cancelled:  # during prefill
             pass
         finally:
-            cache.settle(prompt + generated)
+            responses.close()  # the cache settles, however the request ended
             self.lru.put(cache)
         seconds = time.perf_counter() - start
-        self.records.append(Record(len(prompt), cached, len(generated), reason, seconds))
+        self.records.append(Record(len(prompt), cached, generated, reason, seconds))
         job.emit(Finished(reason))
 
 
-def _token(token: int, logprobs: mx.array, top: int | None) -> Token:
-    if top is None:
-        return Token(token)
-    chosen = logprobs[token].item()
-    if not top:
-        return Token(token, chosen)
-    ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
-    values = logprobs[ids]
-    pairs = sorted(zip(ids.tolist(), values.tolist(), strict=True), key=lambda p: -p[1])
-    return Token(token, chosen, tuple(pairs))
+class _Logprobs:
+    """A last logits processor that keeps each step's log-probabilities for the token it picks.
+
+    Steps run one ahead of the tokens handed out, so they queue here in order.
+    """
+
+    stateful = True  # it must see each step once (no prompt-lookup verify passes)
+
+    def __init__(self) -> None:
+        self.steps: deque[mx.array] = deque()
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        self.steps.append((logits - mx.logsumexp(logits, axis=-1, keepdims=True))[0])
+        return logits
 
 
-def _steps(model, cache, prompt: list[int], cached: int, job: Job, max_tokens: int):
-    """(token, logprobs) pairs for `job`: the one adapter to the generation core."""
-    from .chat import Sampling
-    from .generate import generate_step
-    from .sample import make_logits_processors, make_sampler
-
-    s = Sampling.from_model(model, **job.sampling)
-    processors = [*make_logits_processors(s.repetition_penalty), *job.processors]
+def _responses(model, tokenizer, cache, job: Job, max_tokens: int, recorder: _Logprobs | None):
+    """`stream_generate` for `job`: the one adapter to the generation core."""
+    seed = secrets.randbits(63) if job.seed is None else job.seed
+    sampling = Sampling.from_model(model, **job.sampling, seed=seed)
+    processors = [*sampling.logits_processors(), *job.processors]
+    if recorder is not None:
+        processors.append(recorder)
 
     def progress(done: int, total: int) -> None:
         if job.cancel.is_set():  # stop a long prefill between chunks
             raise _Cancelled
 
-    return generate_step(
-        mx.array(prompt[cached:], dtype=mx.uint32),
+    return stream_generate(
         model,
+        tokenizer,
+        job.prompt,
         max_tokens=max_tokens,
-        sampler=make_sampler(s.temperature, s.top_p, s.top_k, s.min_p),
+        sampling=sampling,
         logits_processors=processors,
-        prompt_cache=cache.layers,
+        prompt_cache=cache,
+        cancel=job.cancel,
         prompt_progress=progress,
     )
 
 
-try:
-    from .cache import KVSettings, PromptCache  # type: ignore[attr-defined]
-except ImportError:  # until the generation core (issue 13) lands: the same contract, minimal
-
-    @dataclass(frozen=True)
-    class KVSettings:  # type: ignore[no-redef]
-        bits: int | None = None
-        group_size: int = 64
-        start: int = 0
-
-    class PromptCache:  # type: ignore[no-redef]
-        def __init__(self, layers: list[Any], kv: KVSettings):
-            self.layers, self.kv, self.ids = layers, kv, []
-
-        @classmethod
-        def new(cls, model, *, kv: KVSettings = KVSettings()) -> PromptCache:
-            layers = model.make_cache(
-                None, 0, bits=kv.bits, group_size=kv.group_size, quantize_after=kv.start
-            )
-            return cls(layers, kv)
-
-        @property
-        def offset(self) -> int:
-            return min(c.offset for c in self.layers)
-
-        @property
-        def nbytes(self) -> int:
-            return sum(c.nbytes for c in self.layers)
-
-        def reuse(self, prompt: Sequence[int]) -> int:
-            n = _common_prefix(self.ids, prompt[:-1])
-            for c in self.layers:
-                c.trim(c.offset - n)
-            self.ids = list(prompt[:n])
-            return n
-
-        def settle(self, ids: list[int]) -> None:
-            n = self.offset
-            for c in self.layers:
-                c.trim(c.offset - n)
-            self.ids = ids[:n]
-
-        def copy(self) -> PromptCache:
-            import copy
-
-            layers = []
-            for c in self.layers:
-                c2 = copy.copy(c)
-                if c.keys is not None:
-                    c2.keys = tuple(mx.array(x) for x in c.keys)
-                    c2.values = tuple(mx.array(x) for x in c.values)
-                layers.append(c2)
-            twin = PromptCache(layers, self.kv)
-            twin.ids = list(self.ids)
-            return twin
+def _token(token: int, recorder: _Logprobs | None, top: int | None) -> Token:
+    if recorder is None or top is None:
+        return Token(token)
+    logprobs = recorder.steps.popleft()
+    chosen = logprobs[token].item()
+    if not top:
+        return Token(token, chosen)
+    ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
+    pairs = sorted(zip(ids.tolist(), logprobs[ids].tolist(), strict=True), key=lambda p: -p[1])
+    return Token(token, chosen, tuple(pairs))

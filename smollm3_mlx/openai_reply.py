@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .events import AnswerDelta, EventParser, ThinkingDelta, ToolCall, ToolCallError
+
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
 
@@ -128,7 +130,7 @@ class Reply:
         chat: bool = True,
     ):
         self.tokenizer, self.top_logprobs, self.chat = tokenizer, top_logprobs, chat
-        self.parser = _event_parser(tokenizer, prompt) if chat else None
+        self.parser = EventParser(tokenizer, prompt) if chat else None
         self.detokenizer = tokenizer.detokenizer()
         self.thinking = chat and tokenizer.think_splitter(prompt).thinking
         self.tags = {tokenizer.think_start_id, tokenizer.think_end_id} if chat else set()
@@ -187,14 +189,13 @@ class Reply:
 
     def _events(self, delta: Delta, events: Sequence[Any]) -> None:
         for e in events:
-            kind = type(e).__name__
-            if kind == "ThinkingDelta":
+            if isinstance(e, ThinkingDelta):
                 text = self.trim_reasoning.feed(e.text)
                 delta.reasoning += text
                 self.reasoning.append(text)
-            elif kind == "AnswerDelta":
+            elif isinstance(e, AnswerDelta):
                 self._answer(delta, e.text)
-            elif kind == "ToolCall" and not self.stopped:
+            elif isinstance(e, ToolCall) and not self.stopped:
                 call = {
                     "index": len(self.tool_calls),
                     "id": new_id("call_"),
@@ -206,7 +207,7 @@ class Reply:
                 }
                 self.tool_calls.append(call)
                 delta.tool_calls.append(call)
-            elif kind == "ToolCallError":  # not a valid call: the client sees what was written
+            elif isinstance(e, ToolCallError):  # not a valid call: the client sees what was written
                 self._answer(delta, f"<tool_call>{e.text}</tool_call>")
 
     def _answer(self, delta: Delta, text: str) -> None:
@@ -220,13 +221,6 @@ class Reply:
             return {"token": s, "logprob": lp, "bytes": list(s.encode())}
 
         return {**entry(token, logprob), "top_logprobs": [entry(t, lp) for t, lp in top]}
-
-
-def _event_parser(tokenizer: Tokenizer, prompt: Sequence[int]):
-    """ids -> ThinkingDelta / AnswerDelta / ToolCall / ToolCallError events."""
-    from .chat import _EventStream  # the generation core's EventParser, once it lands
-
-    return _EventStream(tokenizer, list(prompt))
 
 
 def chat_response(meta: dict[str, Any], reply: Reply, finish: str) -> dict[str, Any]:

@@ -339,6 +339,7 @@ def chat_body(**fields):
         "model",
         "format",
         "tool-choice",
+        "budget",
         "image",
         "max-tokens-over",
         "prompt-over",
