@@ -24,7 +24,7 @@ import time
 
 from openai import OpenAI
 
-from smollm3_mlx import AnswerDelta, Chat, Done, ThinkingDelta, load
+from smollm3_mlx import AnswerDelta, Chat, Done, ThinkingDelta, Tokenizer, load
 
 FILLER = (
     "The harbour town kept its records in a long ledger: arrivals, departures, the weather at "
@@ -114,10 +114,17 @@ def main() -> None:
     parser.add_argument("--history", type=int, default=1000, help="history tokens (part 2)")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--question", default="Sing me a song.")
+    parser.add_argument("--parts", type=int, nargs="+", default=[1, 2], choices=[1, 2])
     args = parser.parse_args()
     print(f"{platform.platform()}, {platform.machine()}, Python {platform.python_version()}")
 
-    model, tokenizer = load(args.model)
+    if 1 in args.parts:
+        overhead(args, load(args.model)[0])
+    if 2 in args.parts:  # only the servers hold the model
+        follow_up(args, Tokenizer.from_folder(args.model))
+
+
+def overhead(args: argparse.Namespace, model) -> None:
     server = Server(args.model)
     try:
         local_tps(model, args.question, 8)  # warm up both
@@ -132,8 +139,14 @@ def main() -> None:
         a, b = statistics.median(local), statistics.median(served)
         print(f"1. decode, {n_local} tokens, median of {args.runs}: in-process {a:.2f} tok/s, "
               f"server {b:.2f} tok/s, server / in-process = {b / a:.3f}")  # fmt: skip
+    finally:
+        server.close()
 
-        past = history(tokenizer, args.history)
+
+def follow_up(args: argparse.Namespace, tokenizer) -> None:
+    past = history(tokenizer, args.history)
+    server = Server(args.model)
+    try:
         first, _ = follow_up_seconds(server, past, 0)  # the conversation enters the cache
         hits = [follow_up_seconds(server, past, k) for k in range(1, args.runs + 1)]
     finally:

@@ -547,3 +547,14 @@ def test_serve_prints_ready_answers_and_stops_cleanly_on_ctrl_c(model_dir):
         assert "Traceback" not in err and "terminate called" not in err
     finally:
         proc.kill()
+
+
+def test_the_http_stack_is_imported_only_by_serve():
+    code = (
+        "import sys, smollm3_mlx, smollm3_mlx.cli, smollm3_mlx.chat;"
+        "print(sorted({'starlette', 'uvicorn', 'sse_starlette', 'pydantic', 'anyio'}"
+        " & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
