@@ -113,7 +113,8 @@ class _Api:
     def guard(self, request: Request) -> None:
         host = _host_name(request.headers.get("host", ""))
         if self.loopback and not is_loopback(host):  # a rebound DNS name pointing here
-            raise Fault(400, f"unexpected Host {host!r} for a loopback server", "invalid_request")
+            raise Fault(400, f"unexpected Host {host!r} for a loopback server",
+                        "invalid_request_error")  # fmt: skip
         if self.api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -175,7 +176,7 @@ class _Api:
         prompt = await anyio.to_thread.run_sync(lambda: self._render(messages, think, tools))
         check_context(len(prompt), settings.max_tokens, self.engine.context)
         reply = Reply(self.tokenizer, prompt, stop=settings.stop,
-                          top_logprobs=settings.top_logprobs)  # fmt: skip
+                      top_logprobs=settings.top_logprobs)  # fmt: skip
         job, items = self._submit(prompt, settings)
         meta = {"id": new_id("chatcmpl-"), "created": now(), "model": r.model}
         if r.stream:
@@ -197,7 +198,7 @@ class _Api:
         prompt = completion_prompt(r, self.tokenizer)
         check_context(len(prompt), settings.max_tokens, self.engine.context)
         reply = Reply(self.tokenizer, prompt, stop=settings.stop,
-                          top_logprobs=settings.top_logprobs, chat=False)  # fmt: skip
+                      top_logprobs=settings.top_logprobs, chat=False)  # fmt: skip
         job, items = self._submit(prompt, settings)
         meta = {"id": new_id("cmpl-"), "created": now(), "model": r.model}
         if r.stream:
