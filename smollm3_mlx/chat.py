@@ -8,7 +8,10 @@ prints: `send` yields ThinkingDelta, AnswerDelta, ToolCall and ToolCallError eve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
@@ -32,6 +35,7 @@ from .events import (
 )
 from .generate import GenerationResponse, stream_generate
 from .sample import Sampling
+from .tokenizer import ASSISTANT_TAGS
 from .tools import Tool, as_text, run_tool, tool_schema, tool_schemas
 
 if TYPE_CHECKING:
@@ -56,6 +60,7 @@ __all__ = [  # the events and Sampling stay importable from here, where they use
 
 FILE_FORMAT, FILE_VERSION = "smollm3-mlx-chat", 1
 ROLES = ("system", "user", "assistant", "tool")
+MESSAGE_KEYS = {"role", "content", "interrupted"}  # all a saved message holds
 
 
 class ChatFileError(ValueError):
@@ -87,6 +92,9 @@ class Chat:
         prompt_lookup: draft up to this many tokens from n-grams already in the conversation
             and verify them in one pass (same output; see `generate_step`). 0: off.
         model_name: recorded in saved conversations.
+        prompt_progress: called as (prompt ids processed, to process) during each turn's
+            prefill, between forward chunks (a long prefill can show its progress; `cancel`
+            stops it after the current chunk).
 
     Sharing: one loaded model may serve several Chats, driven one at a time. A Chat runs one
     turn at a time: starting a turn while another is being generated (from another thread, or
@@ -118,6 +126,7 @@ class Chat:
         kv_start: int = 0,
         prompt_lookup: int = 0,
         model_name: str | None = None,
+        prompt_progress: Callable[[int, int], None] | None = None,
     ):
         info = model.info
         tokenizer = tokenizer or (info.tokenizer if info is not None else None)
@@ -140,6 +149,7 @@ class Chat:
         self.tools: list[dict[str, Any]] | None = None
         self.set_tools(tools)
         loaded = model.max_context
+        _check_whole("max_context", max_context, 1, optional=True)
         if max_context is not None and loaded is not None and max_context > loaded:
             raise ValueError(
                 f"max_context {max_context} is more than the model was loaded for ({loaded}); "
@@ -149,8 +159,11 @@ class Chat:
         self.model_name = model_name or str(info.path if info and info.path else "")
         self.messages: list[dict[str, Any]] = []
         self.last: TurnStats | None = None
+        _check_whole("prompt_lookup", prompt_lookup, 0)
+        _check_whole("kv_start", kv_start, 0)
         check_kv_quantization(model.args.head_dim or 0, kv_bits, kv_group_size)
         self.prompt_lookup = prompt_lookup
+        self.prompt_progress = prompt_progress
         self.kv = KVSettings(kv_bits, kv_group_size, kv_start)
         self.prompt_cache: PromptCache | None = None  # made at the first turn (its kept system)
         self._cancel = threading.Event()
@@ -164,6 +177,8 @@ class Chat:
 
     @system.setter
     def system(self, text: str | None) -> None:
+        if text is not None and not isinstance(text, str):
+            raise TypeError(f"the system message must be a str or None, not {_kind(text)}")
         if self.system is not None:
             del self.messages[0]
         if text:
@@ -187,11 +202,29 @@ class Chat:
         """Stop the turn being generated, within one decode step (thread- and signal-safe)."""
         self._cancel.set()
 
-    def render(self, *, add_generation_prompt: bool = True) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(
+    def render(
+        self, *, add_generation_prompt: bool = True, continue_final_message: bool = False
+    ) -> list[int]:
+        """The ids of the conversation as the model reads it (continue_final_message: with the
+        final message left open, as `Tokenizer.apply_chat_template` does)."""
+        return self._render(
             self.messages,
+            add_generation_prompt=add_generation_prompt and not continue_final_message,
+            continue_final_message=continue_final_message,
+        )
+
+    def _render(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(
+            messages,
             tokenize=True,
             add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
             enable_thinking=self.think,
             tools=self.tools,
             assistant_tags=True,
@@ -199,9 +232,27 @@ class Chat:
         assert isinstance(ids, list)
         return ids
 
-    def send(self, text: str) -> Generator[Event, None, None]:
-        """Add a user message and stream the assistant's turn as events, ending with Done."""
-        return self._turn(_user_message(text))
+    def send(self, text: str, *, prefill: str | None = None) -> Generator[Event, None, None]:
+        """Add a user message and stream the assistant's turn as events, ending with Done.
+
+        Args:
+            text: the user's message.
+            prefill: the start of the answer, which the model continues (`{` to begin a JSON
+                object, a phrase to steer it, `<think>` and a first thought): streamed as the
+                turn's first events and part of the answer, as if the model had written it.
+        """
+        return self._turn(*_prefilled(_user_message(text), prefill))
+
+    def continue_answer(self) -> Generator[Event, None, None]:
+        """Continue the last assistant message (one cut off by max_tokens, or cancelled): stream
+        what the model adds to it; the message grows by that, and Done holds the whole answer.
+
+        Raises:
+            ValueError: the last message is not the assistant's.
+        """
+        if not self.messages or self.messages[-1]["role"] != "assistant":
+            raise ValueError("nothing to continue: the last message is not the assistant's")
+        return self._turn([], open_answer=True)
 
     def send_tool_result(self, *results: object) -> Generator[Event, None, None]:
         """Add tool results (strings as they are, anything else as JSON) and continue the turn."""
@@ -217,12 +268,19 @@ class Chat:
         """Run a tool given as a function: its result, or its error, as text for the model."""
         return run_tool(self.functions.get(call.name), call.name, call.arguments)
 
-    async def asend(self, text: str) -> AsyncIterator[Event]:
+    async def asend(self, text: str, *, prefill: str | None = None) -> AsyncIterator[Event]:
         """`send` off the event loop: events arrive as generation goes, the loop stays free.
 
         Cancelling the task (or leaving the loop early) stops generation within one step.
         """
-        async for event in self._off_loop(_user_message(text)):
+        async for event in self._off_loop(*_prefilled(_user_message(text), prefill)):
+            yield event
+
+    async def acontinue_answer(self) -> AsyncIterator[Event]:
+        """`continue_answer` off the event loop."""
+        if not self.messages or self.messages[-1]["role"] != "assistant":
+            raise ValueError("nothing to continue: the last message is not the assistant's")
+        async for event in self._off_loop([], open_answer=True):
             yield event
 
     async def asend_tool_result(self, *results: object) -> AsyncIterator[Event]:
@@ -230,7 +288,9 @@ class Chat:
         async for event in self._off_loop(_tool_messages(results)):
             yield event
 
-    async def _off_loop(self, new: list[dict[str, Any]]) -> AsyncIterator[Event]:
+    async def _off_loop(
+        self, new: list[dict[str, Any]], open_answer: bool = False
+    ) -> AsyncIterator[Event]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event | _End] = asyncio.Queue()
         stop = threading.Event()
@@ -238,7 +298,7 @@ class Chat:
         def pump() -> None:
             end = _End()
             try:
-                for event in self._turn(new, stop):
+                for event in self._turn(new, open_answer, stop):
                     loop.call_soon_threadsafe(queue.put_nowait, event)
             except BaseException as e:  # handed to the awaiting task
                 end = _End(e)
@@ -262,11 +322,14 @@ class Chat:
             worker.join()
 
     def _turn(
-        self, new: list[dict[str, Any]], stop: threading.Event | None = None
+        self,
+        new: list[dict[str, Any]],
+        open_answer: bool = False,
+        stop: threading.Event | None = None,
     ) -> Generator[Event, None, None]:
         with self._turn_lock():
             self._cancel.clear()
-            yield from self._generate(new, stop or self._cancel)
+            yield from self._generate(new, open_answer, stop or self._cancel)
 
     def _turn_lock(self) -> _Held:
         if not self._busy.acquire(blocking=False):
@@ -276,16 +339,19 @@ class Chat:
             )
         return _Held(self._busy)
 
-    def _generate(self, new: list[dict[str, Any]], stop: threading.Event) -> Iterator[Event]:
+    def _generate(
+        self, new: list[dict[str, Any]], open_answer: bool, stop: threading.Event
+    ) -> Iterator[Event]:
+        """One turn; with open_answer, the final message is an answer to continue."""
         self.messages += new
         try:
-            prompt = self.render()
+            prompt = self.render(continue_final_message=open_answer)
+            parser, given = self._answer_parser(prompt, open_answer, bool(new))
         except Exception:
-            del self.messages[-len(new) :]
+            self._undo(len(new))
             raise
         if self.prompt_cache is None:
             self.prompt_cache = self._new_cache(prompt)
-        parser = EventParser(self.tokenizer, prompt)
         generated: list[int] = []  # the end-of-turn id left out
         last = None
         start = time.perf_counter()
@@ -297,22 +363,25 @@ class Chat:
             prompt_cache=self.prompt_cache,
             cancel=_Either(stop, self._cancel),
             prompt_lookup=self.prompt_lookup,
+            prompt_progress=self.prompt_progress,
         )
         try:
             for last in responses:
+                yield from given  # a prefill streams once the prompt is read, as an answer would
+                given = []
                 if last.finish_reason is None and last.token is not None:
                     generated.append(last.token)
                     yield from parser.feed(last.token)
         except GeneratorExit:  # the caller closed the stream: a cancel too
-            self._record(len(new), generated, "cancelled")
+            self._record(len(new), generated, "cancelled", open_answer)
             raise
         except BaseException:  # an error: the history is left as before the turn
-            del self.messages[-len(new) :]
+            self._undo(len(new))
             raise
         finally:
             responses.close()  # the prompt cache settles, however the turn ended
         assert last is not None and last.finish_reason is not None
-        self._record(len(new), generated, last.finish_reason)
+        self._record(len(new), generated, last.finish_reason, open_answer)
         yield from parser.flush()
         self.last = self._stats(last, parser, time.perf_counter() - start)
         yield parser.done(self.last, last.finish_reason)
@@ -344,16 +413,34 @@ class Chat:
             accepted_tokens=r.lookup.accepted,
         )
 
-    def _record(self, n_new: int, generated: list[int], finish: str) -> None:
-        """Add the assistant message (marked if interrupted), or drop a cancelled turn."""
-        if finish == "cancelled" and self.on_cancel == "drop":
+    def _answer_parser(
+        self, prompt: list[int], open_answer: bool, shown: bool
+    ) -> tuple[EventParser, list[Event]]:
+        """The parser of the turn's answer, and the events of the part of it given, not
+        generated: a prefill is streamed (`shown`), a continued answer's start was already."""
+        if not open_answer:
+            return EventParser(self.tokenizer, prompt), []
+        *before, answer = self.messages
+        parser = EventParser(self.tokenizer, self._render(before, add_generation_prompt=True))
+        ids = self.tokenizer.encode(answer["content"], allow_special=ASSISTANT_TAGS)
+        events = [event for i in ids for event in parser.feed(i)]
+        return parser, events if shown else []
+
+    def _undo(self, n_new: int) -> None:
+        if n_new:
             del self.messages[-n_new:]
+
+    def _record(self, n_new: int, generated: list[int], finish: str, open_answer: bool) -> None:
+        """Add the assistant message, or grow the open one (marked if interrupted); or drop a
+        cancelled turn."""
+        if finish == "cancelled" and self.on_cancel == "drop":
+            self._undo(n_new)
             return
-        body = self.tokenizer.decode(generated)
+        message: dict[str, Any] = self.messages.pop() if open_answer else {"role": "assistant"}
+        body = message.get("content", "") + self.tokenizer.decode(generated)
         thinking, answer = split_thinking(body)
-        message: dict[str, Any] = {"role": "assistant", "content": body}
-        if thinking and not self.keep_thinking:
-            message["content"] = answer
+        message["content"] = answer if thinking and not self.keep_thinking else body
+        message.pop("interrupted", None)
         if finish == "cancelled":
             message["interrupted"] = True
         self.messages.append(message)
@@ -371,9 +458,17 @@ class Chat:
         }
 
     def save(self, path: str | Path) -> Path:
-        """Write the conversation as JSON (messages, mode, model, sampling, tools)."""
+        """Write the conversation as JSON (messages, mode, model, sampling, tools).
+
+        The file is written whole or not at all: into a temporary file beside it, flushed to the
+        disk, then renamed over `path`; on any error (a full disk...) an earlier file is as it was.
+
+        Raises:
+            OSError: the file could not be written.
+        """
         path = Path(path).expanduser()
-        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        data = (json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n").encode()
+        _write_atomic(path, data)
         return path
 
     @classmethod
@@ -399,8 +494,9 @@ class Chat:
         with self._turn_lock():
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ChatFileError(f"{path}: cannot read a conversation ({e})") from None
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+                why = e.strerror if isinstance(e, OSError) and e.strerror else e
+                raise ChatFileError(f"{path}: cannot read a conversation ({why})") from None
             try:
                 messages, think, keep_thinking, sampling, tools = _validate(data)
             except ValueError as e:
@@ -438,8 +534,54 @@ class _Held:
         self.lock.release()
 
 
+def _prefilled(new: list[dict[str, Any]], prefill: str | None) -> tuple[list[dict[str, Any]], bool]:
+    """The turn's new messages, with the answer opened by `prefill` when one is given."""
+    if prefill is None:
+        return new, False
+    if not isinstance(prefill, str):
+        raise TypeError(f"prefill must be a str, not {_kind(prefill)}")
+    return [*new, {"role": "assistant", "content": prefill}], True
+
+
 def _user_message(text: str) -> list[dict[str, Any]]:
+    if not isinstance(text, str):  # anything else would be saved as a file no one can load
+        raise TypeError(f"the user's message must be a str, not {_kind(text)}")
     return [{"role": "user", "content": text}]
+
+
+def _kind(value: object) -> str:
+    """A value's type and a glimpse of it, for an error message: "int (123)"."""
+    return f"{type(value).__name__} ({value!r:.40})"
+
+
+def _check_whole(name: str, value: object, low: int, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be a whole number >= {low}, not {value!r:.40}")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` in one rename, so that a failure leaves the old file whole."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644  # mkstemp's is 0o600
+        tmp.chmod(mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    with contextlib.suppress(OSError):  # the rename itself reaches the disk with the folder
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 def _tool_messages(results: tuple[object, ...]) -> list[dict[str, Any]]:
@@ -452,32 +594,37 @@ def _tool_messages(results: tuple[object, ...]) -> list[dict[str, Any]]:
 def _validate(
     data: Any,
 ) -> tuple[list[dict[str, Any]], bool, bool, Sampling, list[dict[str, Any]] | None]:
-    """(messages, think, keep_thinking, sampling, tools) of a saved conversation, or ValueError."""
+    """(messages, think, keep_thinking, sampling, tools) of a saved conversation, or a ValueError
+    naming the first field that is missing or wrong."""
 
     def need(ok: bool, problem: str) -> None:
         if not ok:
             raise ValueError(problem)
 
-    need(isinstance(data, dict) and data.get("format") == FILE_FORMAT, f"no {FILE_FORMAT!r}")
-    need(data.get("version") == FILE_VERSION, f"version {data.get('version')!r}, not 1")
-    messages, sampling, tools = data.get("messages"), data.get("sampling"), data.get("tools")
-    need(isinstance(messages, list), "'messages' is not a list")
-    for i, m in enumerate(messages):
-        need(isinstance(m, dict) and m.get("role") in ROLES, f"message {i} has no known role")
-        need(isinstance(m.get("content"), str), f"message {i} has no text content")
+    need(isinstance(data, dict), "not a JSON object")
+    need(data.get("format") == FILE_FORMAT, f'no "format": {FILE_FORMAT!r}')
+    version = data.get("version")
+    need(type(version) is int and version == FILE_VERSION, f"version {version!r:.20}, not 1")
+    need(isinstance(data.get("model"), str), "'model' is missing or not a string")
     for key in ("think", "keep_thinking"):
-        need(isinstance(data.get(key), bool), f"{key!r} is not true or false")
-    types_ = {f.name: f.type for f in fields(Sampling)}
-    need(isinstance(sampling, dict) and set(sampling) <= set(types_), "'sampling' is not known")
-    for k, v in sampling.items():
-        optional = "None" in types_[k]  # the seed
-        need(type(v) in (int, float) or (optional and v is None), f"sampling {k!r} is not a number")
+        need(isinstance(data.get(key), bool), f"{key!r} is missing or not true or false")
+    messages, sampling, tools = data.get("messages"), data.get("sampling"), data.get("tools")
+    need(isinstance(messages, list), "'messages' is missing or not a list")
+    for i, m in enumerate(messages):
+        need(isinstance(m, dict), f"message {i} is not an object")
+        need(m.get("role") in ROLES, f"message {i} has no known role")
+        need(isinstance(m.get("content"), str), f"message {i} has no text content")
+        need(type(m.get("interrupted", False)) is bool, f"message {i}: 'interrupted' is not bool")
+        extra = sorted(set(m) - MESSAGE_KEYS)
+        need(not extra, f"message {i} has an unknown field {extra[0]!r:.30}" if extra else "")
+    need(isinstance(sampling, dict), "'sampling' is missing or not an object")
+    unknown = sorted(set(sampling) - {f.name for f in fields(Sampling)})
+    need(not unknown, f"unknown sampling field {unknown[0]!r:.30}" if unknown else "")
+    try:
+        sampling = Sampling(**sampling)  # its own checks: NaN, a negative temperature, top_p 7...
+    except ValueError as e:
+        raise ValueError(f"sampling: {e}") from None
     need(tools is None or isinstance(tools, list), "'tools' is not a list")
     for i, t in enumerate(tools or ()):
         need(isinstance(t, dict) and isinstance(t.get("name"), str), f"tool {i} has no name")
-    values: dict[str, Any] = {
-        k: v if v is None else (int if types_[k].startswith("int") else float)(v)
-        for k, v in sampling.items()
-    }
-    sampling = Sampling(**values)
     return [dict(m) for m in messages], data["think"], data["keep_thinking"], sampling, tools
