@@ -3,7 +3,7 @@
 Requests wait in a bounded queue (beyond it, `Busy`). Each runs on a prompt cache taken from an
 LRU of prefix caches bounded in bytes, so a follow-up turn prefills only its new tokens, and goes
 back into it afterwards, however the request ended. A set `cancel` event stops a request within
-one step (during prefill, between chunks). Results go to the request through its `emit`
+one step (during the prefill, after the current chunk). Results go to the request through its `emit`
 callback, called on the worker thread.
 """
 
@@ -17,7 +17,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import mlx.core as mx
 
@@ -62,8 +61,7 @@ class Job:
     Args:
         prompt: all the prompt's ids (the cached prefix is found here).
         max_tokens: the most ids to generate; None: up to the end of the context.
-        sampling: temperature, top_p, top_k, min_p, repetition_penalty given by the request.
-        seed: for reproducible sampling; None draws a fresh one.
+        sampling: the request's sampling (its seed None: a fresh one is drawn).
         top_logprobs: None: no logprobs; else the count of alternatives per token.
         processors: extra logits processors (constrained decoding).
         emit: receives the items, on the worker thread.
@@ -71,8 +69,7 @@ class Job:
 
     prompt: list[int]
     max_tokens: int | None = None
-    sampling: dict[str, Any] = field(default_factory=dict)
-    seed: int | None = None
+    sampling: Sampling = field(default_factory=Sampling)
     top_logprobs: int | None = None
     processors: Sequence[Callable[[mx.array, mx.array], mx.array]] = ()
     emit: Callable[[Item], None] = lambda item: None
@@ -85,10 +82,6 @@ class Busy(RuntimeError):
     def __init__(self, retry_after: int):
         super().__init__(f"the server is busy; retry after {retry_after} s")
         self.retry_after = retry_after
-
-
-class _Cancelled(Exception):
-    pass
 
 
 @dataclass(frozen=True)
@@ -113,13 +106,13 @@ class PromptCacheLRU:
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self.entries: list[Any] = []  # PromptCache, least recently used first
+        self.entries: list[PromptCache] = []  # least recently used first
 
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.entries)
 
-    def take(self, prompt: Sequence[int]) -> Any | None:
+    def take(self, prompt: Sequence[int]) -> PromptCache | None:
         best, n = None, 0
         for cache in self.entries:
             k = _common_prefix(cache.ids, prompt)
@@ -132,7 +125,7 @@ class PromptCacheLRU:
             return best
         return best.copy()
 
-    def put(self, cache: Any) -> None:
+    def put(self, cache: PromptCache) -> None:
         ids = cache.ids
         self.entries = [
             c for c in self.entries if not (len(c.ids) <= len(ids) and ids[: len(c.ids)] == c.ids)
@@ -268,8 +261,6 @@ class Engine:
                     break
                 generated += 1
                 job.emit(_token(r.token, recorder, job.top_logprobs))
-        except _Cancelled:  # during prefill
-            pass
         finally:
             responses.close()  # the cache settles, however the request ended
             self.lru.put(cache)
@@ -296,16 +287,12 @@ class _Logprobs:
 
 def _responses(model, tokenizer, cache, job: Job, max_tokens: int, recorder: _Logprobs | None):
     """`stream_generate` for `job`: the one adapter to the generation core."""
-    seed = secrets.randbits(63) if job.seed is None else job.seed
-    sampling = Sampling.from_model(model, **job.sampling, seed=seed)
+    sampling = job.sampling
+    if sampling.seed is None:  # else the last request's seed would go on
+        sampling = sampling.updated(seed=secrets.randbits(63))
     processors = [*sampling.logits_processors(), *job.processors]
     if recorder is not None:
         processors.append(recorder)
-
-    def progress(done: int, total: int) -> None:
-        if job.cancel.is_set():  # stop a long prefill between chunks
-            raise _Cancelled
-
     return stream_generate(
         model,
         tokenizer,
@@ -314,8 +301,7 @@ def _responses(model, tokenizer, cache, job: Job, max_tokens: int, recorder: _Lo
         sampling=sampling,
         logits_processors=processors,
         prompt_cache=cache,
-        cancel=job.cancel,
-        prompt_progress=progress,
+        cancel=job.cancel,  # checked between prefill chunks too
     )
 
 

@@ -53,6 +53,7 @@ from .openai_request import (
     thinking,
     tools as request_tools,
 )
+from .sample import Sampling
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 DEFAULT_MAX_BODY = 4 * 1024**2
@@ -233,7 +234,11 @@ class _Api:
             except RuntimeError:  # the loop is gone (shutdown): nobody is listening
                 pass
 
-        job = Job(prompt, s.max_tokens, s.sampling, s.seed, s.top_logprobs, emit=emit)
+        try:  # the ranges the core checks: an error here is the request's, not the server's
+            sampling = Sampling.from_model(self.engine.model, **s.sampling, seed=s.seed)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        job = Job(prompt, s.max_tokens, sampling, s.top_logprobs, emit=emit)
         try:
             self.engine.submit(job)
         except Busy as e:
