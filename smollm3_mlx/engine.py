@@ -192,8 +192,8 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="smollm3-engine", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        """Cancel the running and waiting jobs and end the worker thread."""
+    def close(self) -> None:
+        """Take no more jobs; cancel the running one and those waiting (the thread stays)."""
         self._closed = True
         if self._current is not None:
             self._current.cancel.set()
@@ -204,6 +204,10 @@ class Engine:
                 break
             if job is not None:
                 job.emit(Finished("cancelled"))
+
+    def stop(self) -> None:
+        """Close, and end the worker thread."""
+        self.close()
         if self._thread is not None:
             self._jobs.put(None)
             self._thread.join()

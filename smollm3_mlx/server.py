@@ -188,7 +188,7 @@ class _Api:
 
             first = make(None, None)
             first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-            return _sse(_stream(job, items, reply, make, usage, first))
+            return _sse(job, _stream(job, items, reply, make, usage, first))
         finish = await _collect(request, job, items, reply)
         return JSONResponse(chat_response(meta, reply, finish))
 
@@ -208,7 +208,7 @@ class _Api:
             def make(delta: Delta | None, finish: str | None) -> dict[str, Any]:
                 return text_chunk(meta, reply, delta, finish, usage)
 
-            return _sse(_stream(job, items, reply, make, usage))
+            return _sse(job, _stream(job, items, reply, make, usage))
         finish = await _collect(request, job, items, reply)
         return JSONResponse(text_response(meta, reply, finish))
 
@@ -289,12 +289,28 @@ async def _deltas(job: Job, items: asyncio.Queue[Item], reply: Reply) -> AsyncIt
             raise Fault(500, f"generation failed: {item.error}", "server_error")
 
 
-def _sse(chunks: AsyncIterator[dict[str, Any] | str]) -> Response:
-    async def events() -> AsyncIterator[dict[str, str]]:
-        async for c in chunks:
-            yield {"data": c if isinstance(c, str) else json.dumps(c, ensure_ascii=False)}
+def _sse(job: Job, chunks: AsyncIterator[dict[str, Any] | str]) -> Response:
+    shutdown = anyio.Event()  # set by sse-starlette when the server begins to shut down
 
-    return EventSourceResponse(events(), ping=15, headers={"Cache-Control": "no-cache"})
+    async def events() -> AsyncIterator[dict[str, str]]:
+        async def on_shutdown() -> None:
+            await shutdown.wait()
+            job.cancel.set()  # the answer ends, and the stream with its last chunk and [DONE]
+
+        watcher = asyncio.create_task(on_shutdown())
+        try:
+            async for c in chunks:
+                yield {"data": c if isinstance(c, str) else json.dumps(c, ensure_ascii=False)}
+        finally:
+            watcher.cancel()
+
+    return EventSourceResponse(
+        events(),
+        ping=15,
+        headers={"Cache-Control": "no-cache"},
+        shutdown_event=shutdown,
+        shutdown_grace_period=2,  # under uvicorn's timeout_graceful_shutdown (3 s)
+    )
 
 
 async def _stream(job: Job, items, reply: Reply, make: Callable, usage: bool, *first):
@@ -412,6 +428,10 @@ def serve(
                    loopback=is_loopback(host), max_body=max_body)  # fmt: skip
 
     class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            engine.close()  # answers in progress end now, before uvicorn waits for them
+            await super().shutdown(sockets)
+
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets)
             if self.started:

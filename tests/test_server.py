@@ -542,7 +542,14 @@ def test_serve_prints_ready_answers_and_stops_cleanly_on_ctrl_c(model_dir):
         url = line.split()[1]
         s = SimpleNamespace(url=url.removesuffix("/v1"))
         assert [m.id for m in client(s).models.list()] == [MODEL]
-        proc.send_signal(signal.SIGINT)
+        with httpx.Client(timeout=30) as http:
+            with http.stream("POST", url + "/chat/completions", json=sing()) as song:
+                lines = song.iter_lines()
+                next(lines)  # an answer in progress
+                proc.send_signal(signal.SIGINT)
+                chunks = list(sse_data(lines))  # it ends, and the stream with it
+        assert chunks[-1] == "[DONE]"
+        assert chunks[-2]["choices"][0]["finish_reason"] == "cancelled"
         assert proc.wait(timeout=30) == 130  # a clean shutdown, then the shell's Ctrl-C code
         assert "server stopped" in proc.stdout.read()
         err = proc.stderr.read()
