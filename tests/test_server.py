@@ -256,6 +256,8 @@ def test_prompt_cache_lru_moves_follow_ups_copies_branches_and_stays_in_budget()
 
 
 def test_stop_strings_seed_and_logprobs(srv):
+    r = ask(srv, [user("sing")], max_completion_tokens=5, extra_body=no_think())
+    assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
     r = ask(srv, [user("math")], stop=["= 4"])
     assert r.choices[0].message.content == "2 + 2" and r.choices[0].finish_reason == "stop"
     r = ask(srv, [user("hi")], logprobs=True, top_logprobs=3, extra_body=no_think())
@@ -280,6 +282,9 @@ def test_completions_endpoint_continues_raw_text(srv):
         client(srv).completions.create(model=MODEL, prompt=prompt, temperature=0, stream=True)
     )
     assert "".join(c.choices[0].text for c in chunks) == answer("hi")
+    r = client(srv).completions.create(model=MODEL, prompt=prompt, temperature=0, logprobs=2)
+    assert "".join(r.choices[0].logprobs.tokens) == r.choices[0].text == answer("hi")
+    assert all(len(top) == 2 for top in r.choices[0].logprobs.top_logprobs)
 
 
 def test_models_and_health(srv):
