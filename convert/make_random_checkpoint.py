@@ -34,6 +34,11 @@ from pathlib import Path
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere: the package beside it
+    sys.path.insert(0, str(REPO_ROOT))
+
+from smollm3_mlx.convert import plan_shards, safetensors_header  # noqa: E402
+
 DEFAULT_REFERENCE_DIR = REPO_ROOT.parent / "shared" / "smollm3-reference"
 REAL_TOTAL_SIZE = 6150197248  # bytes of tensor data in the real checkpoint (index metadata)
 MAX_SHARD_SIZE = 5 * 10**9  # save_pretrained's default "5GB"; it gives the real two-shard split
@@ -101,41 +106,19 @@ def _nbytes(shape: tuple[int, ...]) -> int:
     return 2 * math.prod(shape)  # bf16
 
 
-def _shard(tensors: list[Tensor]) -> list[list[Tensor]]:
-    """Greedy split in state-dict order, as huggingface_hub's split_torch_state_dict_into_shards."""
-    shards: list[list[Tensor]] = [[]]
-    size = 0
-    for name, shape in tensors:
-        n = _nbytes(shape)
-        if shards[-1] and size + n > MAX_SHARD_SIZE:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, shape))
-        size += n
-    return shards
-
-
-def _header(shard: list[Tensor]) -> bytes:
-    """The safetensors header as safetensors.torch.save_file writes it, byte for byte."""
-    meta: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shape in sorted(shard):  # one dtype, so safetensors orders the data by name
-        n = _nbytes(shape)
-        meta[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(meta, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # pad so that the data starts 8-byte aligned
-    return len(raw).to_bytes(8, "little") + raw
-
-
 def _layout(cfg: dict) -> dict[str, tuple[list[Tensor], bytes]]:
-    """Shard file name -> (its tensors, its header), for the model `cfg` describes."""
-    shards = _shard(_state_dict_tensors(cfg))
-    n = len(shards)
-    return {
-        f"model-{i + 1:05d}-of-{n:05d}.safetensors": (shard, _header(shard))
-        for i, shard in enumerate(shards)
-    }
+    """Shard file name -> (its tensors, its header), for the model `cfg` describes.
+
+    Split in state-dict order as save_pretrained does; each header as safetensors.torch.save_file
+    writes it, byte for byte (one dtype, so the data is ordered by name).
+    """
+    tensors = _state_dict_tensors(cfg)
+    layout = {}
+    for name, indices in plan_shards([_nbytes(s) for _, s in tensors], MAX_SHARD_SIZE):
+        shard = [tensors[i] for i in indices]
+        entries = [(t, "BF16", shape, _nbytes(shape)) for t, shape in sorted(shard)]
+        layout[name] = (shard, safetensors_header(entries, "pt")[0])
+    return layout
 
 
 def _index(layout: dict[str, tuple[list[Tensor], bytes]]) -> dict:

@@ -8,10 +8,7 @@ prints: `send` yields ThinkingDelta, AnswerDelta, ToolCall and ToolCallError eve
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
@@ -33,6 +30,7 @@ from .events import (
     TurnStats,
     split_thinking,
 )
+from .files import write_atomic
 from .generate import GenerationResponse, stream_generate
 from .sample import Sampling
 from .tokenizer import ASSISTANT_TAGS
@@ -137,14 +135,9 @@ class Chat:
         if on_cancel not in ("keep", "drop"):
             raise ValueError(f"on_cancel must be 'keep' or 'drop', not {on_cancel!r}")
         self.on_cancel = on_cancel
-        self.sampling = (sampling or Sampling.from_model(model)).updated(
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-            max_tokens=max_tokens,
-        )
+        given = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
+        given |= dict(repetition_penalty=repetition_penalty, max_tokens=max_tokens)
+        self.sampling = (sampling or Sampling.from_model(model)).updated(**given)
         self.functions: dict[str, Callable[..., Any]] = {}
         self.tools: list[dict[str, Any]] | None = None
         self.set_tools(tools)
@@ -468,7 +461,7 @@ class Chat:
         """
         path = Path(path).expanduser()
         data = (json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n").encode()
-        _write_atomic(path, data)
+        write_atomic(path, data)
         return path
 
     @classmethod
@@ -559,29 +552,6 @@ def _check_whole(name: str, value: object, low: int, optional: bool = False) -> 
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be a whole number >= {low}, not {value!r:.40}")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` in one rename, so that a failure leaves the old file whole."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644  # mkstemp's is 0o600
-        tmp.chmod(mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    with contextlib.suppress(OSError):  # the rename itself reaches the disk with the folder
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
 
 
 def _tool_messages(results: tuple[object, ...]) -> list[dict[str, Any]]:

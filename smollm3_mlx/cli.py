@@ -332,26 +332,19 @@ def _session(
     import mlx.core as mx
 
     from .chat import Chat
+    from .sample import Sampling
 
     m, tokenizer, name = loaded or _load(model, dtype, max_context)
     if seed is not None:
         mx.random.seed(seed)
+    # The options given, over generation_config.json's defaults
+    sampling = Sampling.from_model(m, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
     try:
         return Chat(
-            m,
-            tokenizer,
-            think=think,
-            system=system,
-            keep_thinking=keep_thinking,
-            temperature=temperature,  # over generation_config.json's defaults, where given
-            top_p=top_p,
-            max_tokens=max_tokens,
-            model_name=name,
-            kv_bits=kv_bits,
-            kv_group_size=kv_group_size,
-            kv_start=kv_start,
-            prompt_lookup=prompt_lookup,
-        )
+            m, tokenizer, think=think, system=system, keep_thinking=keep_thinking,
+            sampling=sampling, model_name=name, kv_bits=kv_bits, kv_group_size=kv_group_size,
+            kv_start=kv_start, prompt_lookup=prompt_lookup,
+        )  # fmt: skip
     except ValueError as e:
         console.error(str(e))
         raise typer.Exit(1) from None

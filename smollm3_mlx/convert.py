@@ -7,23 +7,18 @@ source bytes, quantized and written at their planned offsets. Memory stays near 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import json
 import math
 import os
-import re
 import shlex
 import shutil
 import signal
-import socket
-import tempfile
 import threading
 import time
-import warnings
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -34,15 +29,30 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from . import __version__
+from .files import (
+    Terminated,
+    existing_parent,
+    human_size,
+    make_temp,
+    remove_stale,
+    replace_folder,
+    signals_as_interrupt,
+    unmark,
+)
 from .loading import (
     DEFAULT_REPO,
     DTYPES,
     ModelLoadError,
+    Progress,
+    check_tensors,
+    download_bar,
+    first_line,
     hub_error,
     load_config,
     load_model,
     model_args,
     read_safetensors_header,
+    snapshot,
     weight_files,
 )
 from .model import Model, ModelArgs
@@ -63,13 +73,7 @@ WORKERS = 2  # threads quantizing row blocks: MLX and file I/O release the GIL
 ST_DTYPES = {"BF16": ("<u2", mx.bfloat16), "F16": ("<f2", mx.float16), "F32": ("<f4", mx.float32)}
 ST_NAMES = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.uint32: "U32"}
 
-# Our temporary folders: .OUT.tmp-PID-XXXXXXXX (the conversion) and .OUT.old-PID-XXXXXXXX (an old
-# OUT while --force replaces it), each with a MARKER naming the process and host that made it.
-TEMP_NAME = re.compile(r"\.(?P<out>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[a-z0-9_]{8}")
-MARKER = ".smollm3-mlx-convert.json"
 SPACE_MARGIN = 1 << 20  # bytes beyond the planned output: the card, the configs' rewrites
-
-Progress = Callable[[int, int, str], None]
 
 
 class ConvertError(ValueError):
@@ -81,14 +85,6 @@ class ConvertInterrupted(ConvertError):
 
     def __init__(self, message: str, signum: int = signal.SIGINT):
         super().__init__(message)
-        self.signum = signum
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised where Ctrl-C raises KeyboardInterrupt, so that both clean up."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
         self.signum = signum
 
 
@@ -189,10 +185,10 @@ def convert(
         raise ConvertError(f"{out} already exists; pass --force to replace it")
     if upload_repo:
         _check_upload_repo(upload_repo)
-    _remove_stale(out.parent, note)
+    remove_stale(out.parent, note)
 
     tmp = None
-    with _signals_as_interrupt():
+    with signals_as_interrupt():
         try:
             if local is None:
                 path, revision = _fetch(str(source), revision, progress)
@@ -209,7 +205,7 @@ def convert(
             shards = _plan_shards(jobs, outputs, shard_size)
             _check_space(out, path, shards)
 
-            tmp = _make_temp(out, "tmp")
+            tmp = make_temp(out, "tmp")
             _write_shards(tmp, shards, DTYPES[dtype], progress)
             quantization = {"group_size": group_size, "bits": bits, "mode": "affine", **overrides}
             config = {**config, **_rope_spellings(model.args)}
@@ -221,8 +217,8 @@ def convert(
             )  # fmt: skip
             (tmp / "README.md").write_text(_model_card(result, config))
             _check(tmp)
-            (tmp / MARKER).unlink()
-            _replace(tmp, out)
+            unmark(tmp)
+            replace_folder(tmp, out)
         except BaseException as e:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -242,37 +238,14 @@ def _one_line_error(e: BaseException, out: Path) -> ConvertError | None:
         return None
     if isinstance(e, ModelLoadError):
         return ConvertError(str(e))
-    if isinstance(e, _Terminated):
+    if isinstance(e, Terminated):
         name = signal.Signals(e.signum).name
         return ConvertInterrupted(f"stopped by {name}; nothing was written to {out}", e.signum)
     if isinstance(e, KeyboardInterrupt):
         return ConvertInterrupted(f"interrupted; nothing was written to {out}")
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
         return ConvertError(f"disk full writing {out} ({e.strerror}); nothing was written")
-    return ConvertError(f"conversion to {out} failed: {_first_line(e)}")
-
-
-@contextlib.contextmanager
-def _signals_as_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise as Ctrl-C does, so that a killed conversion cleans up after
-    itself. Only where Python would otherwise die of them: a handler the application set stays."""
-    signums = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
-    previous, fired = {}, []
-
-    def terminate(signum: int, frame: object) -> None:
-        if not fired:  # once: a second signal must not cut the clean-up short
-            fired.append(signum)
-            raise _Terminated(signum)
-
-    if threading.current_thread() is threading.main_thread():
-        for signum in signums:
-            if signal.getsignal(signum) == signal.SIG_DFL:
-                previous[signum] = signal.signal(signum, terminate)
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    return ConvertError(f"conversion to {out} failed: {first_line(e)}")
 
 
 def _check_out(out: Path, source: Path | None) -> None:
@@ -311,7 +284,7 @@ def _check_needed_files(path: Path, source: str, hint: str = "") -> None:
     try:
         Tokenizer.from_folder(path)
     except Exception as e:  # tokenizers raises its own Exception subclass for a bad file
-        raise ConvertError(f"{path / 'tokenizer.json'}: cannot be read ({_first_line(e)})") from e
+        raise ConvertError(f"{path / 'tokenizer.json'}: cannot be read ({first_line(e)})") from e
 
 
 def _check_upload_repo(repo: str) -> None:
@@ -343,12 +316,12 @@ def _check_space(out: Path, source: Path, shards: dict[str, tuple]) -> None:
     need = sum(len(header) + _data_bytes(header) for header, _ in shards.values())
     need += sum((source / n).stat().st_size for n in COPIED_FILES if (source / n).is_file())
     need += SPACE_MARGIN
-    parent = out.parent if out.parent.exists() else _existing_parent(out)
+    parent = out.parent if out.parent.exists() else existing_parent(out)
     free = shutil.disk_usage(parent).free
     if free < need:
         raise ConvertError(
-            f"not enough disk space for {out}: it needs {_size(need)}, {parent} has "
-            f"{_size(free)} free"
+            f"not enough disk space for {out}: it needs {human_size(need)}, {parent} has "
+            f"{human_size(free)} free"
         )
 
 
@@ -357,7 +330,7 @@ def _check_download_space(source: str, commit: str) -> None:
     from huggingface_hub import constants, snapshot_download
 
     try:
-        quiet = _download_bar(lambda *_: None, "", threading.Event())  # draws nothing
+        quiet = download_bar(lambda *_: None, "", threading.Event())  # draws nothing
         plan = snapshot_download(
             source, revision=commit, allow_patterns=SOURCE_FILES, dry_run=True, tqdm_class=quiet
         )
@@ -365,90 +338,18 @@ def _check_download_space(source: str, commit: str) -> None:
         return
     need = sum(f.file_size or 0 for f in plan if f.will_download)
     cache = Path(constants.HF_HUB_CACHE)
-    cache = cache if cache.exists() else _existing_parent(cache)
+    cache = cache if cache.exists() else existing_parent(cache)
     free = shutil.disk_usage(cache).free
     if need and free < need:
         raise ConvertError(
-            f"not enough disk space to download {source}: it needs {_size(need)}, {cache} has "
-            f"{_size(free)} free"
+            f"not enough disk space to download {source}: it needs {human_size(need)}, {cache} has "
+            f"{human_size(free)} free"
         )
 
 
 def _data_bytes(header: bytes) -> int:
     table = json.loads(header[8:])
     return max((t["data_offsets"][1] for k, t in table.items() if k != "__metadata__"), default=0)
-
-
-def _existing_parent(path: Path) -> Path:
-    for parent in path.resolve().parents:
-        if parent.exists():
-            return parent
-    return Path("/")
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} bytes"
-
-
-def _make_temp(out: Path, kind: str) -> Path:
-    """A hidden folder beside `out`, named and marked as ours so that a later run can tell it
-    is stale once this process is gone."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-{os.getpid()}-", dir=out.parent))
-    (tmp / MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
-    tmp.chmod(0o755)
-    return tmp
-
-
-def _remove_stale(folder: Path, note: Callable[[str], None] | None) -> None:
-    """Remove the temporary folders that killed conversions left in `folder`, and say so. An old
-    OUT that a --force replacement had set aside before the kill is put back if OUT is gone."""
-    if not folder.is_dir():
-        return
-    for path in sorted(folder.iterdir()):
-        match = TEMP_NAME.fullmatch(path.name)
-        if not match or not path.is_dir() or path.is_symlink():
-            continue
-        try:
-            marker = json.loads((path / MARKER).read_text())
-        except (OSError, ValueError):
-            continue  # not ours, or not yet marked
-        pid = marker.get("pid") if isinstance(marker, dict) else None
-        if marker.get("host") != socket.gethostname() or pid != int(match["pid"]):
-            continue  # another machine's, on a shared disk: its process may be alive
-        if _alive(pid):
-            continue
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-        old, out = path / match["out"], folder / match["out"]
-        if match["kind"] == "old" and old.exists() and not (out.exists() or out.is_symlink()):
-            old.rename(out)
-            message = f"put back {out}, set aside by a conversion (process {pid}) that was killed"
-        else:
-            message = (f"removed {path} ({_size(size)}), left by a conversion (process {pid}) "
-                       "that was killed")  # fmt: skip
-        shutil.rmtree(path, ignore_errors=True)
-        if note is None:
-            warnings.warn(message, stacklevel=3)
-        else:
-            note(message)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def _local_source(source: str, revision: str | None) -> Path | None:
@@ -467,12 +368,12 @@ def _fetch(source: str, revision: str | None, progress: Progress | None) -> tupl
     """(local folder, hub commit) of a hub repo: its small files first, checked, then the
     weights of that same commit, so that a repo lacking what the output needs costs no download."""
     try:
-        folder = Path(_snapshot(source, revision, progress, SMALL_FILES))
+        folder = Path(snapshot(source, revision, progress, SMALL_FILES))
         commit = folder.name  # snapshot folders are named by their commit
         _check_needed_files(folder, source)
         done = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
         _check_download_space(source, commit)
-        _snapshot(source, commit, progress, SOURCE_FILES, offset=done)
+        snapshot(source, commit, progress, SOURCE_FILES, offset=done)
     except ConvertError:
         raise
     except Exception as e:  # network, auth, missing revision, offline cache miss: all end here
@@ -480,82 +381,8 @@ def _fetch(source: str, revision: str | None, progress: Progress | None) -> tupl
     return folder, commit
 
 
-def _snapshot(
-    source: str,
-    revision: str | None,
-    progress: Progress | None,
-    patterns: list[str],
-    offset: int = 0,
-) -> str:
-    """snapshot_download on a thread of its own, so that Ctrl-C stops it: huggingface_hub
-    itself would let KeyboardInterrupt through only once every file it started is complete.
-    `offset`: bytes an earlier call reported, added to this one's progress."""
-    from huggingface_hub import snapshot_download
-
-    cancel, result = threading.Event(), {}
-    bar = _download_bar(progress, f"downloading {source}", cancel, offset)
-
-    def fetch() -> None:
-        try:
-            result["folder"] = snapshot_download(
-                source, revision=revision, allow_patterns=patterns, tqdm_class=bar
-            )
-        except BaseException as e:
-            result["error"] = e
-
-    thread = threading.Thread(target=fetch, name="smollm3-mlx-download", daemon=True)
-    thread.start()
-    try:
-        thread.join()
-    except KeyboardInterrupt:
-        cancel.set()  # each download thread stops at its next block of bytes
-        thread.join(timeout=10)
-        raise
-    if "error" in result:
-        raise result["error"]
-    return result["folder"]
-
-
-def _download_bar(
-    progress: Progress | None, label: str, cancel: threading.Event, offset: int = 0
-) -> type:
-    """A tqdm class for snapshot_download that stops the download once `cancel` is set, and
-    with a `progress` callback draws nothing but hands it the byte counts (bytes written, not the
-    network's), so that one bar shows the download and the conversion."""
-    from huggingface_hub.utils import tqdm
-
-    lock = threading.Lock()
-
-    class Bar(tqdm):
-        def __init__(self, *args, **kwargs):
-            name = kwargs.get("name") or ""
-            self.reports = kwargs.get("unit") == "B" and not name.endswith(".transfer")
-            if progress is not None:
-                kwargs["disable"] = True
-            super().__init__(*args, **kwargs)
-
-        def update(self, n: float | None = 1) -> bool | None:
-            if cancel.is_set():
-                raise _Cancelled("download cancelled")
-            if progress is None:
-                return super().update(n)
-            with lock:  # the files download on several threads
-                self.n += n or 0
-                done, total = int(self.n), int(self.total or 0)
-            if self.reports and total:
-                progress(offset + min(done, total), offset + total, label)
-            return None
-
-    return Bar
-
-
-class _Cancelled(Exception):
-    """Raised inside huggingface_hub's download threads to stop them."""
-
-
 def _validate(path: Path, model: Model) -> tuple[dict[str, _Job], int]:
     """A job per source tensor, checked against the model's parameters; and their count."""
-    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
     jobs = {}
     for file in weight_files(path):
         header = read_safetensors_header(file)
@@ -567,20 +394,13 @@ def _validate(path: Path, model: Model) -> tuple[dict[str, _Job], int]:
             offset = start + t["data_offsets"][0]
             jobs[name] = _Job(name, file, offset, t["dtype"], tuple(t["shape"]))
     jobs = model.sanitize(jobs)
+    check_tensors(
+        model, {n: j.shape for n, j in jobs.items()}, {n: j.file for n, j in jobs.items()}, path
+    )
     for name, job in jobs.items():
-        if name not in expected:
-            raise ConvertError(f"{job.file}: unexpected tensor {name}")
-        if job.shape != expected[name]:
-            raise ConvertError(
-                f"{job.file}: tensor {name} has shape {job.shape}, expected {expected[name]}"
-            )
         if job.dtype not in ST_DTYPES:
             raise ConvertError(f"{job.file}: tensor {name} has unsupported dtype {job.dtype}")
-    missing = sorted(set(expected) - set(jobs))
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ConvertError(f"{path}: tensor {missing[0]} is missing{more}")
-    return jobs, sum(math.prod(s) for s in expected.values())
+    return jobs, sum(v.size for _, v in tree_flatten(model.parameters()))
 
 
 def _quantized_layout(model, jobs, bits, group_size, recipe, dtype):
@@ -609,39 +429,65 @@ def _quantized_layout(model, jobs, bits, group_size, recipe, dtype):
     return outputs, overrides
 
 
-def _plan_shards(jobs: dict[str, _Job], outputs, shard_size: int) -> dict[str, tuple]:
-    """Shard file name -> (its safetensors header, its jobs with their output offsets)."""
-    groups: list[list[_Job]] = [[]]
+def plan_shards(sizes: Sequence[int], max_size: int) -> list[tuple[str, list[int]]]:
+    """Shard file names with the indices of the tensors each holds: filled in order, a new shard
+    whenever the next tensor would pass `max_size` (as huggingface_hub splits a state dict)."""
+    groups: list[list[int]] = [[]]
     size = 0
-    for name in sorted(jobs):
-        stem = name.removesuffix(".weight")
-        names = (
-            [f"{stem}.{s}" for s in ("weight", "scales", "biases")] if jobs[name].quant else [name]
-        )
-        nbytes = sum(math.prod(outputs[n][1]) * outputs[n][0].size for n in names)
-        if groups[-1] and size + nbytes > shard_size:
+    for i, n in enumerate(sizes):
+        if groups[-1] and size + n > max_size:
             groups.append([])
             size = 0
-        groups[-1].append(dataclasses.replace(jobs[name], outputs=dict.fromkeys(names, 0)))
-        size += nbytes
+        groups[-1].append(i)
+        size += n
+    return [
+        (f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors", g) for i, g in enumerate(groups)
+    ]
+
+
+def safetensors_header(
+    tensors: Sequence[tuple[str, str, Sequence[int], int]], fmt: str
+) -> tuple[bytes, dict[str, int]]:
+    """The header of a safetensors file holding `tensors` (name, dtype name, shape, bytes), their
+    data in this order from an 8-byte aligned start; and where each tensor starts in the file."""
+    table: dict[str, Any] = {"__metadata__": {"format": fmt}}
+    offset = 0
+    for name, dtype, shape, nbytes in tensors:
+        table[name] = dict(dtype=dtype, shape=list(shape), data_offsets=[offset, offset + nbytes])
+        offset += nbytes
+    raw = json.dumps(table, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # so that the data starts 8-byte aligned
+    header = len(raw).to_bytes(8, "little") + raw
+    return header, {t[0]: len(header) + table[t[0]]["data_offsets"][0] for t in tensors}
+
+
+def _plan_shards(jobs: dict[str, _Job], outputs, shard_size: int) -> dict[str, tuple]:
+    """Shard file name -> (its safetensors header, its jobs with their output offsets)."""
+
+    def names(job: _Job) -> list[str]:
+        stem = job.name.removesuffix(".weight")
+        return [f"{stem}.{s}" for s in ("weight", "scales", "biases")] if job.quant else [job.name]
+
+    def nbytes(name: str) -> int:
+        dtype, shape = outputs[name]
+        return math.prod(shape) * dtype.size
+
+    ordered = [jobs[name] for name in sorted(jobs)]
     shards = {}
-    for i, group in enumerate(groups):
-        table: dict[str, Any] = {"__metadata__": {"format": "mlx"}}
-        offset = 0
-        for job in group:
-            for n in job.outputs:
-                dt, shape = outputs[n]
-                end = offset + math.prod(shape) * dt.size
-                table[n] = dict(dtype=ST_NAMES[dt], shape=list(shape), data_offsets=[offset, end])
-                offset = end
-        raw = json.dumps(table, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # so that the data starts 8-byte aligned
-        for job in group:
-            job.outputs.update({n: 8 + len(raw) + table[n]["data_offsets"][0] for n in job.outputs})
-        shards[f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"] = (
-            len(raw).to_bytes(8, "little") + raw,
-            group,
-        )
+    for file, indices in plan_shards(
+        [sum(map(nbytes, names(ordered[i]))) for i in range(len(ordered))], shard_size
+    ):
+        group = [ordered[i] for i in indices]
+        tensors = [
+            (n, ST_NAMES[outputs[n][0]], outputs[n][1], nbytes(n))
+            for job in group
+            for n in names(job)
+        ]
+        header, offsets = safetensors_header(tensors, "mlx")
+        group = [
+            dataclasses.replace(job, outputs={n: offsets[n] for n in names(job)}) for job in group
+        ]
+        shards[file] = (header, group)
     return shards
 
 
@@ -809,22 +655,6 @@ def _check(folder: Path) -> None:
         raise ConvertError(f"check of the converted model failed: non-finite logits ({folder})")
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    """Rename the finished folder to `out`; an old `out` (--force) is removed only after that."""
-    if not (out.exists() or out.is_symlink()):
-        tmp.rename(out)
-        return
-    old = _make_temp(out, "old")
-    out.rename(old / out.name)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        (old / out.name).rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _upload(folder: Path, repo: str) -> None:
     from huggingface_hub import HfApi
 
@@ -834,4 +664,4 @@ def _upload(folder: Path, repo: str) -> None:
         api.upload_folder(folder_path=folder, repo_id=repo, repo_type="model")
     except (Exception, KeyboardInterrupt) as e:
         raise ConvertError(f"{folder} was written, but the upload to {repo} failed: "
-                           f"{_first_line(e)}") from e  # fmt: skip
+                           f"{first_line(e)}") from e  # fmt: skip

@@ -1,6 +1,8 @@
 """Generation in three layers: generate_step (token ids) -> stream_generate (responses) -> generate.
 
-Nothing here prints; callers render.
+`stream_generate` is the one core that Chat, the CLI and a server use: it reuses a PromptCache,
+decides the end of a turn, and measures. Prompt lookup is a step of its own (lookup.py) that it
+chooses instead of `generate_step`. Nothing here prints; callers render.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Protocol
+from typing import Any, Protocol
 
 import mlx.core as mx
 
@@ -92,83 +94,11 @@ class _Cancelled(Exception):
     """Raised by stream_generate's progress hook between prefill chunks once cancelled."""
 
 
-def start(
-    prompt: mx.array,
-    model,
-    *,
-    sampler: Sampler | None = None,
-    logits_processors: Sequence[LogitsProcessor] = (),
-    prompt_cache: list[Cache] | None = None,
-    prefill_step_size: int | None = None,
-    prompt_progress: Callable[[int, int], None] | None = None,
-    max_kv_size: int | None = None,
-    keep: int = 0,
-    kv_bits: int | None = None,
-    kv_group_size: int = 64,
-    quantized_kv_start: int = 0,
-    lookup_stats: LookupStats | None = None,
-    context: Sequence[int] = (),
-) -> tuple[Decoder, mx.array, Callable[[], None]]:
-    """Make the cache if none is given and prefill all of `prompt` but its last id.
-
-    Returns the decoder, the ids left to feed, and what to call once the first token is out
-    (the prefill's last progress report). See `generate_step` for the arguments.
-    """
-    if prompt.size == 0:
-        raise ValueError("the prompt is empty")
-    if prompt_cache is None:
-        prompt_cache = model.make_cache(
-            max_kv_size, keep, bits=kv_bits, group_size=kv_group_size,
-            quantize_after=quantized_kv_start,
-        )  # fmt: skip
-    cache = prompt_cache
-    prefill_step_size = prefill_step_size or default_prefill_step(model)
-    window = cache[0].window
-    if window is not None:  # a prefill chunk must fit beside the kept tokens
-        prefill_step_size = min(prefill_step_size, window - cache[0].keep)
-    tokens = prompt
-    if context:  # processors see every id so far, the cached ones included
-        tokens = mx.concatenate([mx.array(list(context), dtype=prompt.dtype), prompt])
-    decoder = Decoder(
-        model, cache, sampler or greedy, logits_processors, tokens, lookup_stats or LookupStats()
-    )
-    progress = prompt_progress or (lambda *_: None)
-    total, done = prompt.size, 0
-    progress(0, total)
-    # Prefill all but the last token in chunks, evaluating the cache to bound memory.
-    while total - done > 1:
-        n = min(prefill_step_size, total - done - 1)
-        model(prompt[done : done + n][None], cache=cache)
-        mx.eval([c.state for c in cache])
-        done += n
-        progress(done, total)
-    return decoder, prompt[done:], lambda: progress(total, total)
-
-
-def generate_step(
-    prompt: mx.array,
-    model,
-    *,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
-    sampler: Sampler | None = None,
-    logits_processors: Sequence[LogitsProcessor] = (),
-    prompt_cache: list[Cache] | None = None,
-    prefill_step_size: int | None = None,
-    prompt_progress: Callable[[int, int], None] | None = None,
-    max_kv_size: int | None = None,
-    keep: int = 0,
-    kv_bits: int | None = None,
-    kv_group_size: int = 64,
-    quantized_kv_start: int = 0,
-    lookup_stats: LookupStats | None = None,
-    context: Sequence[int] = (),
-) -> Generator[tuple[int, mx.array], None, None]:
-    """Yield (token, logprobs) pairs; the next step is queued before the current one is returned.
+@dataclass(frozen=True)
+class StepOptions:
+    """What `generate_step` and `lookup_generate_step` take beside the prompt and max_tokens.
 
     Args:
-        prompt: 1-D array of token ids (only the ids not yet in `prompt_cache`).
-        model: the model.
-        max_tokens: how many tokens to generate (-1 for no limit).
         sampler: logprobs -> token; greedy by default.
         logits_processors: (tokens so far, logits) -> logits, applied in order; the tokens
             are `context`, the prompt and the ids generated.
@@ -180,17 +110,81 @@ def generate_step(
             first `keep` (see `KVCache`).
         kv_bits, kv_group_size, quantized_kv_start: for a new cache, quantize keys and values
             to 4 or 8 bits once it holds `quantized_kv_start` tokens.
-        lookup_stats: the forward passes are added to its count.
-        context: the ids already in `prompt_cache`, before `prompt` (a chat's earlier turns),
-            for the logits processors.
+        lookup_stats: the forward passes (and prompt lookup's drafts) are added to its counts.
+        context: the ids already in `prompt_cache`, before the prompt (a chat's earlier turns):
+            the logits processors see them, and prompt lookup drafts from them too.
     """
-    decoder, last, prefilled = start(
-        prompt, model, sampler=sampler, logits_processors=logits_processors,
-        prompt_cache=prompt_cache, prefill_step_size=prefill_step_size,
-        prompt_progress=prompt_progress, max_kv_size=max_kv_size, keep=keep, kv_bits=kv_bits,
-        kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start,
-        lookup_stats=lookup_stats, context=context,
-    )  # fmt: skip
+
+    sampler: Sampler | None = None
+    logits_processors: Sequence[LogitsProcessor] = ()
+    prompt_cache: list[Cache] | None = None
+    prefill_step_size: int | None = None
+    prompt_progress: Callable[[int, int], None] | None = None
+    max_kv_size: int | None = None
+    keep: int = 0
+    kv_bits: int | None = None
+    kv_group_size: int = 64
+    quantized_kv_start: int = 0
+    lookup_stats: LookupStats | None = None
+    context: Sequence[int] = ()
+
+
+def prefill(
+    prompt: mx.array, model, o: StepOptions
+) -> tuple[Decoder, mx.array, Callable[[], None]]:
+    """Make the cache if none is given and prefill all of `prompt` but its last id.
+
+    Returns the decoder, the ids left to feed, and what to call once the first token is out
+    (the prefill's last progress report).
+    """
+    if prompt.size == 0:
+        raise ValueError("the prompt is empty")
+    cache = o.prompt_cache
+    if cache is None:
+        cache = model.make_cache(
+            o.max_kv_size, o.keep, bits=o.kv_bits, group_size=o.kv_group_size,
+            quantize_after=o.quantized_kv_start,
+        )  # fmt: skip
+    step_size = o.prefill_step_size or default_prefill_step(model)
+    if cache[0].window is not None:  # a prefill chunk must fit beside the kept tokens
+        step_size = min(step_size, cache[0].window - cache[0].keep)
+    tokens = prompt
+    if o.context:  # processors see every id so far, the cached ones included
+        tokens = mx.concatenate([mx.array(list(o.context), dtype=prompt.dtype), prompt])
+    stats = o.lookup_stats if o.lookup_stats is not None else LookupStats()
+    decoder = Decoder(model, cache, o.sampler or greedy, o.logits_processors, tokens, stats)
+    progress = o.prompt_progress or (lambda *_: None)
+    total, done = prompt.size, 0
+    progress(0, total)
+    # Prefill all but the last token in chunks, evaluating the cache to bound memory.
+    while total - done > 1:
+        n = min(step_size, total - done - 1)
+        model(prompt[done : done + n][None], cache=cache)
+        mx.eval([c.state for c in cache])
+        done += n
+        progress(done, total)
+    return decoder, prompt[done:], lambda: progress(total, total)
+
+
+def generate_step(
+    prompt: mx.array, model, *, max_tokens: int = DEFAULT_MAX_TOKENS, **options: Any
+) -> Generator[tuple[int, mx.array], None, None]:
+    """Yield (token, logprobs) pairs; the next step is queued before the current one is returned.
+
+    Args:
+        prompt: 1-D array of token ids (only the ids not yet in `prompt_cache`).
+        model: the model.
+        max_tokens: how many tokens to generate (-1 for no limit).
+        **options: see `StepOptions` (sampler, logits_processors, prompt_cache, ...).
+    """
+    return plain_steps(prompt, model, max_tokens, StepOptions(**options))
+
+
+def plain_steps(
+    prompt: mx.array, model, max_tokens: int, options: StepOptions
+) -> Generator[tuple[int, mx.array], None, None]:
+    """The loop of `generate_step`: one forward pass per token."""
+    decoder, last, prefilled = prefill(prompt, model, options)
     y, logprobs = decoder.step(last)
     mx.async_eval(y, logprobs)
     n = 0

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +26,7 @@ DEFAULT_REPO = "HuggingFaceTB/SmolLM3-3B"
 # What a model folder needs from the hub: weights, configs, tokenizer and template.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.md"]
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+Progress = Callable[[int, int, str], None]  # (done, total, label)
 MAX_YARN_FACTOR = 2.0  # SmolLM3's model card: YaRN factor 2 over the trained 64K reaches 128K
 
 
@@ -99,26 +102,114 @@ def default_dtype() -> mx.Dtype | None:
     return mx.float32 if mx.default_device() == mx.cpu else None
 
 
-def resolve_model_path(path_or_repo: str | Path, revision: str | None = None) -> Path:
-    """A local folder as is; anything else is a hub repo id, downloaded (or found in the cache)."""
-    path = Path(path_or_repo).expanduser()
-    if path.is_dir():
-        return path
-    name = str(path_or_repo)
-    if path.exists() or name.startswith((".", "/", "~")):
-        raise ModelLoadError(f"{path}: not a model folder")
-    if name.count("/") != 1:  # every SmolLM3 repo lives under an owner: "typo" is a typo
-        raise ModelLoadError(
-            f"{name}: no local folder of that name, and not a hub repo id (OWNER/NAME)"
-        )
-    from huggingface_hub import snapshot_download  # only when the hub is really needed
+def resolve_model_path(
+    path_or_repo: str | Path,
+    revision: str | None = None,
+    *,
+    patterns: list[str] = HUB_PATTERNS,
+    progress: Progress | None = None,
+) -> Path:
+    """A local folder as is; anything else is a hub repo id, downloaded (or found in the cache).
 
+    Only the files matching `patterns` are fetched; Ctrl-C stops a download at once.
+
+    Args:
+        progress: called as (bytes done, bytes in all, label) instead of drawing tqdm bars.
+
+    Raises:
+        ModelLoadError: not a folder nor a repo id, a revision for a folder, a failed download.
+    """
+    source = str(path_or_repo)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if revision:
+            raise ModelLoadError(f"{path} is a local folder; --revision applies to hub repos only")
+        return path
+    if path.exists() or source.startswith((".", "/", "~")):
+        raise ModelLoadError(f"{path}: not a model folder")
+    if source.count("/") != 1:  # every SmolLM3 repo lives under an owner: "typo" is a typo
+        raise ModelLoadError(
+            f"{source}: no local folder of that name, and not a hub repo id (OWNER/NAME)"
+        )
     try:
-        return Path(snapshot_download(name, revision=revision, allow_patterns=HUB_PATTERNS))
+        return Path(snapshot(source, revision, progress, patterns))
     except Exception as e:  # network, auth, unknown repo or revision, offline cache miss
         raise ModelLoadError(
-            f"{name}: no local folder of that name, and the hub download failed: {hub_error(e)}"
+            f"{source}: no local folder of that name, and the hub download failed: {hub_error(e)}"
         ) from e
+
+
+def snapshot(
+    source: str,
+    revision: str | None,
+    progress: Progress | None,
+    patterns: list[str],
+    offset: int = 0,
+) -> str:
+    """snapshot_download on a thread of its own, so that Ctrl-C stops it: huggingface_hub
+    itself would let KeyboardInterrupt through only once every file it started is complete.
+    `offset`: bytes an earlier call reported, added to this one's progress."""
+    from huggingface_hub import snapshot_download  # only when the hub is really needed
+
+    cancel, result = threading.Event(), {}
+    bar = download_bar(progress, f"downloading {source}", cancel, offset)
+
+    def fetch() -> None:
+        try:
+            result["folder"] = snapshot_download(
+                source, revision=revision, allow_patterns=patterns, tqdm_class=bar
+            )
+        except BaseException as e:
+            result["error"] = e
+
+    thread = threading.Thread(target=fetch, name="smollm3-mlx-download", daemon=True)
+    thread.start()
+    try:
+        thread.join()
+    except KeyboardInterrupt:
+        cancel.set()  # each download thread stops at its next block of bytes
+        thread.join(timeout=10)
+        raise
+    if "error" in result:
+        raise result["error"]
+    return result["folder"]
+
+
+def download_bar(
+    progress: Progress | None, label: str, cancel: threading.Event, offset: int = 0
+) -> type:
+    """A tqdm class for snapshot_download that stops the download once `cancel` is set, and
+    with a `progress` callback draws nothing but hands it the byte counts (bytes written, not the
+    network's), so that one bar shows the download and the conversion."""
+    from huggingface_hub.utils import tqdm
+
+    lock = threading.Lock()
+
+    class Bar(tqdm):
+        def __init__(self, *args, **kwargs):
+            name = kwargs.get("name") or ""
+            self.reports = kwargs.get("unit") == "B" and not name.endswith(".transfer")
+            if progress is not None:
+                kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            if cancel.is_set():
+                raise _Cancelled("download cancelled")
+            if progress is None:
+                return super().update(n)
+            with lock:  # the files download on several threads
+                self.n += n or 0
+                done, total = int(self.n), int(self.total or 0)
+            if self.reports and total:
+                progress(offset + min(done, total), offset + total, label)
+            return None
+
+    return Bar
+
+
+class _Cancelled(Exception):
+    """Raised inside huggingface_hub's download threads to stop them."""
 
 
 def hub_error(e: Exception) -> str:
@@ -137,6 +228,12 @@ def hub_error(e: Exception) -> str:
     if isinstance(e, RepositoryNotFoundError):  # what the hub answers for private repos too
         text += " (a private or gated repo needs HF_TOKEN with access)"
     return text
+
+
+def first_line(e: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -319,6 +416,37 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
+def check_tensors(
+    model: Model,
+    shapes: dict[str, tuple[int, ...]],
+    where: dict[str, Path],
+    folder: Path,
+    *,
+    dtypes: dict[str, str] | None = None,
+) -> None:
+    """Every tensor (sanitized names) is one of the model's, of its shape (and of a weight dtype,
+    where `dtypes` gives the stored ones), and none is missing.
+
+    Raises:
+        ModelLoadError: naming the file (`where[name]`) and the tensor.
+    """
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    for name, shape in shapes.items():
+        if name not in expected:
+            raise ModelLoadError(f"{where[name]}: unexpected tensor {name}")
+        if tuple(shape) != expected[name]:
+            raise ModelLoadError(
+                f"{where[name]}: tensor {name} has shape {tuple(shape)}, expected {expected[name]}"
+            )
+        if dtypes is not None and dtypes[name] not in WEIGHT_DTYPES:
+            raise ModelLoadError(f"{where[name]}: tensor {name} has dtype {dtypes[name]}, expected "
+                                 f"one of {', '.join(WEIGHT_DTYPES)}")  # fmt: skip
+    missing = sorted(set(expected) - set(shapes))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ModelLoadError(f"{folder}: tensor {missing[0]} is missing{more}")
+
+
 def _quantize(model: Model, quantization: dict[str, Any], stored: set[str]) -> None:
     def predicate(p: str, m: nn.Module) -> bool | dict:
         if p in quantization:  # per-layer override, as mlx-lm records it
@@ -391,23 +519,8 @@ def load_model(
     model = _build(path, config, max_context, set(where))
     shapes = model.sanitize({k: tuple(h[k]["shape"]) for h in headers.values() for k in h})
 
-    expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
-    for key, shape in shapes.items():
-        if key not in expected:
-            raise ModelLoadError(f"{where[key]}: unexpected tensor {key}")
-        if tuple(shape) != tuple(expected[key]):
-            raise ModelLoadError(
-                f"{where[key]}: tensor {key} has shape {tuple(shape)}, "
-                f"expected {tuple(expected[key])}"
-            )
-        if headers[where[key]][key]["dtype"] not in WEIGHT_DTYPES:
-            dtype = headers[where[key]][key]["dtype"]
-            raise ModelLoadError(f"{where[key]}: tensor {key} has dtype {dtype}, expected "
-                                 f"one of {', '.join(WEIGHT_DTYPES)}")  # fmt: skip
-    missing = sorted(set(expected) - set(shapes))
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ModelLoadError(f"{path}: tensor {missing[0]} is missing{more}")
+    dtypes = {k: h[k]["dtype"] for h in headers.values() for k in h}
+    check_tensors(model, shapes, where, path, dtypes=model.sanitize(dtypes))
 
     weights: dict[str, mx.array] = {}
     for f in headers:

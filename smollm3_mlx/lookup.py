@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Generator
+from dataclasses import replace
+from typing import Any
 
 import mlx.core as mx
 
 from .cache import trim_prompt_cache
-from .generate import DEFAULT_MAX_TOKENS, Decoder, LookupStats, generate_step, start
+from .generate import (
+    DEFAULT_MAX_TOKENS,
+    Decoder,
+    LookupStats,
+    StepOptions,
+    plain_steps,
+    prefill,
+)
 
 DEFAULT_LOOKUP_NGRAM = 3
 
@@ -88,32 +97,35 @@ def lookup_generate_step(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     prompt_lookup: int = 4,
     prompt_lookup_ngram: int = DEFAULT_LOOKUP_NGRAM,
-    lookup_stats: LookupStats | None = None,
-    **kwargs,
+    **options: Any,
 ) -> Generator[tuple[int, mx.array], None, None]:
     """`generate_step` with prompt-lookup decoding: the same (token, logprobs) pairs, fewer passes.
 
     Args:
         prompt, model, max_tokens: as for `generate_step`.
         prompt_lookup: draft up to this many tokens from n-grams of the context, the prompt and
-            the output, and verify them in one forward pass.
+            the output, and verify them in one forward pass (0: plain steps).
         prompt_lookup_ngram: the longest n-gram matched to find a draft.
-        lookup_stats: the forward passes, verify passes, drafted and accepted tokens are added
-            to its counts.
-        **kwargs: the other options of `generate_step` (sampler, logits_processors,
-            prompt_cache, context, ...). A logits processor with `stateful = True`, or a cache
-            that cannot be trimmed (rejected drafts must come out), means plain steps.
+        **options: see `StepOptions`; `lookup_stats` also counts verify passes, drafted and
+            accepted tokens. A logits processor with `stateful = True`, or a cache that cannot
+            be trimmed (rejected drafts must come out), means plain steps.
     """
     if prompt_lookup < 0 or prompt_lookup_ngram < 1:
         raise ValueError("prompt_lookup must be >= 0 and prompt_lookup_ngram >= 1")
-    stats = lookup_stats if lookup_stats is not None else LookupStats()
-    stateful = any(getattr(p, "stateful", False) for p in kwargs.get("logits_processors", ()))
-    cache = kwargs.get("prompt_cache")
+    o = StepOptions(**options)
+    o = o if o.lookup_stats is not None else replace(o, lookup_stats=LookupStats())
+    stateful = any(getattr(p, "stateful", False) for p in o.logits_processors)
+    cache = o.prompt_cache
     if not prompt_lookup or stateful or (cache and not all(c.is_trimmable() for c in cache)):
-        yield from generate_step(prompt, model, max_tokens=max_tokens, lookup_stats=stats, **kwargs)
-        return
-    decoder, last, prefilled = start(prompt, model, lookup_stats=stats, **kwargs)
-    lookup = _PromptLookup([*kwargs.get("context", ()), *prompt.tolist()], prompt_lookup_ngram)
+        return plain_steps(prompt, model, max_tokens, o)
+    return _lookup_steps(prompt, model, max_tokens, prompt_lookup, prompt_lookup_ngram, o)
+
+
+def _lookup_steps(
+    prompt: mx.array, model, max_tokens: int, prompt_lookup: int, ngram: int, o: StepOptions
+) -> Generator[tuple[int, mx.array], None, None]:
+    decoder, last, prefilled = prefill(prompt, model, o)
+    lookup = _PromptLookup([*o.context, *prompt.tolist()], ngram)
     y, logprobs = decoder.step(last)
     mx.async_eval(y, logprobs)
     n = 0

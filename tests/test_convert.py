@@ -23,7 +23,7 @@ from hub_server import HubServer, use_hub
 from huggingface_hub import file_download
 from typer.testing import CliRunner
 
-from smollm3_mlx import cli
+from smollm3_mlx import cli, files
 from smollm3_mlx.convert import ConvertError, ConvertResult, convert
 from smollm3_mlx.loading import load_model, read_safetensors_header
 
@@ -778,10 +778,10 @@ def test_next_run_removes_what_a_killed_conversion_left_and_says_so(ckpt, tmp_pa
     aside = tmp_path / f".kept.old-{proc.pid}-abcdefgh"
     (aside / "kept").mkdir(parents=True)
     (aside / "kept" / "config.json").write_text("{}")
-    marker = json.loads((stale[0] / convert_module.MARKER).read_text())
-    (aside / convert_module.MARKER).write_text(json.dumps(marker))
+    marker = json.loads((stale[0] / files.MARKER).read_text())
+    (aside / files.MARKER).write_text(json.dumps(marker))
     # Ours but alive (this process), and a look-alike without our marker: both left alone.
-    live = convert_module._make_temp(tmp_path / "busy", "tmp")
+    live = files.make_temp(tmp_path / "busy", "tmp")
     (tmp_path / ".other.tmp-1-abcdefgh").mkdir()
 
     r = CliRunner().invoke(cli.app, ["convert", str(ckpt), "-o", str(out)])
@@ -796,7 +796,7 @@ def test_next_run_removes_what_a_killed_conversion_left_and_says_so(ckpt, tmp_pa
     assert (tmp_path / "kept" / "config.json").read_text() == "{}"
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == sorted([".other.tmp-1-abcdefgh", live.name, "kept", "out"])
-    assert not (out / convert_module.MARKER).exists()  # the marker never reaches the output
+    assert not (out / files.MARKER).exists()  # the marker never reaches the output
 
 
 def _refused_before_any_work(monkeypatch):
@@ -804,7 +804,7 @@ def _refused_before_any_work(monkeypatch):
         raise AssertionError("the conversion started")
 
     monkeypatch.setattr(convert_module, "_validate", never)
-    monkeypatch.setattr(convert_module, "_snapshot", never)
+    monkeypatch.setattr(convert_module, "snapshot", never)
 
 
 @pytest.mark.parametrize(
@@ -992,4 +992,4 @@ def test_a_download_the_cache_cannot_hold_is_refused_before_the_weights(
 
 
 def _size_text(n):
-    return convert_module._size(n)
+    return files.human_size(n)

@@ -10,7 +10,7 @@ from checkpoints import make_tiny_checkpoint, requires_reference
 from smollm3_mlx.cache import KVSettings, PromptCache
 from smollm3_mlx.generate import generate_step, stream_generate
 from smollm3_mlx.loading import load, load_model
-from smollm3_mlx.sample import make_sampler
+from smollm3_mlx.sample import Sampling, make_sampler
 
 IDS = np.random.default_rng(7).integers(0, 512, 60).tolist()
 
@@ -163,3 +163,14 @@ def test_cancel_ends_with_cancelled_and_the_cache_settles(chat_model):
     generated = [r.token for r in out[:3]]
     assert cache.ids == (prompt + generated)[: cache.offset]
     assert cache.offset >= len(prompt) + 2
+
+
+@requires_reference
+def test_a_sampling_seed_repeats_a_sampled_run(chat_model):
+    model, tokenizer = chat_model
+
+    def run(seed):
+        sampling = Sampling(temperature=1.0, top_p=1.0, max_tokens=12, seed=seed)
+        return [r.token for r in stream_generate(model, tokenizer, "Once", sampling=sampling)]
+
+    assert run(1) == run(1) != run(2)

@@ -236,11 +236,14 @@ def test_a_chat_file_with_any_field_changed_or_dropped(loaded, data):
     saved = json.loads(json.dumps(SAVED))
     for _ in range(data.draw(st.integers(1, 3))):
         where = data.draw(st.sampled_from(["top", "sampling", "message", "tool"]))
+        messages, tools = saved.get("messages"), saved.get("tools")
         target = {
             "top": saved,
             "sampling": saved.get("sampling"),
-            "message": data.draw(st.sampled_from(saved.get("messages") or [None])),
-            "tool": (saved.get("tools") or [None])[0],
+            "message": data.draw(st.sampled_from(messages))
+            if isinstance(messages, list) and messages
+            else None,
+            "tool": tools[0] if isinstance(tools, list) and tools else None,
         }[where]
         if not isinstance(target, dict):
             continue

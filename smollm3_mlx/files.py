@@ -1,0 +1,166 @@
+"""Outputs written whole or not at all: a temporary file or folder beside the target, renamed
+over it when complete; SIGTERM and SIGHUP stop the writing as Ctrl-C does, so that it cleans up;
+and what a killed process left (it could not clean up) is found and removed by the next run."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+# Our temporary folders: .OUT.tmp-PID-XXXXXXXX (being written) and .OUT.old-PID-XXXXXXXX (an old
+# OUT while a new one replaces it), each with a MARKER naming the process and host that made it.
+TEMP_NAME = re.compile(r"\.(?P<out>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[a-z0-9_]{8}")
+MARKER = ".smollm3-mlx-convert.json"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where Ctrl-C raises KeyboardInterrupt, so that both clean up."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def signals_as_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise Terminated, so that a killed writer cleans up after itself.
+    Only where Python would otherwise die of them: a handler the application set stays."""
+    signums = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    previous, fired = {}, []
+
+    def terminate(signum: int, frame: object) -> None:
+        if not fired:  # once: a second signal must not cut the clean-up short
+            fired.append(signum)
+            raise Terminated(signum)
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in signums:
+            if signal.getsignal(signum) == signal.SIG_DFL:
+                previous[signum] = signal.signal(signum, terminate)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` in one rename, so that a failure leaves the old file whole."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644  # mkstemp's is 0o600
+        tmp.chmod(mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    with contextlib.suppress(OSError):  # the rename itself reaches the disk with the folder
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+def make_temp(out: Path, kind: str) -> Path:
+    """A hidden folder beside `out`, named and marked as ours so that a later run can tell it
+    is stale once this process is gone."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-{os.getpid()}-", dir=out.parent))
+    (tmp / MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    tmp.chmod(0o755)
+    return tmp
+
+
+def unmark(folder: Path) -> None:
+    """Take the marker out of a finished folder, before it becomes the output."""
+    (folder / MARKER).unlink()
+
+
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Rename the finished folder to `out`; an old `out` is removed only after that."""
+    if not (out.exists() or out.is_symlink()):
+        tmp.rename(out)
+        return
+    old = make_temp(out, "old")
+    out.rename(old / out.name)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        (old / out.name).rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale(folder: Path, note: Callable[[str], None] | None) -> None:
+    """Remove the temporary folders that killed processes left in `folder`, and say so (to
+    `note`, else as a warning). An old OUT set aside before the kill is put back if OUT is gone."""
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.iterdir()):
+        match = TEMP_NAME.fullmatch(path.name)
+        if not match or not path.is_dir() or path.is_symlink():
+            continue
+        try:
+            marker = json.loads((path / MARKER).read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or not yet marked
+        if not isinstance(marker, dict) or marker.get("pid") != int(match["pid"]):
+            continue
+        if marker.get("host") != socket.gethostname() or _alive(marker["pid"]):
+            continue  # alive, or another machine's on a shared disk (it may be alive)
+        pid = marker["pid"]
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        old, out = path / match["out"], folder / match["out"]
+        if match["kind"] == "old" and old.exists() and not (out.exists() or out.is_symlink()):
+            old.rename(out)
+            message = f"put back {out}, set aside by a conversion (process {pid}) that was killed"
+        else:
+            message = (f"removed {path} ({human_size(size)}), left by a conversion (process "
+                       f"{pid}) that was killed")  # fmt: skip
+        shutil.rmtree(path, ignore_errors=True)
+        if note is None:
+            warnings.warn(message, stacklevel=3)
+        else:
+            note(message)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def existing_parent(path: Path) -> Path:
+    """The nearest folder above `path` that exists (where its disk space can be asked)."""
+    for parent in path.resolve().parents:
+        if parent.exists():
+            return parent
+    return Path("/")
+
+
+def human_size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} bytes"
