@@ -787,6 +787,104 @@ def convert(
     console.converted(result)
 
 
+def _bytes(text: str) -> int:
+    """'2G', '512M', '1000000' -> bytes."""
+    units = {"K": 1024, "M": 1024**2, "G": 1024**3}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = units.get(t[-1:], 1)
+    number = t[:-1] if t[-1:] in units else t
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a size like 2G, 512M or 1000000") from None
+    if value < 0:
+        raise typer.BadParameter("a size cannot be negative")
+    return int(value)
+
+
+@app.command()
+def serve(
+    model: Model = None,
+    host: Annotated[
+        str, typer.Option(help="Address to bind; anything but loopback needs --api-key.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SMOLLM3_MLX_API_KEY",
+            help="Require Authorization: Bearer <key> on /v1 routes.",
+            show_default=False,
+        ),
+    ] = None,
+    allow_unauthenticated: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unauthenticated",
+            help="Accept serving a non-loopback --host without an API key (an open server).",
+        ),
+    ] = False,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option(help="A browser origin allowed to call the API (repeatable). Default: none."),
+    ] = None,
+    model_name: Annotated[
+        str | None,
+        typer.Option(
+            help="The model id clients send (default: --model as given, or the "
+            "default model's name).",
+            show_default=False,
+        ),
+    ] = None,
+    max_context: MaxContext = None,
+    kv_bits: KVBits = None,
+    cache_bytes: Annotated[
+        str,
+        typer.Option(help="Memory for prompt caches kept across requests (LRU), e.g. 2G, 512M."),
+    ] = "2G",
+    queue: Annotated[
+        int, typer.Option(help="Requests that may wait while one runs; beyond, 429.")
+    ] = 8,
+    dtype: DType = "auto",
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (needs smollm3-mlx[server])."""
+    budget = _bytes(cache_bytes)
+    if queue < 0:
+        console.error(f"--queue must be at least 0, not {queue}")
+        raise typer.Exit(2)
+    try:
+        from .server import exposure_problem, serve as run_server
+    except ImportError as e:
+        console.error(f"serve needs the server extra: pip install 'smollm3-mlx[server]' ({e})")
+        raise typer.Exit(1) from None
+    problem = exposure_problem(host, api_key, allow_unauthenticated)
+    if problem:
+        console.error(problem)
+        raise typer.Exit(1)
+    if kv_bits is not None and kv_bits not in (4, 8):
+        console.error(f"--kv-bits must be 4 or 8, not {kv_bits}")
+        raise typer.Exit(2)
+    m, tokenizer, name = _load(model, dtype, max_context)
+    import mlx.core as mx
+
+    with console.status("reading the weights"):
+        mx.eval(m.parameters())
+    name = model_name or (DEFAULT_MODEL_NAME if model is None else model)
+    try:
+        run_server(
+            m, tokenizer, model_name=name, host=host, port=port, api_key=api_key,
+            cors_origins=cors_origin or (), queue_size=queue, cache_bytes=budget,
+            kv_bits=kv_bits, on_ready=lambda url: console.serving(url, name, api_key is not None),
+        )  # fmt: skip
+    except OSError as e:  # the port is taken, the address is not ours, ...
+        console.error(f"cannot serve on {host}:{port}: {e}")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:  # uvicorn shut down cleanly, then re-raised the signal
+        console.info("server stopped")
+        raise typer.Exit(130) from None
+    console.info("server stopped")
+
+
 @app.command()
 def bench(
     model: Model = None,

@@ -78,6 +78,13 @@ def status(message: str) -> Iterator[None]:
         yield
 
 
+def serving(url: str, model: str, auth: bool) -> None:
+    """The server's ready line (on stdout, so that scripts can wait for it)."""
+    err.print(f"[dim]serving {escape(model)} at {escape(url)}"
+              f"{' (API key required)' if auth else ''}; Ctrl-C stops[/]")  # fmt: skip
+    out.print(f"ready: {url}")
+
+
 class PrefillProgress:
     """A turn's `prompt_progress`: once the prefill has taken a second, one line on stderr with
     the prompt tokens done and the rate, redrawn four times a second; gone when it ends (`stop`,

@@ -93,3 +93,22 @@ def test_think_budget_stops_the_reasoning_at_the_budget(model_dir):
         assert r.returncode == 0, r.stderr
         assert f"[stop: thought for {budget} tokens (budget {budget}), answered in " in r.stderr
         assert r.stdout.strip()
+
+
+def test_openai_client_streams_reasoning_and_answer_from_the_server(model_dir):
+    server = subprocess.Popen(
+        [sys.executable, "-m", "smollm3_mlx.cli", "serve", "--model", str(model_dir),
+         "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+    )  # fmt: skip
+    try:
+        ready = server.stdout.readline()
+        assert ready.startswith("ready: "), server.stderr.read()
+        r = example("openai_client.py", QUESTIONS["math"], "--base-url", ready.split()[1])
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == answer("math") + "\n"
+        assert THOUGHTS["math"] in r.stderr and "of them thinking]" in r.stderr
+        assert f"[no thinking] {answer('math')}" in r.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -1,0 +1,444 @@
+"""The OpenAI-compatible HTTP server: routes, auth, limits, streaming (`smollm3-mlx serve`).
+
+Starlette + uvicorn + sse-starlette (the `server` extra), imported only here. Requests are checked
+and rendered, and replies shaped, on the event loop's side (openai_request.py, openai_reply.py);
+generation runs on the engine's single worker thread (engine.py). Safe by default: loopback only,
+a Host check against DNS rebinding, JSON bodies only (no cross-site form posts), bounded bodies,
+no CORS unless asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from sse_starlette import EventSourceResponse
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .engine import Busy, Engine, Failed, Finished, Item, Job, Started, Token
+from .openai_reply import (
+    Delta,
+    Reply,
+    chat_chunk,
+    chat_response,
+    new_id,
+    text_chunk,
+    text_response,
+)
+from .openai_request import (
+    ChatRequest,
+    CompletionRequest,
+    RequestError,
+    Settings,
+    check_context,
+    completion_prompt,
+    constraint,
+    error_body,
+    now,
+    parse,
+    settings as request_settings,
+    template_messages,
+    thinking,
+    tools as request_tools,
+)
+from .sample import Sampling
+
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
+DEFAULT_MAX_BODY = 4 * 1024**2
+LOOPBACK_NAMES = ("localhost",)
+
+
+class Fault(Exception):
+    """An HTTP error in OpenAI's format."""
+
+    def __init__(self, status: int, message: str, kind: str, code: str | None = None, **headers):
+        super().__init__(message)
+        self.status, self.body = status, error_body(message, kind, None, code)
+        self.headers = headers
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_problem(host: str, api_key: str | None, allow_open: bool) -> str | None:
+    """Why binding `host` this way is refused (None: it is fine)."""
+    if is_loopback(host) or api_key or allow_open:
+        return None
+    return (
+        f"--host {host} reaches beyond this machine: pass --api-key (or set SMOLLM3_MLX_API_KEY), "
+        "or --allow-unauthenticated if an open server is really what you want"
+    )
+
+
+def _host_name(header: str) -> str:
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class _Api:
+    """The routes, sharing the engine and the settings."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        model_name: str,
+        api_key: str | None,
+        loopback: bool,
+        max_body: int,
+    ):
+        self.engine, self.tokenizer = engine, engine.tokenizer
+        self.served = (model_name,)
+        self.api_key = api_key.encode() if api_key else None
+        self.loopback, self.max_body = loopback, max_body
+        self.created = now()
+
+    def guard(self, request: Request) -> None:
+        host = _host_name(request.headers.get("host", ""))
+        if self.loopback and not is_loopback(host):  # a rebound DNS name pointing here
+            raise Fault(400, f"unexpected Host {host!r} for a loopback server",
+                        "invalid_request_error")  # fmt: skip
+        if self.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if not (scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), self.api_key)):
+            raise Fault(
+                401,
+                "Incorrect or missing API key: send Authorization: Bearer <key>",
+                "invalid_request_error",
+                "invalid_api_key",
+                **{"WWW-Authenticate": "Bearer"},
+            )
+
+    async def body(self, request: Request) -> Any:
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise Fault(415, "the body must be JSON (Content-Type: application/json)",
+                        "invalid_request_error")  # fmt: skip
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body:
+            raise self._too_large()
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > self.max_body:
+                raise self._too_large()
+        try:
+            return json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RequestError(f"the body is not valid JSON: {e}") from None
+
+    def _too_large(self) -> Fault:
+        return Fault(413, f"the body is larger than {self.max_body} bytes", "invalid_request_error")
+
+    async def health(self, request: Request) -> Response:
+        e = self.engine
+        return JSONResponse({"status": "ok", "busy": e.busy, "waiting": e.waiting})
+
+    async def models(self, request: Request) -> Response:
+        self.guard(request)
+        return JSONResponse({"object": "list", "data": [self._model(m) for m in self.served]})
+
+    async def model(self, request: Request) -> Response:
+        self.guard(request)
+        name = request.path_params["name"]
+        if name not in self.served:
+            raise Fault(404, f"the model {name!r} does not exist", "invalid_request_error",
+                        "model_not_found")  # fmt: skip
+        return JSONResponse(self._model(name))
+
+    def _model(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "smollm3-mlx"}
+
+    async def chat(self, request: Request) -> Response:
+        self.guard(request)
+        r = parse(ChatRequest, await self.body(request))
+        settings = request_settings(r, self.served)
+        constraint(r)
+        messages, think, tools = template_messages(r.messages), thinking(r), request_tools(r)
+        prompt = await anyio.to_thread.run_sync(lambda: self._render(messages, think, tools))
+        check_context(len(prompt), settings.max_tokens, self.engine.context)
+        reply = Reply(self.tokenizer, prompt, stop=settings.stop,
+                      top_logprobs=settings.top_logprobs)  # fmt: skip
+        job, items = self._submit(prompt, settings)
+        meta = {"id": new_id("chatcmpl-"), "created": now(), "model": r.model}
+        if r.stream:
+            usage = r.stream_options is not None and r.stream_options.include_usage
+
+            def make(delta: Delta | None, finish: str | None) -> dict[str, Any]:
+                return chat_chunk(meta, delta, finish, usage)
+
+            first = make(None, None)
+            first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+            return _sse(job, _stream(job, items, reply, make, usage, first))
+        finish = await _collect(request, job, items, reply)
+        return JSONResponse(chat_response(meta, reply, finish))
+
+    async def completions(self, request: Request) -> Response:
+        self.guard(request)
+        r = parse(CompletionRequest, await self.body(request))
+        settings = request_settings(r, self.served)
+        prompt = completion_prompt(r, self.tokenizer)
+        check_context(len(prompt), settings.max_tokens, self.engine.context)
+        reply = Reply(self.tokenizer, prompt, stop=settings.stop,
+                      top_logprobs=settings.top_logprobs, chat=False)  # fmt: skip
+        job, items = self._submit(prompt, settings)
+        meta = {"id": new_id("cmpl-"), "created": now(), "model": r.model}
+        if r.stream:
+            usage = r.stream_options is not None and r.stream_options.include_usage
+
+            def make(delta: Delta | None, finish: str | None) -> dict[str, Any]:
+                return text_chunk(meta, reply, delta, finish, usage)
+
+            return _sse(job, _stream(job, items, reply, make, usage))
+        finish = await _collect(request, job, items, reply)
+        return JSONResponse(text_response(meta, reply, finish))
+
+    def _render(self, messages: list[dict[str, Any]], think: bool, tools) -> list[int]:
+        from jinja2 import TemplateError
+
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                messages, tokenize=True, enable_thinking=think, tools=tools, assistant_tags=True
+            )
+        except TemplateError as e:
+            raise RequestError(f"the chat template refused the messages: {e}") from None
+        assert isinstance(ids, list)
+        return ids
+
+    def _submit(self, prompt: list[int], s: Settings) -> tuple[Job, asyncio.Queue[Item]]:
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue[Item] = asyncio.Queue()
+
+        def emit(item: Item) -> None:
+            try:
+                loop.call_soon_threadsafe(items.put_nowait, item)
+            except RuntimeError:  # the loop is gone (shutdown): nobody is listening
+                pass
+
+        try:  # the ranges the core checks: an error here is the request's, not the server's
+            sampling = Sampling.from_model(self.engine.model, **s.sampling, seed=s.seed)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        job = Job(prompt, s.max_tokens, sampling, s.top_logprobs, emit=emit)
+        try:
+            self.engine.submit(job)
+        except Busy as e:
+            raise Fault(429, str(e), "rate_limit_error", "busy",
+                        **{"Retry-After": str(e.retry_after)}) from None  # fmt: skip
+        return job, items
+
+
+async def _collect(request: Request, job: Job, items: asyncio.Queue[Item], reply: Reply) -> str:
+    """Feed the reply until the job ends; a client that leaves cancels it at once."""
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        job.cancel.set()
+
+    watcher = asyncio.create_task(watch())
+    finish = "stop"
+    try:
+        async for d in _deltas(job, items, reply):
+            if isinstance(d, str):
+                finish = d
+        return finish
+    finally:
+        watcher.cancel()
+        job.cancel.set()
+
+
+async def _deltas(job: Job, items: asyncio.Queue[Item], reply: Reply) -> AsyncIterator:
+    """The job's items fed into `reply`: the Deltas, then the finish reason (a str)."""
+    while True:
+        item = await items.get()
+        if isinstance(item, Started):
+            reply.usage.cached_tokens = item.cached_tokens
+        elif isinstance(item, Token):
+            delta = reply.feed(item.id, item.logprob, item.top)
+            if reply.stopped:
+                job.cancel.set()
+            if delta:
+                yield delta
+        elif isinstance(item, Finished):
+            delta = reply.flush()
+            if delta:
+                yield delta
+            yield reply.finish_reason(item.reason)
+            return
+        elif isinstance(item, Failed):
+            raise Fault(500, f"generation failed: {item.error}", "server_error")
+
+
+def _sse(job: Job, chunks: AsyncIterator[dict[str, Any] | str]) -> Response:
+    shutdown = anyio.Event()  # set by sse-starlette when the server begins to shut down
+
+    async def events() -> AsyncIterator[dict[str, str]]:
+        async def on_shutdown() -> None:
+            await shutdown.wait()
+            job.cancel.set()  # the answer ends, and the stream with its last chunk and [DONE]
+
+        watcher = asyncio.create_task(on_shutdown())
+        try:
+            async for c in chunks:
+                yield {"data": c if isinstance(c, str) else json.dumps(c, ensure_ascii=False)}
+        finally:
+            watcher.cancel()
+
+    return EventSourceResponse(
+        events(),
+        ping=15,
+        headers={"Cache-Control": "no-cache"},
+        shutdown_event=shutdown,
+        shutdown_grace_period=2,  # under uvicorn's timeout_graceful_shutdown (3 s)
+    )
+
+
+async def _stream(job: Job, items, reply: Reply, make: Callable, usage: bool, *first):
+    """The chunks of a streamed reply, made by `make(delta | None, finish)`, then [DONE]."""
+    try:
+        for chunk in first:
+            yield chunk
+        async for d in _deltas(job, items, reply):
+            yield make(d, None) if isinstance(d, Delta) else make(None, d)
+        if usage:
+            yield {**make(None, None), "choices": [], "usage": reply.usage.body()}
+        yield "[DONE]"
+    except Fault as e:  # the status line is sent already: the error goes in the stream
+        yield e.body
+    finally:  # the client left, or the reply is complete: stop generating either way
+        job.cancel.set()
+
+
+def _error(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def make_app(
+    engine: Engine,
+    *,
+    model_name: str,
+    api_key: str | None = None,
+    cors_origins: Sequence[str] = (),
+    loopback: bool = True,
+    max_body: int = DEFAULT_MAX_BODY,
+) -> Starlette:
+    """The ASGI app; it starts the engine's worker when it starts, and stops it when it stops.
+
+    Args:
+        engine: the generation worker, on the loaded model.
+        model_name: the id clients name in `model`.
+        api_key: require `Authorization: Bearer <api_key>` on /v1 routes.
+        cors_origins: browser origins allowed to call the API (none by default).
+        loopback: the server is bound to loopback: refuse Host headers naming anything else.
+        max_body: the largest request body, in bytes.
+    """
+    api = _Api(engine, model_name, api_key, loopback, max_body)
+
+    def route(path: str, handler: Callable, methods: list[str]) -> Route:
+        async def endpoint(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Fault as e:
+                return _error(e.status, e.body, e.headers)
+            except RequestError as e:
+                return _error(400, e.body())
+            except ClientDisconnect:
+                return Response(status_code=499)
+
+        return Route(path, endpoint, methods=methods)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        message = exc.detail if isinstance(exc, HTTPException) else "internal server error"
+        return _error(status, error_body(str(message), "invalid_request_error"))
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette):
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    middleware = []
+    if cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(cors_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["authorization", "content-type"],
+            )
+        )
+    return Starlette(
+        routes=[
+            route("/health", api.health, ["GET"]),
+            route("/v1/models", api.models, ["GET"]),
+            route("/v1/models/{name:path}", api.model, ["GET"]),
+            route("/v1/chat/completions", api.chat, ["POST"]),
+            route("/v1/completions", api.completions, ["POST"]),
+        ],
+        middleware=middleware,
+        exception_handlers={HTTPException: http_error, Exception: http_error},
+        lifespan=lifespan,
+    )
+
+
+def serve(
+    model,
+    tokenizer,
+    *,
+    model_name: str,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    api_key: str | None = None,
+    cors_origins: Sequence[str] = (),
+    queue_size: int = 8,
+    cache_bytes: int = 2 * 1024**3,
+    kv_bits: int | None = None,
+    max_body: int = DEFAULT_MAX_BODY,
+    on_ready: Callable[[str], None] = print,
+) -> None:
+    """Serve `model` until interrupted (Ctrl-C shuts down cleanly); `on_ready(url)` once bound."""
+    import uvicorn
+
+    engine = Engine(model, tokenizer, queue_size=queue_size, cache_bytes=cache_bytes,
+                    kv_bits=kv_bits)  # fmt: skip
+    app = make_app(engine, model_name=model_name, api_key=api_key, cors_origins=cors_origins,
+                   loopback=is_loopback(host), max_body=max_body)  # fmt: skip
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            engine.close()  # answers in progress end now, before uvicorn waits for them
+            await super().shutdown(sockets)
+
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                bound = self.servers[0].sockets[0].getsockname()[1] if self.servers else port
+                shown = f"[{host}]" if ":" in host else host
+                on_ready(f"http://{shown}:{bound}/v1")
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=3, lifespan="on")  # fmt: skip
+    Server(config).run()

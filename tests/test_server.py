@@ -1,0 +1,574 @@
+"""`smollm3-mlx serve`: the real server on a free loopback port, driven by the official `openai`
+client and raw HTTP, against the tiny trained SmolLM3 (it thinks, answers and calls tools)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import httpx
+import mlx.core as mx
+import openai
+import pytest
+import uvicorn
+from checkpoints import requires_reference
+from trained_model import QUESTIONS, THOUGHTS, TOOL_RESULT, TOOLS, answer, trained_checkpoint
+
+from smollm3_mlx.engine import Engine, PromptCacheLRU
+from smollm3_mlx.loading import load
+from smollm3_mlx.server import exposure_problem, make_app
+
+pytestmark = requires_reference
+MODEL = "smollm3-tiny"
+OPENAI_TOOLS = [{"type": "function", "function": t} for t in TOOLS]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return trained_checkpoint(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    return load(model_dir)
+
+
+@contextmanager
+def running(loaded, *, queue_size=4, cache_bytes=256 * 1024**2, **options):
+    """A real server (uvicorn, loopback, a free port) in a thread, its engine exposed."""
+    model, tokenizer = loaded
+    engine = Engine(model, tokenizer, queue_size=queue_size, cache_bytes=cache_bytes)
+    app = make_app(engine, model_name=MODEL, **options)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    try:
+        yield SimpleNamespace(url=url, engine=engine, tokenizer=tokenizer)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def srv(loaded):
+    with running(loaded) as s:
+        yield s
+
+
+def client(srv, key="unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key=key, max_retries=0)
+
+
+def user(key):
+    return {"role": "user", "content": QUESTIONS[key]}
+
+
+def ask(srv, messages, **kwargs):
+    kwargs.setdefault("temperature", 0)
+    return client(srv).chat.completions.create(model=MODEL, messages=messages, **kwargs)
+
+
+def no_think():
+    return {"chat_template_kwargs": {"enable_thinking": False}}
+
+
+def rendered(srv, messages, *, think=True, tools=None) -> list[int]:
+    """What the model sees for these messages (the template, tags as the model wrote them)."""
+    return srv.tokenizer.apply_chat_template(
+        messages, tokenize=True, enable_thinking=think, tools=tools, assistant_tags=True
+    )
+
+
+def generated_ids(srv, key, think) -> list[int]:
+    tok = srv.tokenizer
+    text = f"<think>\n{THOUGHTS[key]}\n</think>\n{answer(key)}" if think else answer(key)
+    return tok.encode(text, allow_special=True) + [tok.im_end_id]
+
+
+def common_prefix(a, b) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def wait_idle(engine, records_before: int, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while engine.busy or engine.waiting or len(engine.records) <= records_before:
+        assert time.monotonic() < deadline, "the engine did not finish the request"
+        time.sleep(0.02)
+    return engine.records[-1]
+
+
+def sse_data(lines):
+    for line in lines:
+        if line.startswith("data: "):
+            payload = line[len("data: ") :]
+            yield payload if payload == "[DONE]" else json.loads(payload)
+
+
+# --- answers ------------------------------------------------------------------------------------
+
+
+def test_chat_separates_reasoning_from_answer_and_counts_what_the_model_saw(srv):
+    r = ask(srv, [user("math")])
+    m = r.choices[0].message
+    assert m.content == answer("math")
+    assert m.reasoning_content == m.reasoning == THOUGHTS["math"]
+    assert r.choices[0].finish_reason == "stop" and r.model == MODEL
+    assert r.usage.prompt_tokens == len(rendered(srv, [user("math")]))
+    reasoning_ids = srv.tokenizer.encode(f"\n{THOUGHTS['math']}\n")
+    assert r.usage.completion_tokens_details.reasoning_tokens == len(reasoning_ids)
+    assert r.usage.completion_tokens == len(generated_ids(srv, "math", True)) - 1  # no im_end
+    assert r.id.startswith("chatcmpl-")
+
+
+@pytest.mark.parametrize(
+    "switch",
+    [
+        {"extra_body": no_think()},
+        {"reasoning_effort": "none"},
+        {"system": "Be brief. /no_think"},
+    ],
+    ids=["chat_template_kwargs", "reasoning_effort", "system_no_think"],
+)
+def test_thinking_is_switched_off_per_request(srv, switch):
+    messages = [user("hi")]
+    if "system" in switch:
+        messages.insert(0, {"role": "system", "content": switch.pop("system")})
+    r = ask(srv, messages, **switch)
+    m = r.choices[0].message
+    assert m.content == answer("hi")
+    assert getattr(m, "reasoning_content", None) is None
+    assert r.usage.completion_tokens_details.reasoning_tokens == 0
+    assert r.usage.prompt_tokens == len(rendered(srv, messages, think=False))
+
+
+@pytest.mark.parametrize("think", [True, False])
+def test_stream_carries_the_same_reply_and_usage_last(srv, think):
+    extra = {} if think else {"extra_body": no_think()}
+    whole = ask(srv, [user("math")], **extra)
+    chunks = list(
+        ask(srv, [user("math")], stream=True, stream_options={"include_usage": True}, **extra)
+    )
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert deltas[0].role == "assistant"
+    content = "".join(d.content or "" for d in deltas)
+    reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
+    assert content == whole.choices[0].message.content == answer("math")
+    assert reasoning == (THOUGHTS["math"] if think else "")
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_tool_call_round_trip_with_ids_streamed_and_back_in(srv):
+    r = ask(srv, [user("weather")], tools=OPENAI_TOOLS)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and not choice.message.content
+    (call,) = choice.message.tool_calls
+    assert call.id.startswith("call_") and call.type == "function"
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+
+    streamed = list(ask(srv, [user("weather")], tools=OPENAI_TOOLS, stream=True))
+    calls = [tc for c in streamed for tc in (c.choices[0].delta.tool_calls or [])]
+    assert [(tc.index, tc.function.name, json.loads(tc.function.arguments)) for tc in calls] == [
+        (0, "get_weather", {"city": "Paris"})
+    ]
+    assert streamed[-1].choices[0].finish_reason == "tool_calls"
+
+    back = [
+        user("weather"),
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": TOOL_RESULT},
+    ]
+    final = ask(srv, back, tools=OPENAI_TOOLS)
+    assert final.choices[0].message.content == answer("after_tool")
+    assert final.usage.prompt_tokens_details.cached_tokens > 0  # the call turn was cached
+
+
+def test_follow_up_prefills_only_its_new_tokens_and_two_conversations_stay_warm(srv):
+    a1 = [user("math")]
+    b1 = [{"role": "system", "content": "You are terse."}, user("hi")]
+    ra = ask(srv, a1)
+    rb = ask(srv, b1, extra_body=no_think())
+    m = ra.choices[0].message
+    back = {"role": "assistant", "content": m.content, "reasoning_content": m.reasoning_content}
+    a2 = [*a1, back, user("hi")]
+    b2 = [*b1, {"role": "assistant", "content": rb.choices[0].message.content}, user("math")]
+    ra2 = ask(srv, a2)
+    rb2 = ask(srv, b2, extra_body=no_think())
+    held_a = rendered(srv, a1) + generated_ids(srv, "math", True)
+    held_b = rendered(srv, b1, think=False) + generated_ids(srv, "hi", False)
+    # Cached is exactly what the kept cache shares with the new prompt (one id left to prefill).
+    as_written = {"role": "assistant", "content": f"<think>\n{THOUGHTS['math']}\n</think>\n"
+                  + answer("math")}  # fmt: skip
+    expect_a = common_prefix(held_a, rendered(srv, [*a1, as_written, user("hi")])[:-1])
+    expect_b = common_prefix(held_b, rendered(srv, b2, think=False)[:-1])
+    assert expect_a == len(held_a) and expect_b == len(held_b)  # the whole history re-renders
+    assert ra2.usage.prompt_tokens_details.cached_tokens == expect_a
+    assert rb2.usage.prompt_tokens_details.cached_tokens == expect_b
+    assert ra2.choices[0].message.content == answer("hi")
+    assert rb2.choices[0].message.content == answer("math")
+
+
+def test_prompt_cache_lru_moves_follow_ups_copies_branches_and_stays_in_budget():
+    class Fake:
+        def __init__(self, ids, nbytes=10):
+            self.ids, self.nbytes, self.copied = list(ids), nbytes, False
+
+        def copy(self):
+            twin = Fake(self.ids, self.nbytes)
+            twin.copied = True
+            return twin
+
+    lru = PromptCacheLRU(max_bytes=25)
+    a, b = Fake([1, 2, 3]), Fake([1, 5, 6])
+    lru.put(a)
+    lru.put(b)
+    assert lru.take([1, 2, 3, 4]) is a and lru.entries == [b]  # a follow-up takes it out
+    lru.put(a)
+    branch = lru.take([1, 2, 9])
+    assert branch.copied and a in lru.entries  # a branch gets a copy; the original stays
+    lru.put(Fake([1, 2, 3, 4, 5]))  # extends a: a goes
+    assert a not in lru.entries
+    lru.put(Fake([7, 8]))  # 30 bytes > 25: the least recently used (b) goes
+    assert b not in lru.entries and lru.nbytes <= 25
+    assert lru.take([9]) is None
+
+
+def test_stop_strings_seed_and_logprobs(srv):
+    r = ask(srv, [user("sing")], max_completion_tokens=5, extra_body=no_think())
+    assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
+    r = ask(srv, [user("math")], stop=["= 4"])
+    assert r.choices[0].message.content == "2 + 2" and r.choices[0].finish_reason == "stop"
+    r = ask(srv, [user("hi")], logprobs=True, top_logprobs=3, extra_body=no_think())
+    entries = r.choices[0].logprobs.content
+    assert "".join(e.token for e in entries) == answer("hi")
+    for e in entries:  # greedy: each token is the most likely one
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token
+        assert e.logprob <= 0 and e.logprob == pytest.approx(e.top_logprobs[0].logprob)
+    sampled = [
+        ask(srv, [user("sing")], temperature=1.5, seed=7, max_tokens=12).choices[0].message
+        for _ in range(2)
+    ]
+    assert sampled[0].reasoning_content == sampled[1].reasoning_content
+    assert sampled[0].content == sampled[1].content
+
+
+def test_completions_endpoint_continues_raw_text(srv):
+    prompt = srv.tokenizer.apply_chat_template([user("hi")], enable_thinking=False)
+    r = client(srv).completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=40)
+    assert r.choices[0].text == answer("hi") and r.choices[0].finish_reason == "stop"
+    chunks = list(
+        client(srv).completions.create(model=MODEL, prompt=prompt, temperature=0, stream=True)
+    )
+    assert "".join(c.choices[0].text for c in chunks) == answer("hi")
+    r = client(srv).completions.create(model=MODEL, prompt=prompt, temperature=0, logprobs=2)
+    assert "".join(r.choices[0].logprobs.tokens) == r.choices[0].text == answer("hi")
+    assert all(len(top) == 2 for top in r.choices[0].logprobs.top_logprobs)
+
+
+def test_models_and_health(srv):
+    assert [m.id for m in client(srv).models.list()] == [MODEL]
+    assert httpx.get(srv.url + "/health").json()["status"] == "ok"
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+def post(srv, body, **kwargs):
+    if not isinstance(body, bytes | str):
+        kwargs.setdefault("json", body)
+    else:
+        kwargs.setdefault("content", body)
+        kwargs.setdefault("headers", {"content-type": "application/json"})
+    return httpx.post(srv.url + "/v1/chat/completions", timeout=30, **kwargs)
+
+
+def chat_body(**fields):
+    return {"model": MODEL, "messages": [user("hi")], **fields}
+
+
+@pytest.mark.parametrize(
+    "body, status, needle",
+    [
+        (b'{"model": "x", "messages": [', 400, "not valid JSON"),
+        (chat_body(temperature="hot"), 400, "temperature: Input should be a valid number"),
+        (chat_body(max_tokens=1.5), 400, "max_tokens: Input should be a valid integer"),
+        ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
+        ({"model": MODEL, "messages": []}, 400, "messages"),
+        (chat_body(n=2), 400, "n must be 1"),
+        (chat_body(seed=-1), 400, "seed: Input should be greater than or equal to 0"),
+        (chat_body(model="gpt-4o"), 400, "does not exist"),
+        (chat_body(response_format={"type": "json_object"}), 400, "not supported yet"),
+        (chat_body(tool_choice="required"), 400, "not supported yet"),
+        (chat_body(thinking_token_budget=10), 400, "not supported yet"),
+        (
+            chat_body(messages=[{"role": "user", "content": [{"type": "image_url"}]}]),
+            400,
+            "only text",
+        ),  # fmt: skip
+        (chat_body(max_tokens=5000), 400, "maximum context length is 2048 tokens"),
+        (
+            chat_body(messages=[{"role": "user", "content": "la " * 3000}]),
+            400,
+            "maximum context length is 2048 tokens. However, your prompt is",
+        ),  # fmt: skip
+        (b"[1, 2]", 400, "must be a JSON object"),
+    ],
+    ids=[
+        "malformed",
+        "wrong-type",
+        "float-int",
+        "role",
+        "no-messages",
+        "n",
+        "seed",
+        "model",
+        "format",
+        "tool-choice",
+        "budget",
+        "image",
+        "max-tokens-over",
+        "prompt-over",
+        "not-object",
+    ],  # fmt: skip
+)
+def test_bad_requests_get_openai_errors_and_leave_the_server_unharmed(srv, body, status, needle):
+    r = post(srv, body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert needle in error["message"] and error["type"] == "invalid_request_error"
+    assert ask(srv, [user("hi")], extra_body=no_think()).choices[0].message.content == answer("hi")
+
+
+def test_prompt_over_the_context_gives_the_numbers(srv):
+    r = post(srv, chat_body(messages=[{"role": "user", "content": "la " * 3000}]))
+    n = len(rendered(srv, [{"role": "user", "content": "la " * 3000}]))
+    assert f"your prompt is {n} tokens" in r.json()["error"]["message"]
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_oversize_bodies_other_content_types_hosts_and_routes_are_refused(loaded):
+    with running(loaded, max_body=2000) as s:
+        big = post(s, chat_body(messages=[{"role": "user", "content": "x" * 5000}]))
+        assert big.status_code == 413 and "larger than 2000 bytes" in big.json()["error"]["message"]
+        form = post(s, "a=1", headers={"content-type": "text/plain"})
+        assert form.status_code == 415  # a cross-site form post cannot reach the model
+        rebound = post(s, chat_body(), headers={"host": "evil.example:8000"})
+        assert rebound.status_code == 400 and "Host" in rebound.json()["error"]["message"]
+        missing = httpx.get(s.url + "/v1/nothing")
+        assert missing.status_code == 404 and "error" in missing.json()
+        preflight = httpx.options(
+            s.url + "/v1/chat/completions",
+            headers={"origin": "http://page.example", "access-control-request-method": "POST"},
+        )
+        assert "access-control-allow-origin" not in preflight.headers  # CORS off by default
+        assert httpx.get(s.url + "/health").status_code == 200
+
+
+def test_cors_origin_allows_that_origin_only(loaded):
+    with running(loaded, cors_origins=["http://app.example"]) as s:
+
+        def preflight(origin):
+            return httpx.options(
+                s.url + "/v1/chat/completions",
+                headers={"origin": origin, "access-control-request-method": "POST"},
+            )
+
+        assert preflight("http://app.example").headers["access-control-allow-origin"] == (
+            "http://app.example"
+        )
+        assert "access-control-allow-origin" not in preflight("http://evil.example").headers
+
+
+# --- auth, queue, disconnects ------------------------------------------------------------------
+
+
+def test_api_key_is_required_on_the_api_but_not_for_health(loaded):
+    with running(loaded, api_key="s3cret") as s:
+        assert [m.id for m in client(s, "s3cret").models.list()] == [MODEL]
+        with pytest.raises(openai.AuthenticationError):
+            client(s, "wrong").models.list()
+        bare = post(s, chat_body())
+        assert bare.status_code == 401 and bare.headers["www-authenticate"] == "Bearer"
+        assert bare.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(s.url + "/health").status_code == 200
+
+
+def test_non_loopback_host_needs_a_key_or_an_explicit_open_flag():
+    assert exposure_problem("127.0.0.1", None, False) is None
+    assert exposure_problem("::1", None, False) is None
+    assert exposure_problem("localhost", None, False) is None
+    assert "--api-key" in exposure_problem("0.0.0.0", None, False)
+    assert exposure_problem("0.0.0.0", "k", False) is None
+    assert exposure_problem("192.168.1.4", None, True) is None
+
+
+def sing(**fields):
+    return chat_body(messages=[user("sing")], temperature=0, max_tokens=1500, stream=True,
+                     **fields)  # fmt: skip
+
+
+def test_full_queue_gets_429_with_retry_after(loaded):
+    with running(loaded, queue_size=1) as s, httpx.Client(timeout=30) as http:
+        before = len(s.engine.records)
+        with http.stream("POST", s.url + "/v1/chat/completions", json=sing()) as running_one:
+            lines = running_one.iter_lines()  # kept: dropping it would close the connection
+            next(lines)  # generating
+            with http.stream("POST", s.url + "/v1/chat/completions", json=sing()) as waiting:
+                assert waiting.status_code == 200 and s.engine.waiting == 1
+                r = post(s, chat_body())
+                assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+                assert r.json()["error"]["type"] == "rate_limit_error"
+        wait_idle(s.engine, before + 1)
+        first, second = list(s.engine.records)[before:]
+        assert first.reason == second.reason == "cancelled"
+        assert second.generated == 0  # the waiting one was dropped before it started
+        assert ask(s, [user("hi")], extra_body=no_think()).choices[0].message.content == (
+            answer("hi")
+        )
+
+
+def test_client_disconnect_cancels_generation_and_frees_the_slot(srv):
+    engine = srv.engine
+    before = len(engine.records)
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", srv.url + "/v1/chat/completions", json=sing()) as r:
+            lines = r.iter_lines()
+            for _ in range(12):
+                next(lines)
+    record = wait_idle(engine, before)
+    assert record.reason == "cancelled" and record.generated < 300
+    before = len(engine.records)
+    with pytest.raises(httpx.ReadTimeout):  # not streamed: the client gives up waiting
+        httpx.post(srv.url + "/v1/chat/completions", json={**sing(), "stream": False}, timeout=1)
+    record = wait_idle(engine, before)
+    assert record.reason == "cancelled" and record.generated < 1500
+    assert ask(srv, [user("math")]).choices[0].message.content == answer("math")
+
+
+def test_load_many_streaming_clients_some_leaving_each_served_or_429_no_leaks(loaded):
+    questions = [("math", True), ("hi", False), ("math", False), ("hi", True)]
+
+    async def one(http, url, i):
+        key, think = questions[i % len(questions)]
+        body = chat_body(messages=[user(key)], temperature=0, stream=True)
+        if not think:
+            body.update(no_think())
+        leave = i % 5 == 4
+        async with http.stream("POST", url + "/v1/chat/completions", json=body) as r:
+            if r.status_code == 429:
+                return "429"
+            assert r.status_code == 200
+            content = reasoning = ""
+            n = 0
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                delta = json.loads(line[6:])["choices"][0]["delta"]
+                content += delta.get("content") or ""
+                reasoning += delta.get("reasoning_content") or ""
+                n += 1
+                if leave and n == 3:
+                    return "left"
+        assert content == answer(key), (i, content)  # nobody else's tokens
+        assert reasoning == (THOUGHTS[key] if think else "")
+        return "done"
+
+    async def crowd(url, n):
+        async with httpx.AsyncClient(timeout=60) as http:
+            return await asyncio.gather(*(one(http, url, i) for i in range(n)))
+
+    with running(loaded, queue_size=4) as s:
+        ask(s, [user("math")])  # warm up, then measure
+        wait_idle(s.engine, 0)
+        s.engine.lru.clear()
+        mx.clear_cache()
+        memory = mx.get_active_memory()
+        start = time.monotonic()
+        outcomes = asyncio.run(crowd(s.url, 16))
+        assert time.monotonic() - start < 60
+        assert set(outcomes) <= {"done", "429", "left"}
+        assert outcomes.count("done") >= 3 and outcomes.count("429") >= 1
+        deadline = time.monotonic() + 20
+        while s.engine.busy or s.engine.waiting:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert httpx.get(s.url + "/health").json() == {"status": "ok", "busy": False,
+                                                       "waiting": 0}  # fmt: skip
+        s.engine.lru.clear()
+        mx.clear_cache()
+        assert mx.get_active_memory() <= memory + 1024**2  # nothing left behind
+
+
+# --- the command -------------------------------------------------------------------------------
+
+
+def smollm3(*args, **kwargs):
+    return [sys.executable, "-m", "smollm3_mlx.cli", *args]
+
+
+def test_serve_refuses_an_open_non_loopback_host_before_loading():
+    r = subprocess.run(
+        smollm3("serve", "--model", "/nonexistent", "--host", "0.0.0.0"),
+        capture_output=True, text=True, timeout=60, env={**os.environ, "SMOLLM3_MLX_API_KEY": ""},
+    )  # fmt: skip
+    assert r.returncode == 1 and "--api-key" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_serve_prints_ready_answers_and_stops_cleanly_on_ctrl_c(model_dir):
+    proc = subprocess.Popen(
+        smollm3("serve", "--model", str(model_dir), "--port", "0", "--model-name", MODEL),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("ready: http://127.0.0.1:"), proc.stderr.read()
+        url = line.split()[1]
+        s = SimpleNamespace(url=url.removesuffix("/v1"))
+        assert [m.id for m in client(s).models.list()] == [MODEL]
+        with httpx.Client(timeout=30) as http:
+            with http.stream("POST", url + "/chat/completions", json=sing()) as song:
+                lines = song.iter_lines()
+                next(lines)  # an answer in progress
+                proc.send_signal(signal.SIGINT)
+                chunks = list(sse_data(lines))  # it ends, and the stream with it
+        assert chunks[-1] == "[DONE]"
+        assert chunks[-2]["choices"][0]["finish_reason"] == "cancelled"
+        assert proc.wait(timeout=30) == 130  # a clean shutdown, then the shell's Ctrl-C code
+        assert "server stopped" in proc.stdout.read()
+        err = proc.stderr.read()
+        assert "Traceback" not in err and "terminate called" not in err
+    finally:
+        proc.kill()
+
+
+def test_the_http_stack_is_imported_only_by_serve():
+    code = (
+        "import sys, smollm3_mlx, smollm3_mlx.cli, smollm3_mlx.chat;"
+        "print(sorted({'starlette', 'uvicorn', 'sse_starlette', 'pydantic', 'anyio'}"
+        " & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
