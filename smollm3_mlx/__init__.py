@@ -36,6 +36,9 @@ _LAZY = {
     "Done": "chat",
     "tool_schema": "chat",
     "convert": "convert",
+    "estimate_memory": "memory",
+    "MemoryBudgetError": "memory",
+    "MemoryEstimate": "memory",
 }
 
 __all__ = [*_LAZY, "__version__"]
@@ -69,6 +72,11 @@ if TYPE_CHECKING:
         ModelLoadError as ModelLoadError,
         load as load,
         load_model as load_model,
+    )
+    from .memory import (
+        MemoryBudgetError as MemoryBudgetError,
+        MemoryEstimate as MemoryEstimate,
+        estimate_memory as estimate_memory,
     )
     from .sample import (
         make_logits_processors as make_logits_processors,

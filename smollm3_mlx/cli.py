@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import os
 import signal
@@ -101,6 +103,14 @@ KVStart = Annotated[
     int,
     typer.Option(help="With --kv-bits: keep the KV cache dense until it holds this many tokens."),
 ]
+MemoryCheck = Annotated[
+    bool,
+    typer.Option(
+        "--memory-check/--no-memory-check",
+        help="Before loading, refuse a session that would need more memory than the machine "
+        "offers (smollm3-mlx estimate shows the numbers).",
+    ),
+]
 
 
 def default_model_dir() -> Path:
@@ -110,9 +120,17 @@ def default_model_dir() -> Path:
     return Path(home).expanduser() / DEFAULT_MODEL_NAME
 
 
-def _load(model: str | None, dtype: str, max_context: int | None = None):
+_LIMITS = contextlib.ExitStack()  # MLX's memory limits for this process, released at exit
+atexit.register(_LIMITS.close)
+
+
+def _load(
+    model: str | None, dtype: str, max_context: int | None = None, kv_bits: int | None = None,
+    kv_group_size: int = 64, check_memory: bool = True,
+):  # fmt: skip
     """Load `model`, or the default model (converted into the cache on first use)."""
-    from .loading import DEFAULT_REPO, ModelLoadError, load
+    from .loading import DEFAULT_REPO, ModelLoadError, load, resolve_model_path
+    from .memory import MemoryBudgetError, check_memory as check, estimate_memory, memory_limits
 
     try:
         if model is None:
@@ -129,11 +147,18 @@ def _load(model: str | None, dtype: str, max_context: int | None = None):
                     raise ModelLoadError(str(e)) from None
             model = str(path)
         with console.status(f"loading {model}"):
-            loaded = load(
-                model, dtype=None if dtype == "stored" else dtype, max_context=max_context,
-                lazy=True,
+            compute = None if dtype == "stored" else dtype
+            est = estimate_memory(
+                resolve_model_path(model), max_context=max_context, kv_bits=kv_bits,
+                kv_group_size=kv_group_size, dtype=compute,
             )  # fmt: skip
-    except (ModelLoadError, OSError) as e:
+            if check_memory:
+                check(est)
+            loaded = load(
+                model, dtype=compute, max_context=max_context, lazy=True, check_memory=False
+            )  # checked above, with the same estimate that sets the limits
+        _LIMITS.enter_context(memory_limits(est))
+    except (ModelLoadError, MemoryBudgetError, OSError) as e:
         console.error(str(e))
         raise typer.Exit(1) from None
     import mlx.core as mx
@@ -146,12 +171,13 @@ def _load(model: str | None, dtype: str, max_context: int | None = None):
 def _session(
     model, dtype, think, system, keep_thinking, max_tokens, temperature, top_p, seed,
     max_context=None, kv_bits=None, kv_group_size=64, kv_start=0, prompt_lookup=0,
+    memory_check=True,
 ):  # fmt: skip
     import mlx.core as mx
 
     from .chat import Chat
 
-    m, tokenizer, name = _load(model, dtype, max_context)
+    m, tokenizer, name = _load(model, dtype, max_context, kv_bits, kv_group_size, memory_check)
     if seed is not None:
         mx.random.seed(seed)
     try:
@@ -273,12 +299,13 @@ def chat(
     kv_group_size: KVGroupSize = 64,
     kv_start: KVStart = 0,
     prompt_lookup: PromptLookup = 0,
+    memory_check: MemoryCheck = True,
 ) -> None:
     """Chat in the terminal; /help lists the commands, Ctrl-C stops an answer, Ctrl-D exits."""
     try:
         session = _session(
             model, dtype, think, system, keep_thinking, max_tokens, temperature, top_p, seed,
-            max_context, kv_bits, kv_group_size, kv_start, prompt_lookup,
+            max_context, kv_bits, kv_group_size, kv_start, prompt_lookup, memory_check,
         )  # fmt: skip
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
@@ -334,6 +361,7 @@ def generate(
     kv_group_size: KVGroupSize = 64,
     kv_start: KVStart = 0,
     prompt_lookup: PromptLookup = 0,
+    memory_check: MemoryCheck = True,
 ) -> None:
     """Answer one prompt with the chat template (or complete it with --raw) and exit."""
     if output_format not in ("text", "json"):
@@ -349,7 +377,7 @@ def generate(
     try:
         session = _session(
             model, dtype, think, system, True, max_tokens, temperature, top_p, seed,
-            max_context, kv_bits, kv_group_size, kv_start, prompt_lookup,
+            max_context, kv_bits, kv_group_size, kv_start, prompt_lookup, memory_check,
         )  # fmt: skip
         _check_context(session, prompt, raw)
         if raw:
@@ -468,6 +496,48 @@ def convert(
         console.error(str(e))
         raise typer.Exit(1) from None
     console.converted(result)
+
+
+@app.command()
+def estimate(
+    model: Model = None,
+    dtype: DType = "auto",
+    max_context: MaxContext = None,
+    kv_bits: KVBits = None,
+    kv_group_size: KVGroupSize = 64,
+    kv_start: KVStart = 0,
+    prefill_step: Annotated[int, typer.Option(help="Prompt tokens per prefill chunk.")] = 512,
+    bits: Annotated[
+        int | None,
+        typer.Option(
+            help="Estimate the weights `convert --bits` would write from this folder (one with "
+            "only a config.json works too).",
+            show_default=False,
+        ),
+    ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(help="gpu or cpu (default: where MLX computes here).", show_default=False),
+    ] = None,
+) -> None:
+    """Show the memory a chat session needs (weights, KV cache, activations) and what is free."""
+    from .loading import ModelLoadError, resolve_model_path
+    from .memory import available_memory, estimate_memory
+
+    if device not in (None, "gpu", "cpu"):
+        console.error(f"--device must be gpu or cpu, not {device}")
+        raise typer.Exit(2)
+    try:
+        path = resolve_model_path(model) if model else default_model_dir()
+        est = estimate_memory(
+            path, max_context=max_context, kv_bits=kv_bits, kv_group_size=kv_group_size,
+            kv_start=kv_start, prefill_step=prefill_step,
+            dtype=None if dtype == "stored" else dtype, bits=bits, device=device,
+        )  # fmt: skip
+    except (ModelLoadError, ValueError, OSError) as e:
+        console.error(str(e))
+        raise typer.Exit(1) from None
+    console.memory_estimate(est, available_memory())
 
 
 @app.command()

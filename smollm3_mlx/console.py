@@ -213,3 +213,15 @@ def bench_results(model: str, results) -> None:
         f"[dim]{ours.prompt_tokens}-token random prompt, {ours.generation_tokens} tokens greedy, "
         f"median of {ours.runs} runs[/]"
     )
+
+
+def memory_estimate(est, available: tuple[int, str]) -> None:
+    table = Table(box=None, show_header=False, pad_edge=False)
+    for name, n, what in est.rows():
+        style = "bold" if name == "total" else None
+        table.add_row(name, f"{n / 1e9:6.2f} GB", f"[dim]{what}[/]", style=style)
+    out.print(table)
+    budget, source = available
+    if budget:
+        fits = "[green]fits[/]" if est.total <= budget else "[red]does not fit[/]"
+        out.print(f"available {budget / 1e9:.2f} GB ({source}): {fits}")

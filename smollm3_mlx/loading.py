@@ -266,6 +266,9 @@ def load(
     revision: str | None = None,
     lazy: bool = False,
     max_context: int | None = None,
+    check_memory: bool = True,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
 ) -> tuple[Model, Tokenizer]:
     """Load a SmolLM3 model and its tokenizer from a folder or a hub repo id.
 
@@ -275,6 +278,9 @@ def load(
         revision: the hub revision, for a repo id.
         lazy: leave the weights unevaluated until first use.
         max_context: the longest context to allow (YaRN past 64K, up to 128K).
+        check_memory: before reading any weight, estimate what a session at `max_context`
+            needs (weights, KV cache with `kv_bits` / `kv_group_size`, activations) and raise
+            `memory.MemoryBudgetError` when the machine offers less (see `memory.py`).
 
     Returns:
         (model, tokenizer); `model.generation_config` holds the folder's sampling defaults.
@@ -282,6 +288,14 @@ def load(
     from .tokenizer import Tokenizer
 
     path = resolve_model_path(path_or_repo, revision)
+    if check_memory:
+        from .memory import check_memory as check, estimate_memory
+
+        est = estimate_memory(
+            path, max_context=max_context, kv_bits=kv_bits, kv_group_size=kv_group_size,
+            dtype=dtype,
+        )  # fmt: skip
+        check(est)
     model = load_model(path, dtype=dtype, lazy=lazy, max_context=max_context)
     model.generation_config = GenerationConfig.from_folder(path)
     model.path = path
