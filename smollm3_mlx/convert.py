@@ -39,7 +39,7 @@ from .loading import (
     read_safetensors_header,
     weight_files,
 )
-from .model import Model
+from .model import Model, ModelArgs
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
 BITS, GROUP_SIZES, RECIPES, OUT_DTYPES = (4, 8), (32, 64, 128), ("uniform", "mixed"), DTYPES
@@ -165,6 +165,7 @@ def convert(
         tmp.chmod(0o755)
         _write_shards(tmp, shards, DTYPES[dtype], progress)
         quantization = {"group_size": group_size, "bits": bits, "mode": "affine", **overrides}
+        config = {**config, **_rope_spellings(model.args)}
         _write_metadata(tmp, path, config, shards, outputs, n_params, quantization, dtype)
         data_bytes = sum(math.prod(shape) * d.size for d, shape in outputs.values())
         result = ConvertResult(
@@ -466,6 +467,14 @@ def _codes8(groups: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
 
 def _bytes(a: mx.array) -> memoryview:
     return memoryview(np.asarray(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)).cast("B")
+
+
+def _rope_spellings(args: ModelArgs) -> dict[str, Any]:
+    """RoPE as we run it, in both spellings: mlx-lm and transformers 4 read the top-level
+    rope_theta and rope_scaling (mlx-lm falls back to theta 10000 without them), transformers 5
+    reads rope_parameters; our loader reads either the same."""
+    spellings = ("rope_theta", "rope_scaling", "rope_parameters")
+    return {key: getattr(args, key) for key in spellings}
 
 
 def _write_metadata(folder, source, config, shards, outputs, n_params, quantization, dtype):

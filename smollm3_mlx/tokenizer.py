@@ -7,17 +7,22 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import tokenizers
-from jinja2 import nodes
 from jinja2.exceptions import TemplateError
-from jinja2.ext import Extension, loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .template import (
+    CONTINUE_TAG,
+    CompiledTemplate,
+    compile_template,
+    cut_at_continue_tag,
+    free_characters,
+    plain,
+)
 
 THINK_START, THINK_END = "<think>", "</think>"
 # Tags the model itself writes; `assistant_tags=True` keeps them as control ids in assistant turns.
@@ -25,54 +30,6 @@ ASSISTANT_TAGS = frozenset({THINK_START, THINK_END, "<tool_call>", "</tool_call>
 _REPLACEMENT_CHAR = "\ufffd"
 # A held-back tail this long is invalid bytes, not a split character (one is at most 4 bytes).
 _MAX_HELD_TOKENS = 8
-
-
-class _GenerationTag(Extension):
-    """`{% generation %}...{% endgeneration %}`: render the body, as transformers does untracked."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: jinja2.parser.Parser) -> nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-    def _body(self, caller: Callable[[], str]) -> str:
-        return caller()
-
-
-def _raise_exception(message: str):
-    raise TemplateError(message)
-
-
-def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-    # transformers replaces Jinja's tojson, which escapes HTML characters, with plain json.dumps
-    return json.dumps(
-        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-    )
-
-
-def _plain(obj: Any, on_str: Callable[[str], str]) -> Any:
-    """Copy template inputs as plain JSON-like data, passing each string (keys too) to on_str."""
-    if isinstance(obj, str):
-        return on_str(str.__str__(obj))
-    if obj is None or isinstance(obj, (bool, int, float)):
-        return obj
-    if isinstance(obj, Mapping):
-        return {_plain(k, on_str): _plain(v, on_str) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        items = [_plain(v, on_str) for v in obj]
-        return tuple(items) if isinstance(obj, tuple) else items
-    # Like transformers: arbitrary objects may carry methods the sandbox doesn't know are unsafe
-    return f"<{type(obj).__name__}>"
-
-
-def _pick_mark(haystack: str) -> str:
-    # Printable, so it survives the template's `tool | string` (repr); absent from the inputs
-    mark = next((c for c in map(chr, range(0x20000, 0x2A6E0)) if c not in haystack), None)
-    if mark is None:
-        raise ValueError("no free marker character for the chat inputs")
-    return mark
 
 
 def _token_text(token: Any) -> str | None:
@@ -106,6 +63,7 @@ class Tokenizer:
         self.now = now
         added = backend.get_added_tokens_decoder()
         self._added = {tok.content: i for i, tok in added.items()}
+        self._added_ids = frozenset(added)
         # Longest first: leftmost-longest matching, as tokenizers' added-token splitter does
         longest_first = sorted(self._added, key=len, reverse=True)
         self._added_re = re.compile("|".join(map(re.escape, longest_first)) or "(?!)")
@@ -122,7 +80,7 @@ class Tokenizer:
         self.im_end_id = self.token_to_id("<|im_end|>")
         names = ("bos_token", "eos_token", "unk_token", "pad_token")
         self._special_vars = {n: _token_text(self.config[n]) for n in names if self.config.get(n)}
-        self._template: tuple[str, jinja2.Template] | None = None  # (source, compiled)
+        self._template: CompiledTemplate | None = None
 
     @classmethod
     def from_folder(
@@ -168,8 +126,10 @@ class Tokenizer:
             allow_special: If True, added-token text like `<|im_end|>` or `<think>` becomes its
                 control id; if False (the default) every added token, special or not, is plain text.
         """
-        if allow_special or not self._added_re.search(text):
-            return self.backend.encode(text, add_special_tokens=False).ids
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        # Judged on the ids, not the text: a normalizer could make an added token of other text
+        if allow_special or self._added_ids.isdisjoint(ids):
+            return ids
         # tokenizers' `encode_special_tokens` skips only special=True tokens, so run normalizer,
         # pre-tokenizer and BPE ourselves: that pipeline never matches added tokens
         b = self.backend
@@ -199,85 +159,149 @@ class Tokenizer:
         self,
         messages: list[dict[str, Any]],
         *,
-        add_generation_prompt: bool = True,
+        add_generation_prompt: bool | None = None,
         tokenize: bool = False,
         enable_thinking: bool = True,
         tools: list[dict] | None = None,
         xml_tools: list[dict] | None = None,
         python_tools: list[dict] | None = None,
+        continue_final_message: bool = False,
         assistant_tags: bool = False,
         **kwargs: Any,
     ) -> str | list[int]:
         """Render the chat template as transformers' `apply_chat_template` does.
 
-        Message content is plain text for every role, assistant included: with tokenize=True,
-        control tokens written in messages, tools or kwargs (`<|im_end|>`, `</think>`, ...) are
-        encoded as text, and only the template's own scaffolding yields control ids. So past
-        assistant turns holding `<think>...</think>` re-tokenize with the tags as text.
+        With tokenize=True, control ids come only from the template's own literals (and the
+        special tokens of tokenizer_config.json): every string in messages, tools or kwargs is
+        plain text, even where the template cuts, strips or joins it into a control string
+        (`<|im_/thinkend|>` in a system message, whose `/think` the template deletes). So past
+        assistant turns holding `<think>...</think>` re-tokenize with the tags as text, unless
+        `assistant_tags` says otherwise. The rendered string (tokenize=False) cannot show that
+        difference: feed the model the ids.
 
         The date comes from `self.now` (set it, or pass `now=` to `from_folder`, to freeze it).
 
         Args:
             messages: Chat messages, dicts with "role" and "content"; keys set to None are dropped.
             add_generation_prompt: Append the assistant header (plus an empty think block in
-                /no_think mode).
+                /no_think mode). Default: True, unless continue_final_message.
             tokenize: Return token ids instead of the rendered string.
             enable_thinking: Reasoning mode, unless the system message says `/think` or `/no_think`.
             tools: JSON-schema tool definitions (SmolLM3 treats them as `xml_tools`).
             xml_tools: Tools called with `<tool_call>` JSON.
             python_tools: Tools called from `<code>` blocks.
+            continue_final_message: Leave the final message open, to be continued (assistant
+                prefill): the rendering ends where its content does, as in transformers.
             assistant_tags: With tokenize=True, let the tags the model writes itself (`<think>`,
                 `</think>`, `<tool_call>`, `</tool_call>`) in assistant content through as control
                 ids, so that a past answer re-tokenizes as it was generated (prompt-cache reuse).
-            **kwargs: Further template variables.
-        """
-        template = self.chat_template
-        if template is None:
-            raise ValueError("this tokenizer has no chat template")
-        # As transformers does: OpenAI-style `content=None` means the key is absent
-        inputs = dict(
-            messages=[{k: v for k, v in m.items() if v is not None} for m in messages],
-            tools=tools,
-            xml_tools=xml_tools,
-            python_tools=python_tools,
-            **kwargs,
-        )
-        flags = dict(add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking)
-        if not tokenize:
-            return self._render(template, {**_plain(inputs, str), **flags})
-        # Break each control token in the inputs with a mark after its first char: the template
-        # sees the same text (`"/think" in "</think>"` holds), but only scaffolding matches.
-        mark = _pick_mark(repr(inputs) + template)
+            **kwargs: Further variables of the template; any other name is a TypeError.
 
-        def _mark(s: str, keep: frozenset[str] = frozenset()) -> str:
+        Raises:
+            TypeError: a keyword that is neither an option here nor a variable of the template.
+            ValueError: continue_final_message with add_generation_prompt=True, or without a
+                final message whose text the template keeps.
+        """
+        compiled = self._compiled()
+        unknown = sorted(set(kwargs) - compiled.variables)
+        if unknown:
+            raise TypeError(
+                f"apply_chat_template got {', '.join(unknown)}: neither an option nor a variable "
+                "of the chat template"
+            )
+        if continue_final_message and add_generation_prompt:
+            raise ValueError(
+                "continue_final_message and add_generation_prompt are not compatible: the first "
+                "continues the final message, the second opens a new assistant message"
+            )
+        # As transformers does: OpenAI-style `content=None` means the key is absent
+        inputs = plain(
+            dict(
+                messages=[{k: v for k, v in m.items() if v is not None} for m in messages],
+                tools=tools,
+                xml_tools=xml_tools,
+                python_tools=python_tools,
+                **kwargs,
+            )
+        )
+        final = _tag_final_message(inputs["messages"]) if continue_final_message else None
+        inputs.update(
+            add_generation_prompt=not continue_final_message
+            if add_generation_prompt is None
+            else add_generation_prompt,
+            enable_thinking=enable_thinking,
+        )
+        text = compiled.render({**self._special_vars, **inputs})
+        if final is not None:
+            text = cut_at_continue_tag(text, final)
+        if not tokenize:
+            return text
+        return self._template_ids(compiled, inputs, text, assistant_tags, final is not None)
+
+    def _template_ids(
+        self, compiled: CompiledTemplate, inputs: dict, text: str, assistant_tags: bool, cut: bool
+    ) -> list[int]:
+        """Token ids of `text`, rendered from `inputs`, with control ids only where the template
+        (or its special-token variables) wrote them.
+
+        The template renders again with a private character in place of each control token it
+        writes; since that render must restore to `text`, every other character of `text` is
+        known to be input or template text, and is encoded as plain text.
+        """
+        wanted = [*compiled.controls]
+        for value in self._special_vars.values():
+            wanted += self._added_re.findall(value)
+        wanted += sorted(ASSISTANT_TAGS) if assistant_tags else []
+        wanted = list(dict.fromkeys(wanted))
+        chars = free_characters(text + compiled.source, len(wanted))
+        private = dict(zip(wanted, chars, strict=True))
+
+        def hide(s: str, only: frozenset[str] | None = None) -> str:
             return self._added_re.sub(
-                lambda m: m[0] if m[0] in keep else m[0][0] + mark + m[0][1:], s
+                lambda m: private[m[0]] if only is None or m[0] in only else m[0], s
             )
 
-        marked = _plain(inputs, _mark)
+        specials = {k: hide(v) for k, v in self._special_vars.items()}
         if assistant_tags:
-            for src, dst in zip(inputs["messages"], marked["messages"], strict=True):
-                if src.get("role") == "assistant" and isinstance(src.get("content"), str):
-                    dst["content"] = _mark(str.__str__(src["content"]), ASSISTANT_TAGS)
-        rendered = self._render(template, {**marked, **flags})
+            inputs = {**inputs, "messages": [dict(m) for m in inputs["messages"]]}
+            for m in inputs["messages"]:
+                if m.get("role") == "assistant" and isinstance(m.get("content"), str):
+                    m["content"] = hide(m["content"], ASSISTANT_TAGS)
+        shadow = compiled.render({**specials, **inputs}, private)
+        if cut:
+            shadow = cut_at_continue_tag(shadow)
+        restore = {ord(c): s for s, c in private.items()}
+        if shadow.translate(restore) != text:
+            raise TemplateError(
+                "the chat template treats control-token text in its inputs differently from its "
+                "own: cannot tell the control tokens it writes from input text"
+            )
         ids: list[int] = []
         pos = 0
-        for m in self._added_re.finditer(rendered):
-            ids += self.encode(rendered[pos : m.start()].replace(mark, ""))
-            ids.append(self._added[m[0]])
+        for m in re.finditer(f"[{''.join(chars)}]" if chars else "(?!)", shadow):
+            ids += self.encode(shadow[pos : m.start()])
+            ids.append(self._added[restore[ord(m[0])]])
             pos = m.end()
-        return ids + self.encode(rendered[pos:].replace(mark, ""))
+        return ids + self.encode(shadow[pos:])
 
-    def _render(self, source: str, variables: dict[str, Any]) -> str:
-        if self._template is None or self._template[0] != source:
-            env = ImmutableSandboxedEnvironment(
-                trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, loopcontrols]
+    def _compiled(self) -> CompiledTemplate:
+        source = self.chat_template
+        if source is None:
+            raise ValueError("this tokenizer has no chat template")
+        if self._template is None or self._template.source != source:
+            self._template = compile_template(
+                source, self._added_re, lambda fmt: self.now().strftime(fmt)
             )
-            env.filters["tojson"] = _tojson
-            env.globals["raise_exception"] = _raise_exception
-            env.globals["strftime_now"] = lambda fmt: self.now().strftime(fmt)
-            self._template = (source, env.from_string(source))
-        return self._template[1].render({**self._special_vars, **variables})
+        return self._template
+
+
+def _tag_final_message(messages: list[dict[str, Any]]) -> str:
+    """Append transformers' continue tag to the final message; return its content as given."""
+    final = messages[-1].get("content") if messages else None
+    if not isinstance(final, str):
+        raise ValueError("continue_final_message: the final message has no text content")
+    messages[-1]["content"] = final + CONTINUE_TAG
+    return final
 
 
 class StreamingDetokenizer:
