@@ -15,26 +15,29 @@ _LAZY = {
     "load": "loading",
     "load_model": "loading",
     "ModelLoadError": "loading",
-    "GenerationConfig": "loading",
+    "ModelInfo": "loading",
     "generate": "generate",
     "stream_generate": "generate",
     "generate_step": "generate",
     "GenerationResponse": "generate",
     "make_sampler": "sample",
     "make_logits_processors": "sample",
+    "Sampling": "sample",
+    "KVSettings": "cache",
+    "PromptCache": "cache",
     "Tokenizer": "tokenizer",
     "Chat": "chat",
     "ChatBusyError": "chat",
     "ChatFileError": "chat",
-    "Sampling": "chat",
-    "TurnStats": "chat",
-    "Event": "chat",
-    "ThinkingDelta": "chat",
-    "AnswerDelta": "chat",
-    "ToolCall": "chat",
-    "ToolCallError": "chat",
-    "Done": "chat",
-    "tool_schema": "chat",
+    "TurnStats": "events",
+    "Event": "events",
+    "ThinkingDelta": "events",
+    "AnswerDelta": "events",
+    "ToolCall": "events",
+    "ToolCallError": "events",
+    "Done": "events",
+    "EventParser": "events",
+    "tool_schema": "tools",
     "convert": "convert",
     "estimate_memory": "memory",
     "MemoryBudgetError": "memory",
@@ -44,22 +47,27 @@ _LAZY = {
 __all__ = [*_LAZY, "__version__"]
 
 if TYPE_CHECKING:
+    from .cache import (
+        KVSettings as KVSettings,
+        PromptCache as PromptCache,
+    )
     from .chat import (
-        AnswerDelta as AnswerDelta,
         Chat as Chat,
         ChatBusyError as ChatBusyError,
         ChatFileError as ChatFileError,
+    )
+    from .convert import (
+        convert as convert,
+    )
+    from .events import (
+        AnswerDelta as AnswerDelta,
         Done as Done,
         Event as Event,
-        Sampling as Sampling,
+        EventParser as EventParser,
         ThinkingDelta as ThinkingDelta,
         ToolCall as ToolCall,
         ToolCallError as ToolCallError,
         TurnStats as TurnStats,
-        tool_schema as tool_schema,
-    )
-    from .convert import (
-        convert as convert,
     )
     from .generate import (
         GenerationResponse as GenerationResponse,
@@ -68,7 +76,7 @@ if TYPE_CHECKING:
         stream_generate as stream_generate,
     )
     from .loading import (
-        GenerationConfig as GenerationConfig,
+        ModelInfo as ModelInfo,
         ModelLoadError as ModelLoadError,
         load as load,
         load_model as load_model,
@@ -79,11 +87,15 @@ if TYPE_CHECKING:
         estimate_memory as estimate_memory,
     )
     from .sample import (
+        Sampling as Sampling,
         make_logits_processors as make_logits_processors,
         make_sampler as make_sampler,
     )
     from .tokenizer import (
         Tokenizer as Tokenizer,
+    )
+    from .tools import (
+        tool_schema as tool_schema,
     )
 
 

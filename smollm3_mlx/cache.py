@@ -1,18 +1,24 @@
-"""KV caches behind one small protocol.
+"""KV caches behind one small protocol, and the prompt cache: the caches plus the ids they hold.
 
 The model calls `prepare(L)` on each layer's cache before attention (room for L new tokens; returns
 the mask), then attention reads `offset` (the position of the next token), calls
-`update_and_fetch(keys, values)` and `attend(...)`. Generation and chat use `trim(n)`, `state`,
-`nbytes`, `keep` and `dropped`. Rotation, kept tokens and quantization live here, not in the model.
+`update_and_fetch(keys, values)` and `attend(...)`. Generation uses `trim(n)`, `state`, `nbytes`,
+`window`, `keep`, `dropped` and `room(n)`. Rotation, kept tokens and quantization live here, not in
+the model; reusing a cache across turns or requests lives in `PromptCache`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Protocol
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import mlx.core as mx
 from mlx.utils import tree_map
+
+if TYPE_CHECKING:
+    from .model import Model
 
 Rotate = Callable[[mx.array, int], mx.array]  # rotate keys by a number of positions
 
@@ -21,6 +27,11 @@ class Cache(Protocol):
     offset: int
     keep: int
     dropped: int
+
+    @property
+    def window(self) -> int | None: ...
+
+    def room(self, n: int) -> int: ...
 
     def prepare(self, L: int) -> mx.array | str | None: ...
 
@@ -33,6 +44,8 @@ class Cache(Protocol):
     def trim(self, n: int) -> int: ...
 
     def is_trimmable(self) -> bool: ...
+
+    def copy(self) -> Cache: ...
 
     @property
     def state(self) -> tuple: ...
@@ -114,6 +127,27 @@ class KVCache:
         self.quantized = False
         self.offset = 0
         self.dropped = 0  # tokens dropped so far by rotation
+
+    @property
+    def window(self) -> int | None:
+        """The most tokens held at once (None: no limit)."""
+        return self.max_size
+
+    def room(self, n: int) -> int:
+        """How many of `n` new tokens fit before this cache would drop or quantize what it holds."""
+        if self.max_size is not None:
+            n = min(n, self.max_size - self.offset)
+        if self.bits and not self.quantized:  # stay on the same side as one-by-one steps
+            n = min(n, self.quantize_after - self.offset)
+        return n
+
+    def copy(self) -> KVCache:
+        """An independent copy (the stored arrays are shared until either side writes)."""
+        other = copy.copy(self)
+        if self.keys is not None:
+            other.keys = tuple(mx.array(x) for x in self.keys)
+            other.values = tuple(mx.array(x) for x in self.values)
+        return other
 
     def _pack(self, x: mx.array) -> tuple[mx.array, ...]:
         if self.quantized:
@@ -226,3 +260,112 @@ def trim_prompt_cache(cache: list[Cache], n: int) -> int:
     if not cache or not all(c.is_trimmable() for c in cache):
         return 0
     return [c.trim(n) for c in cache][0]
+
+
+@dataclass(frozen=True)
+class KVSettings:
+    """KV cache quantization: `bits` (4 or 8; None keeps it dense), once it holds `start` tokens."""
+
+    bits: int | None = None
+    group_size: int = 64
+    start: int = 0
+
+
+class PromptCache:
+    """Per-layer caches plus the token ids they stand for, reusable across turns or requests.
+
+    `ids` are all the ids the caches stand for, dropped ones included: with rotation the layers
+    hold ids[:keep] + ids[keep + dropped:]. `reuse(prompt)` trims to the longest prefix the next
+    prompt shares with `ids`; `settle(ids)` records what they hold after a turn, however it ended.
+
+    Args:
+        layers: one cache per layer, all made alike.
+        window, keep: the rotating window and the ids at the start it never drops.
+        kv: the KV quantization the layers were made with.
+    """
+
+    def __init__(
+        self,
+        layers: list[Cache],
+        *,
+        window: int | None = None,
+        keep: int = 0,
+        kv: KVSettings = KVSettings(),
+    ):
+        self.layers, self.window, self.keep, self.kv = layers, window, keep, kv
+        self.ids: list[int] = []
+
+    @classmethod
+    def new(
+        cls,
+        model: Model,
+        *,
+        window: int | None = None,
+        keep: int = 0,
+        kv: KVSettings = KVSettings(),
+    ) -> PromptCache:
+        """An empty cache for `model`; see `KVCache` for the window, `keep` and quantization."""
+        layers = model.make_cache(
+            window, keep, bits=kv.bits, group_size=kv.group_size, quantize_after=kv.start
+        )
+        return cls(layers, window=window, keep=keep, kv=kv)
+
+    @property
+    def offset(self) -> int:
+        """How many positions the layers hold (the fewest, should a step have been cut short)."""
+        return min(c.offset for c in self.layers) if self.layers else 0
+
+    @property
+    def dropped(self) -> int:
+        return self.layers[0].dropped if self.layers else 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.layers)
+
+    def room(self, n: int) -> int:
+        """How many of `n` new ids fit before a layer would drop or quantize what it holds."""
+        return min((c.room(n) for c in self.layers), default=n)
+
+    def reuse(self, prompt: Sequence[int]) -> int:
+        """Trim to the longest prefix of `prompt` held here; returns how many ids need no prefill.
+
+        At least one id is always left to prefill (its logits start the answer). A change past
+        the dropped span trims back to it; a change inside it keeps only the kept ids.
+        """
+        n = 0
+        for a, b in zip(self.ids, prompt[:-1], strict=False):
+            if a != b:
+                break
+            n += 1
+        dropped = self.dropped
+        if dropped and n < self.keep + dropped:
+            n, dropped = min(n, self.keep), 0
+        for c in self.layers:
+            c.trim(c.offset - (n - dropped))
+            c.dropped = dropped
+        self.ids = list(prompt[:n])
+        return n
+
+    def settle(self, ids: Sequence[int]) -> None:
+        """After a turn, however it ended: `ids` is the prompt and all ids generated (the layers
+        may lack the last few, e.g. the final token of a turn cut by max_tokens)."""
+        n = self.offset
+        for c in self.layers:
+            c.trim(c.offset - n)
+        self.ids = list(ids[: n + self.dropped])
+
+    def trim(self, n: int) -> int:
+        """Drop the last `n` ids from every layer; returns how many were dropped."""
+        n = trim_prompt_cache(self.layers, n)
+        if n:
+            self.ids = self.ids[: len(self.ids) - n]
+        return n
+
+    def copy(self) -> PromptCache:
+        """A deep copy: generating with one leaves the other as it was."""
+        other = PromptCache(
+            [c.copy() for c in self.layers], window=self.window, keep=self.keep, kv=self.kv
+        )
+        other.ids = list(self.ids)
+        return other

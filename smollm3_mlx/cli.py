@@ -415,21 +415,16 @@ def _check_context(session, prompt: str, raw: bool) -> None:
 
 
 def _complete(session, prompt: str, stats: bool, output_format: str) -> None:
+    from .cache import PromptCache
     from .generate import stream_generate
-    from .sample import make_logits_processors, make_sampler
 
-    s = session.sampling
     last, text = None, ""
     for last in stream_generate(
         session.model,
         session.tokenizer,
         prompt,
-        max_tokens=s.max_tokens,
-        sampler=make_sampler(s.temperature, s.top_p, s.top_k, s.min_p),
-        logits_processors=make_logits_processors(s.repetition_penalty),
-        kv_bits=session.kv["bits"],
-        kv_group_size=session.kv["group_size"],
-        quantized_kv_start=session.kv["start"],
+        sampling=session.sampling,
+        prompt_cache=PromptCache.new(session.model, kv=session.kv),
         prompt_lookup=session.prompt_lookup,
     ):
         text += last.text
@@ -581,7 +576,7 @@ def bench(
 
         ours = getattr(mx, runners[0].dtype, None)  # e.g. "float32"
         with console.status("loading it with mlx-lm"):
-            runners += mlx_lm_runners(m.path, [None, *([ours] if ours else [])])
+            runners += mlx_lm_runners(m.info.path, [None, *([ours] if ours else [])])
     with console.status(f"timing {runs} runs of {prompt_tokens} + {generation_tokens} tokens"):
         results = measure(
             runners, prompt_tokens=prompt_tokens, generation_tokens=generation_tokens, runs=runs

@@ -12,6 +12,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .events import AnswerDelta, Done, Event, ThinkingDelta, ToolCall, ToolCallError
+
 out = Console(highlight=False, soft_wrap=True, emoji=False)  # model text: no :emoji: codes
 err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
@@ -140,34 +142,34 @@ class TurnView:
         self.state = "start"  # -> thinking -> thought -> answer
         self.think_tokens, self.think_start, self.think_text = 0, 0.0, ""
 
-    def __call__(self, event) -> None:
-        kind = type(event).__name__
-        if kind == "ThinkingDelta":
-            if self.state == "start":
-                self.state, self.think_start = "thinking", time.perf_counter()
-                if not self.hide:
-                    self.side.print("[dim]thinking…[/]")
-            self.think_tokens += 1
-            text = event.text if self.think_text else event.text.lstrip("\n")
-            self.think_text += text
-            if not self.hide and text:
-                self.side.print(text, style="dim italic", end="", markup=False, highlight=False)
-        elif kind == "AnswerDelta":
-            self._end_thinking()
-            text = event.text if self.state == "answer" else event.text.lstrip("\n")
-            if text:
-                self.state = "answer"
-                self.target.print(text, end="", markup=False, highlight=False)
-        elif kind == "ToolCall":
-            args = ", ".join(f"{k}={v!r}" for k, v in event.arguments.items())
-            self.side.print(f"\n[magenta]tool call[/] {escape(event.name)}({escape(args)})")
-        elif kind == "ToolCallError":
-            self.side.print(f"\n[yellow]malformed tool call[/] ({escape(event.error)})")
-        elif kind == "Done":
-            self._end_thinking()
-            self.target.print()
-            if self.show_footer:
-                self.side.print(footer(event.stats, event.finish_reason))
+    def __call__(self, event: Event) -> None:
+        match event:
+            case ThinkingDelta():
+                if self.state == "start":
+                    self.state, self.think_start = "thinking", time.perf_counter()
+                    if not self.hide:
+                        self.side.print("[dim]thinking…[/]")
+                self.think_tokens += 1
+                text = event.text if self.think_text else event.text.lstrip("\n")
+                self.think_text += text
+                if not self.hide and text:
+                    self.side.print(text, style="dim italic", end="", markup=False, highlight=False)
+            case AnswerDelta():
+                self._end_thinking()
+                text = event.text if self.state == "answer" else event.text.lstrip("\n")
+                if text:
+                    self.state = "answer"
+                    self.target.print(text, end="", markup=False, highlight=False)
+            case ToolCall():
+                args = ", ".join(f"{k}={v!r}" for k, v in event.arguments.items())
+                self.side.print(f"\n[magenta]tool call[/] {escape(event.name)}({escape(args)})")
+            case ToolCallError():
+                self.side.print(f"\n[yellow]malformed tool call[/] ({escape(event.error)})")
+            case Done():
+                self._end_thinking()
+                self.target.print()
+                if self.show_footer:
+                    self.side.print(footer(event.stats, event.finish_reason))
 
     def _end_thinking(self) -> None:
         if self.state != "thinking":

@@ -8,14 +8,23 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import mlx.core as mx
 
-from .cache import Cache, trim_prompt_cache
-from .sample import LogitsProcessor, Sampler, greedy, make_logits_processors, make_sampler
+from .cache import Cache, PromptCache, trim_prompt_cache
+from .sample import DEFAULT_MAX_TOKENS, LogitsProcessor, Sampler, Sampling, greedy
 
-DEFAULT_MAX_TOKENS = 4096  # reasoning traces run to thousands of tokens
+GREEDY = Sampling(temperature=0.0, top_p=1.0)  # for a model `load` did not make
 DEFAULT_PREFILL_STEP = 512
+
+
+class Cancel(Protocol):
+    """What `cancel` needs: a threading.Event, or anything with is_set()."""
+
+    def is_set(self) -> bool: ...
+
+
 DEFAULT_LOOKUP_NGRAM = 3
 
 
@@ -92,16 +101,6 @@ class _PromptLookup:
             self.pause = self.backoff = 256
 
 
-def _room(cache: list[Cache], n: int) -> int:
-    """How many of `n` new tokens fit before the cache would drop or quantize what it holds."""
-    c = cache[0]
-    if getattr(c, "max_size", None) is not None:
-        n = min(n, c.max_size - c.offset)
-    if getattr(c, "bits", None) and not c.quantized:  # stay on the same side as one-by-one steps
-        n = min(n, c.quantize_after - c.offset)
-    return n
-
-
 def generate_step(
     prompt: mx.array,
     model,
@@ -120,7 +119,7 @@ def generate_step(
     prompt_lookup: int = 0,
     prompt_lookup_ngram: int = DEFAULT_LOOKUP_NGRAM,
     lookup_stats: LookupStats | None = None,
-    lookup_context: Sequence[int] = (),
+    context: Sequence[int] = (),
 ) -> Generator[tuple[int, mx.array], None, None]:
     """Yield (token, logprobs) pairs; the next step is queued before the current one is returned.
 
@@ -129,7 +128,9 @@ def generate_step(
         model: the model.
         max_tokens: how many tokens to generate (-1 for no limit).
         sampler: logprobs -> token; greedy by default.
-        logits_processors: (tokens so far, logits) -> logits, applied in order.
+        logits_processors: (tokens so far, logits) -> logits, applied in order; the tokens
+            are `context`, the prompt and the ids generated. One with `stateful = True` turns
+            prompt lookup off.
         prompt_cache: per-layer caches, updated in place; a fresh one when None.
         prefill_step_size: the prompt is processed in chunks of this many tokens.
         prompt_progress: called as (processed, total) during prefill.
@@ -143,8 +144,8 @@ def generate_step(
         prompt_lookup_ngram: the longest n-gram matched to find a draft.
         lookup_stats: the forward passes, verify passes, drafted and accepted tokens are added
             to its counts.
-        lookup_context: ids already in `prompt_cache`, before `prompt`: drafts come from them too
-            (a chat's earlier turns).
+        context: the ids already in `prompt_cache`, before `prompt` (a chat's earlier turns):
+            logits processors see them, and prompt lookup drafts from them too.
     """
     if prompt.size == 0:
         raise ValueError("the prompt is empty")
@@ -156,16 +157,21 @@ def generate_step(
             quantize_after=quantized_kv_start,
         )  # fmt: skip
     cache = prompt_cache
-    window = getattr(cache[0], "max_size", None)
+    window = cache[0].window
     if window is not None:  # a prefill chunk must fit beside the kept tokens
         prefill_step_size = min(prefill_step_size, window - cache[0].keep)
     sampler = sampler or greedy
-    tokens = prompt if logits_processors else None
+    tokens = None
+    if logits_processors:  # they see every id so far, the cached ones included
+        before = mx.array(list(context), dtype=prompt.dtype)
+        tokens = mx.concatenate([before, prompt]) if context else prompt
     progress = prompt_progress or (lambda *_: None)
     stats = lookup_stats or LookupStats()
     lookup = None
-    if prompt_lookup and all(c.is_trimmable() for c in cache):  # rejected drafts must come out
-        lookup = _PromptLookup([*lookup_context, *prompt.tolist()], prompt_lookup_ngram)
+    stateful = any(getattr(p, "stateful", False) for p in logits_processors)
+    if prompt_lookup and not stateful and all(c.is_trimmable() for c in cache):
+        # rejected drafts must come out of the cache, and a processor must see each id once
+        lookup = _PromptLookup([*context, *prompt.tolist()], prompt_lookup_ngram)
 
     def process(history: mx.array | None, logits: mx.array) -> mx.array:
         for processor in logits_processors:
@@ -223,7 +229,8 @@ def generate_step(
     while n != max_tokens:
         # A draft predicts y and what follows it: only once y confirms it is the rest verified.
         left = max_tokens - n if max_tokens >= 0 else prompt_lookup + 1
-        draft = lookup.draft(_room(cache, min(prompt_lookup + 1, left))) if lookup else []
+        room = min(c.room(min(prompt_lookup + 1, left)) for c in cache) if lookup else 0
+        draft = lookup.draft(room) if lookup else []
         if len(draft) > 1 and y.item() != draft[0]:
             lookup.hit(False)
             draft = []
@@ -265,7 +272,8 @@ class GenerationResponse:
     generation_tps: float
     peak_memory: float  # GB
     time_to_first_token: float  # seconds
-    finish_reason: str | None = None  # "stop" (end of turn or stop string), "length"
+    finish_reason: str | None = None  # "stop" (end of turn or stop string), "length", "cancelled"
+    cached_tokens: int = 0  # of prompt_tokens, those reused from the prompt cache (no prefill)
     lookup: LookupStats = field(default_factory=LookupStats)  # forward passes, drafts accepted
 
 
@@ -293,107 +301,137 @@ def stream_generate(
     tokenizer,
     prompt: str | Sequence[int] | mx.array,
     *,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_tokens: int | None = None,
+    sampling: Sampling | None = None,
     sampler: Sampler | None = None,
     logits_processors: Sequence[LogitsProcessor] | None = None,
     stop_strings: Sequence[str] = (),
-    prompt_cache: list[Cache] | None = None,
+    prompt_cache: PromptCache | None = None,
+    cancel: Cancel | None = None,
     **kwargs,
 ) -> Generator[GenerationResponse, None, None]:
     """Stream text as it is generated, stopping at an end-of-turn token or a stop string.
 
+    The last response has `finish_reason` "stop", "length" or "cancelled"; the others None.
+
     Args:
         model, tokenizer: as returned by `load`.
-        prompt: text (encoded as is, control tokens allowed) or token ids.
-        max_tokens: the most tokens to generate.
-        sampler: from `make_sampler`; the model folder's generation_config.json by default.
-        logits_processors: from `make_logits_processors`; the folder's repetition penalty by
-            default.
+        prompt: text (encoded as is, control tokens allowed) or token ids: the whole prompt,
+            also when `prompt_cache` holds part of it.
+        max_tokens: the most tokens to generate; `sampling.max_tokens` by default.
+        sampling: a Sampling; the model folder's generation_config.json by default.
+        sampler: replaces the one `sampling` makes.
+        logits_processors: replace those `sampling` makes (its repetition penalty).
         stop_strings: generation ends before the first of these appears in the text.
-        prompt_cache: per-layer caches to extend (for multi-turn reuse).
+        prompt_cache: reused for the longest prefix it holds of `prompt`, and left holding the
+            prompt and the ids generated (multi-turn reuse); a fresh cache when None.
+        cancel: a threading.Event: once set, generation ends after the current token, with
+            "cancelled".
         **kwargs: passed to `generate_step` (prefill_step_size, prompt_progress, prompt_lookup,
             max_kv_size, ...).
     """
-    defaults = getattr(model, "generation_config", None)
-    if sampler is None:
-        sampler = (
-            make_sampler(defaults.temperature, defaults.top_p, defaults.top_k, defaults.min_p)
-            if defaults
-            else greedy
-        )
+    if sampling is None:
+        sampling = model.info.sampling if model.info is not None else GREEDY
+    if sampling.seed is not None:
+        mx.random.seed(sampling.seed)
+    sampler = sampler or sampling.sampler()
     if logits_processors is None:
-        logits_processors = make_logits_processors(defaults.repetition_penalty) if defaults else []
+        logits_processors = sampling.logits_processors()
+    max_tokens = sampling.max_tokens if max_tokens is None else max_tokens
     if isinstance(prompt, str):
         prompt = tokenizer.encode(prompt, allow_special=True)
-    prompt = prompt if isinstance(prompt, mx.array) else mx.array(list(prompt), dtype=mx.uint32)
-    context = getattr(model, "max_context", None)
-    rotating = kwargs.get("max_kv_size") or getattr((prompt_cache or [None])[0], "max_size", None)
-    if context and not rotating:
-        used = prompt.size + (prompt_cache[0].offset if prompt_cache else 0)
-        if used >= context:
-            raise ValueError(
-                f"the prompt needs {used} tokens of context, no room left to answer in the "
-                f"{context} allowed (raise max_context, up to 131072 with YaRN)"
-            )
-        max_tokens = min(max_tokens, context - used) if max_tokens >= 0 else context - used
+    ids = prompt.tolist() if isinstance(prompt, mx.array) else list(prompt)
+    max_tokens = _fit_context(model, len(ids), max_tokens, kwargs.get("max_kv_size"), prompt_cache)
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    reused = prompt_cache.reuse(ids) if prompt_cache is not None else 0
 
     stats = kwargs.setdefault("lookup_stats", LookupStats())
     detokenizer = tokenizer.detokenizer()
     eos = tokenizer.eos_token_ids
     pending = ""  # decoded text not yet sent, held while it may begin a stop string
-    mx.reset_peak_memory()
-    start = time.perf_counter()
     first = start  # when the first token arrived: prefill ends there
-    n = 0
+    generated: list[int] = []
 
     def response(text: str, token: int | None, finish: str | None) -> GenerationResponse:
         prompt_time, decode_time = first - start, time.perf_counter() - first
+        n, prefilled = len(generated), len(ids) - reused
         return GenerationResponse(
             text=text,
             token=token,
-            prompt_tokens=prompt.size,
-            prompt_tps=prompt.size / prompt_time if prompt_time > 0 else 0.0,
+            prompt_tokens=len(ids),
+            prompt_tps=prefilled / prompt_time if prompt_time > 0 else 0.0,
             generation_tokens=n,
             generation_tps=(n - 1) / decode_time if n > 1 and decode_time > 0 else 0.0,
             peak_memory=mx.get_peak_memory() / 1e9,
             time_to_first_token=prompt_time,
             finish_reason=finish,
+            cached_tokens=reused,
             lookup=replace(stats),
         )
 
     finish = "length"
     token = None
-    for token, _ in generate_step(
-        prompt,
+    steps = generate_step(
+        mx.array(ids[reused:], dtype=mx.uint32),
         model,
         max_tokens=max_tokens,
         sampler=sampler,
         logits_processors=logits_processors,
-        prompt_cache=prompt_cache,
+        prompt_cache=prompt_cache.layers if prompt_cache is not None else None,
+        context=ids[:reused],
         **kwargs,
-    ):
-        if n == 0:
-            first = time.perf_counter()
-        n += 1
-        if token in eos:
-            finish = "stop"
-            break
-        detokenizer.add_token(token)
-        pending += detokenizer.last_segment
-        if stop_strings and (i := _stop_index(pending, stop_strings)) >= 0:
-            pending = pending[:i]
-            finish = "stop"
-            break
-        keep = _held_back(pending, stop_strings) if stop_strings else 0
-        text, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
-        yield response(text, token, None)
+    )
+    try:
+        for token, _ in steps:
+            if not generated:
+                first = time.perf_counter()
+            generated.append(token)
+            if token in eos:
+                finish = "stop"
+                break
+            detokenizer.add_token(token)
+            pending += detokenizer.last_segment
+            if stop_strings and (i := _stop_index(pending, stop_strings)) >= 0:
+                pending = pending[:i]
+                finish = "stop"
+                break
+            keep = _held_back(pending, stop_strings) if stop_strings else 0
+            text, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
+            yield response(text, token, None)
+            if cancel is not None and cancel.is_set():
+                finish = "cancelled"
+                break
+    finally:  # however it ended (a break, an error, the caller closing the stream)
+        steps.close()
+        if prompt_cache is not None:
+            prompt_cache.settle(ids + generated)
 
     detokenizer.finalize()
-    if finish == "length":
+    if finish != "stop":
         pending += detokenizer.last_segment
-        if stop_strings and (i := _stop_index(pending, stop_strings)) >= 0:
+        if finish == "length" and stop_strings and (i := _stop_index(pending, stop_strings)) >= 0:
             pending, finish = pending[:i], "stop"
     yield response(pending, token if finish == "length" else None, finish)
+
+
+def _fit_context(
+    model, n: int, max_tokens: int, max_kv_size: int | None, prompt_cache: PromptCache | None
+) -> int:
+    """`max_tokens`, cut to the room the model's context leaves (none to cut in a rotating cache).
+
+    Raises:
+        ValueError: the prompt alone fills the context.
+    """
+    context = model.max_context
+    if not context or max_kv_size or (prompt_cache is not None and prompt_cache.window):
+        return max_tokens
+    if n >= context:
+        raise ValueError(
+            f"the prompt needs {n} tokens of context, no room left to answer in the "
+            f"{context} allowed (raise max_context, up to 131072 with YaRN)"
+        )
+    return min(max_tokens, context - n) if max_tokens >= 0 else context - n
 
 
 def generate(model, tokenizer, prompt: str | Sequence[int], **kwargs) -> str:

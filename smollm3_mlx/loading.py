@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +13,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .model import Model, ModelArgs
+from .sample import Sampling
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
@@ -29,30 +30,37 @@ class ModelLoadError(ValueError):
 
 
 @dataclass(frozen=True)
-class GenerationConfig:
-    """Sampling defaults shipped in generation_config.json (greedy when do_sample is false)."""
+class ModelInfo:
+    """What `load` learnt about a model beside its weights (`model.info`).
 
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
+    Args:
+        path: the model folder.
+        max_context: the longest context allowed (the trained window, or what YaRN reaches).
+        sampling: the sampling defaults of the folder's generation_config.json.
+        tokenizer: the folder's tokenizer (None from `load_model`, which reads no tokenizer).
+    """
 
-    @classmethod
-    def from_folder(cls, path: Path) -> GenerationConfig:
-        file = path / "generation_config.json"
-        if not file.exists():
-            return cls()
-        cfg = _read_json(file)
-        if not cfg.get("do_sample", False):
-            return cls(repetition_penalty=float(cfg.get("repetition_penalty", 1.0)))
-        return cls(
-            temperature=float(cfg.get("temperature", 1.0)),
-            top_p=float(cfg.get("top_p", 1.0)),
-            top_k=int(cfg.get("top_k", 0) or 0),
-            min_p=float(cfg.get("min_p", 0.0) or 0.0),
-            repetition_penalty=float(cfg.get("repetition_penalty", 1.0)),
-        )
+    path: Path | None = None
+    max_context: int | None = None
+    sampling: Sampling = field(default_factory=Sampling)
+    tokenizer: Tokenizer | None = None
+
+
+def sampling_defaults(path: Path) -> Sampling:
+    """The sampling of a folder's generation_config.json (greedy when do_sample is false)."""
+    file = path / "generation_config.json"
+    cfg = _read_json(file) if file.exists() else {}
+    greedy = Sampling(temperature=0.0, top_p=1.0)
+    penalty = float(cfg.get("repetition_penalty", 1.0))
+    if not cfg.get("do_sample", False):
+        return greedy.updated(repetition_penalty=penalty)
+    return greedy.updated(
+        temperature=float(cfg.get("temperature", 1.0)),
+        top_p=float(cfg.get("top_p", 1.0)),
+        top_k=int(cfg.get("top_k", 0) or 0),
+        min_p=float(cfg.get("min_p", 0.0) or 0.0),
+        repetition_penalty=penalty,
+    )
 
 
 def _read_json(file: Path) -> dict[str, Any]:
@@ -215,7 +223,7 @@ def load_model(
         config = {**config, "rope_scaling": None, "rope_parameters": rope}
         args = model_args(config, path)
     model = Model(args)
-    model.max_context = window
+    model.info = ModelInfo(path=path, max_context=window, sampling=sampling_defaults(path))
 
     headers = {f: read_safetensors_header(f) for f in weight_files(path)}
     where = {k: f for f, h in headers.items() for k in h}
@@ -283,7 +291,8 @@ def load(
             `memory.MemoryBudgetError` when the machine offers less (see `memory.py`).
 
     Returns:
-        (model, tokenizer); `model.generation_config` holds the folder's sampling defaults.
+        (model, tokenizer); `model.info` holds the folder's path, context window, sampling
+        defaults and the tokenizer.
     """
     from .tokenizer import Tokenizer
 
@@ -297,11 +306,9 @@ def load(
         )  # fmt: skip
         check(est)
     model = load_model(path, dtype=dtype, lazy=lazy, max_context=max_context)
-    model.generation_config = GenerationConfig.from_folder(path)
-    model.path = path
     try:
         tokenizer = Tokenizer.from_folder(path)
     except FileNotFoundError as e:
         raise ModelLoadError(str(e)) from None
-    model.tokenizer = tokenizer  # so that `Chat(model)` needs nothing else
+    model.info = replace(model.info, tokenizer=tokenizer)  # so that `Chat(model)` needs no more
     return model, tokenizer

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .cache import Cache, KVCache, check_kv_quantization
 from .rope import make_rope
+
+if TYPE_CHECKING:
+    from .loading import ModelInfo
 
 # transformers' SmolLM3Config.default_theta, used when a config names no theta (not Llama's 10000).
 DEFAULT_ROPE_THETA = 2_000_000.0
@@ -188,6 +191,8 @@ class SmolLM3Model(nn.Module):
 
 
 class Model(nn.Module):
+    info: ModelInfo | None = None  # path, context window, sampling defaults: set by `load`
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -201,6 +206,11 @@ class Model(nn.Module):
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(out)
         return self.lm_head(out)
+
+    @property
+    def max_context(self) -> int | None:
+        """The longest context allowed, as loaded (None for a model not made by `load`)."""
+        return self.info.max_context if self.info is not None else None
 
     @property
     def layers(self) -> list[TransformerBlock]:

@@ -1,14 +1,26 @@
-"""Samplers (logprobs -> token) and logits processors, built by make_* factories."""
+"""Sampling settings, and the samplers (logprobs -> token) and logits processors they build.
+
+A logits processor is `processor(tokens, logits) -> logits`, where `tokens` holds every id so far:
+the whole prompt (a cached prefix included) and the ids generated. It may force a token by
+masking all others to -inf. One with the attribute `stateful = True` (it keeps state across
+calls) turns prompt lookup off, whose verify pass calls processors on speculative histories.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 
+if TYPE_CHECKING:
+    from .model import Model
+
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+DEFAULT_MAX_TOKENS = 4096  # reasoning traces run to thousands of tokens
 
 
 def greedy(logprobs: mx.array) -> mx.array:
@@ -91,3 +103,43 @@ def make_logits_processors(
     if repetition_penalty and repetition_penalty != 1.0:
         return [make_repetition_penalty(repetition_penalty, repetition_context_size)]
     return []
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to pick tokens: the one sampling type of the API, CLI and chat.
+
+    The defaults are SmolLM3's recommended ones; a model folder's generation_config.json gives
+    its own (`model.info.sampling`, read by `load`).
+
+    Args:
+        temperature: softmax temperature; 0 means greedy.
+        top_p, top_k, min_p: filters, as for `make_sampler`.
+        repetition_penalty: CTRL-style penalty on recent tokens (1 is off).
+        max_tokens: the most tokens a turn or completion generates.
+        seed: seeds MLX's random generator when generation starts (None leaves it as it is).
+    """
+
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    max_tokens: int = DEFAULT_MAX_TOKENS  # thinking alone can take thousands
+    seed: int | None = None
+
+    @classmethod
+    def from_model(cls, model: Model, **overrides: Any) -> Sampling:
+        """The model folder's generation_config.json defaults, then the `overrides` not None."""
+        base = model.info.sampling if model.info is not None else cls()
+        return base.updated(**overrides)
+
+    def updated(self, **overrides: Any) -> Sampling:
+        """A copy with the `overrides` that are not None."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def sampler(self) -> Sampler:
+        return make_sampler(self.temperature, self.top_p, self.top_k, self.min_p)
+
+    def logits_processors(self) -> list[LogitsProcessor]:
+        return make_logits_processors(self.repetition_penalty)

@@ -24,7 +24,6 @@ from smollm3_mlx import (
     ThinkingDelta,
     ToolCall,
     ToolCallError,
-    chat as chat_module,
     load,
     tool_schema,
 )
@@ -198,7 +197,11 @@ def test_malformed_tool_call_is_an_error_event_and_the_chat_goes_on(
 ):
     chat = Chat(model, sampling=GREEDY, think=False, tools=TOOLS)
     with monkeypatch.context() as m:
-        m.setattr(chat_module, "generate_step", _scripted(chat.tokenizer, "Let me see." + body))
+        m.setattr(
+            importlib.import_module("smollm3_mlx.generate"),
+            "generate_step",
+            _scripted(chat.tokenizer, "Let me see." + body),
+        )
         events = list(chat.send(QUESTIONS["weather"]))
     assert kinds(events) == ["AnswerDelta", "ToolCallError", "Done"]
     assert text(events, AnswerDelta) == "Let me see."
@@ -402,10 +405,12 @@ def test_kv_quantization_starts_past_its_threshold(tmp_path):
     kv = dict(kv_bits=8, kv_group_size=32)
     dense = Chat(model, sampling=GREEDY, think=False, max_tokens=8, **kv, kv_start=10_000)
     assert dense.reply("Hi") == plain
-    assert dense._cache and not any(c.quantized for c in dense._cache)
+    assert dense.prompt_cache and not any(c.quantized for c in dense.prompt_cache.layers)
     quantized = Chat(model, sampling=GREEDY, think=False, max_tokens=8, **kv)
     quantized.reply("Hi")
-    assert all(c.quantized and (c.bits, c.group_size) == (8, 32) for c in quantized._cache)
+    assert all(
+        c.quantized and (c.bits, c.group_size) == (8, 32) for c in quantized.prompt_cache.layers
+    )
 
 
 @pytest.mark.parametrize("key, think", [("math", True), ("sing", False)])

@@ -197,7 +197,7 @@ def test_cancel_keeps_the_partial_answer_marked_and_the_session_usable(loaded):
         "content": "la la la la la",
         "interrupted": True,
     }
-    assert chat.cached_tokens == min(c.offset for c in chat._cache)
+    assert chat.cached_tokens == min(c.offset for c in chat.prompt_cache.layers)
     _, streamed, done = turn(chat, QUESTIONS["hi"])
     assert done.stats.prefill_tokens < 20
     # Cached equals one-shot (an interrupted song is off-script: compare, don't expect).
@@ -212,7 +212,7 @@ def test_closing_the_stream_early_counts_as_a_cancel(loaded):
     assert [next(stream).text for _ in range(3)] == ["la", " la", " la"]
     stream.close()
     assert chat.messages[-1] == {"role": "assistant", "content": "la la la", "interrupted": True}
-    assert chat.cached_tokens == min(c.offset for c in chat._cache)
+    assert chat.cached_tokens == min(c.offset for c in chat.prompt_cache.layers)
 
 
 def test_max_tokens_ends_the_turn_with_length(loaded):
@@ -301,11 +301,11 @@ def test_a_chat_many_windows_long_runs_in_a_rotating_cache(loaded, tmp_path_fact
     chat = Chat(model, tokenizer, sampling=GREEDY, think=False)
     keep, prefix, total = None, None, 0
     for i in range(18):
-        before = list(chat._full)
+        before = list(chat.prompt_cache.ids if chat.prompt_cache else [])
         key = "hi" if i % 2 else "math"
         _, streamed, done = turn(chat, QUESTIONS[key])
         assert done.answer == answer(key)  # the kept system block and recent turns suffice
-        cache = chat._cache[0]
+        cache = chat.prompt_cache.layers[0]
         keep = cache.keep
         assert keep > 0 and cache.offset <= 150
         if prefix is None:
@@ -314,4 +314,4 @@ def test_a_chat_many_windows_long_runs_in_a_rotating_cache(loaded, tmp_path_fact
         if i:  # reuse across turns holds after wrapping: only the new ids are prefilled
             assert done.stats.cached_tokens == len(before)
         total += done.stats.prompt_tokens - done.stats.cached_tokens + done.stats.generation_tokens
-    assert chat._cache[0].dropped > 0 and total > 3 * 150
+    assert chat.prompt_cache.dropped > 0 and total > 3 * 150

@@ -183,7 +183,7 @@ def test_end_of_turn_token_stops_generation(chat_model):
 @requires_reference
 def test_generation_defaults_come_from_generation_config(chat_model):
     model, _ = chat_model
-    cfg = model.generation_config
+    cfg = model.info.sampling
     assert (cfg.temperature, cfg.top_p) == (0.6, 0.95)
 
 
@@ -233,7 +233,7 @@ def test_stream_generate_never_emits_broken_utf8(chat_model):
 
 @requires_reference
 def test_stream_generate_samples_with_the_generation_config_by_default(chat_model, monkeypatch):
-    gen = importlib.import_module("smollm3_mlx.generate")
+    gen = importlib.import_module("smollm3_mlx.sample")
     calls = []
 
     def recording(*args, **kwargs):

@@ -195,7 +195,7 @@ def test_load_by_repo_id_downloads_through_the_hub_protocol(tmp_path, monkeypatc
         use_hub(monkeypatch, hub.url, tmp_path / "hf")
         model, tokenizer = load("HuggingFaceTB/SmolLM3-3B")
         assert "notes.bin" not in hub.fetched()
-    assert model.path.is_relative_to(tmp_path / "hf")
+    assert model.info.path.is_relative_to(tmp_path / "hf")
     assert tokenizer.eos_token_ids == {tokenizer.token_to_id("<|im_end|>")}
     assert model(mx.array([[1, 2, 3]])).shape == (1, 3, 128256)
 

@@ -193,13 +193,13 @@ def test_a_chat_twenty_windows_long_keeps_its_system_block_in_flat_memory(traine
     total, turns, prefix, peaks = 0, 0, None, []
     while total < 20 * window:
         key = "hi" if turns % 2 else "math"
-        known = len(chat._full)
+        known = len(chat.prompt_cache.ids if chat.prompt_cache else [])
         mx.reset_peak_memory()
         *_, done = chat.send(QUESTIONS[key])
         peaks.append(mx.get_peak_memory())
         assert done.answer == answer(key)  # the kept system block and recent turns suffice
         assert done.stats.cached_tokens == known  # prompt-cache reuse holds after wrapping
-        cache = chat._cache
+        cache = chat.prompt_cache.layers
         assert cache[0].keep == system and all(c.offset <= window for c in cache)
         prefix = prefix or [np.array(c.state[0][..., :system, :]) for c in cache]
         assert all(

@@ -1,0 +1,169 @@
+"""The typed events an app receives from a turn, and the parser that makes them from token ids.
+
+Nothing here imports MLX: a server or UI can match on these types without loading a model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
+
+TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
+
+
+@dataclass(frozen=True)
+class ThinkingDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class AnswerDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ToolCallError:
+    """The model wrote `<tool_call>...</tool_call>` that is not a valid call."""
+
+    text: str  # what it wrote between the tags
+    error: str
+
+
+@dataclass(frozen=True)
+class TurnStats:
+    prompt_tokens: int  # the whole rendered conversation
+    cached_tokens: int  # reused from the prompt cache
+    prefill_tokens: int  # processed this turn: prompt_tokens - cached_tokens
+    generation_tokens: int
+    thinking_tokens: int  # between <think> and </think>
+    thinking_seconds: float
+    time_to_first_token: float
+    prompt_tps: float
+    generation_tps: float
+    seconds: float
+    peak_memory: float  # GB
+    drafted_tokens: int = 0  # prompt lookup: draft tokens verified
+    accepted_tokens: int = 0  # ... and accepted
+
+
+@dataclass(frozen=True)
+class Done:
+    stats: TurnStats
+    finish_reason: str  # "stop" (end of turn), "length" (max_tokens) or "cancelled"
+    thinking: str = ""
+    answer: str = ""  # tool calls cut out
+    tool_calls: tuple[ToolCall, ...] = ()
+
+
+Event = ThinkingDelta | AnswerDelta | ToolCall | ToolCallError | Done
+
+
+def split_thinking(text: str) -> tuple[str, str]:
+    """(thinking, answer) of an assistant message's text."""
+    m = re.match(r"\s*<think>(.*?)(?:</think>|$)(.*)", text, re.DOTALL)
+    return (m[1].strip(), m[2].lstrip()) if m else ("", text)
+
+
+class EventParser:
+    """Generated ids -> events: thinking and answer split by the think tag ids, tool calls cut out.
+
+    Feed it every id generated after `prompt` (the end-of-turn id excluded), then `flush()` at the
+    end of the turn; `done(stats, finish_reason)` gives the closing event with the whole text.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt: Sequence[int]):
+        self.detokenizer = tokenizer.detokenizer()
+        self.splitter = tokenizer.think_splitter(prompt)
+        self.call_start = tokenizer.token_to_id(TOOL_CALL_START)
+        self.call_end = tokenizer.token_to_id(TOOL_CALL_END)
+        self.call: str | None = None  # the text of an open tool call
+        self.thinking: list[str] = []
+        self.answer: list[str] = []
+        self.calls: list[ToolCall] = []
+        self.thinking_tokens = 0
+        self.think_start: float | None = None
+        self.think_end: float | None = None
+
+    def feed(self, token: int) -> list[Event]:
+        self.detokenizer.add_token(token)
+        was_thinking = self.splitter.thinking
+        events = self._events(token, self.detokenizer.last_segment)
+        if was_thinking and self.splitter.thinking:  # inside the block, tags excluded
+            self.thinking_tokens += 1
+        elif self.splitter.thinking != was_thinking:  # a think tag
+            now = time.perf_counter()
+            self.think_start, self.think_end = (
+                (now, None) if self.splitter.thinking else (self.think_start, now)
+            )
+        return events
+
+    def flush(self) -> list[Event]:
+        self.detokenizer.finalize()
+        events = self._events(-1, self.detokenizer.last_segment)
+        if self.call is not None:
+            events.append(ToolCallError(self.call.strip(), "the turn ended inside the tool call"))
+            self.call = None
+        return events
+
+    def done(self, stats: TurnStats, finish_reason: str) -> Done:
+        """The turn's last event: the thinking and the answer (tool calls cut out) in full."""
+        return Done(
+            stats,
+            finish_reason,
+            "".join(self.thinking).strip(),
+            "".join(self.answer).strip(),
+            tuple(self.calls),
+        )
+
+    def thinking_seconds(self, end: float) -> float:
+        if not self.thinking_tokens or self.think_start is None:
+            return 0.0
+        return (self.think_end or end) - self.think_start
+
+    def _events(self, token: int, text: str) -> list[Event]:
+        events: list[Event] = []
+        for kind, piece in self.splitter.feed(token, text):
+            if kind == "thinking":
+                self.thinking.append(piece)
+                events.append(ThinkingDelta(piece))
+                continue
+            if token == self.call_start and self.call is None:
+                before, _, self.call = piece.partition(TOOL_CALL_START)
+                piece = before
+            elif token == self.call_end and self.call is not None:
+                inside, _, piece = piece.partition(TOOL_CALL_END)
+                events.append(self._parse(self.call + inside))
+                self.call = None
+            elif self.call is not None:
+                self.call += piece
+                piece = ""
+            if piece:
+                self.answer.append(piece)
+                events.append(AnswerDelta(piece))
+        return events
+
+    def _parse(self, raw: str) -> ToolCall | ToolCallError:
+        try:
+            call = json.loads(raw)
+        except ValueError as e:
+            return ToolCallError(raw.strip(), f"not JSON: {e}")
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            return ToolCallError(raw.strip(), 'not {"name": ..., "arguments": {...}}')
+        arguments = call.get("arguments") or {}
+        if not isinstance(arguments, dict):
+            return ToolCallError(raw.strip(), "its arguments are not a JSON object")
+        self.calls.append(ToolCall(call["name"], arguments))
+        return self.calls[-1]
