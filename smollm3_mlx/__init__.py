@@ -35,6 +35,7 @@ _LAZY = {
     "AnswerDelta": "events",
     "ToolCall": "events",
     "ToolCallError": "events",
+    "Error": "events",
     "Done": "events",
     "EventParser": "events",
     "tool_schema": "tools",
@@ -42,6 +43,8 @@ _LAZY = {
     "estimate_memory": "memory",
     "MemoryBudgetError": "memory",
     "MemoryEstimate": "memory",
+    "PromptCacheError": "cache_file",
+    "PromptCacheMismatch": "cache_file",
 }
 
 __all__ = [*_LAZY, "__version__"]
@@ -50,6 +53,10 @@ if TYPE_CHECKING:
     from .cache import (
         KVSettings as KVSettings,
         PromptCache as PromptCache,
+    )
+    from .cache_file import (
+        PromptCacheError as PromptCacheError,
+        PromptCacheMismatch as PromptCacheMismatch,
     )
     from .chat import (
         Chat as Chat,
@@ -62,6 +69,7 @@ if TYPE_CHECKING:
     from .events import (
         AnswerDelta as AnswerDelta,
         Done as Done,
+        Error as Error,
         Event as Event,
         EventParser as EventParser,
         ThinkingDelta as ThinkingDelta,

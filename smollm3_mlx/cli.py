@@ -171,10 +171,11 @@ def _load(
 def _session(
     model, dtype, think, system, keep_thinking, max_tokens, temperature, top_p, seed,
     max_context=None, kv_bits=None, kv_group_size=64, kv_start=0, prompt_lookup=0,
-    memory_check=True,
+    memory_check=True, prompt_cache=None,
 ):  # fmt: skip
     import mlx.core as mx
 
+    from .cache_file import PromptCacheError
     from .chat import Chat
 
     m, tokenizer, name = _load(model, dtype, max_context, kv_bits, kv_group_size, memory_check)
@@ -195,8 +196,9 @@ def _session(
             kv_group_size=kv_group_size,
             kv_start=kv_start,
             prompt_lookup=prompt_lookup,
+            prompt_cache=prompt_cache,
         )
-    except ValueError as e:
+    except (ValueError, PromptCacheError) as e:
         console.error(str(e))
         raise typer.Exit(1) from None
 
@@ -209,6 +211,7 @@ COMMANDS = {
     "/reset": "start over (the system message stays)",
     "/save FILE": "save the conversation as JSON",
     "/load FILE": "load a saved conversation",
+    "/save_cache FILE": "save the prompt cache (chat --prompt-cache FILE takes up from it)",
     "/stats": "session statistics",
     "/exit": "quit (or Ctrl-D)",
 }
@@ -248,9 +251,14 @@ def _command(chat, line: str) -> bool:
             f"loaded {len(chat.messages)} messages, thinking {'on' if chat.think else 'off'}"
             + (f" (saved with {data['model']})" if data.get("model") != chat.model_name else "")
         )
+    elif name == "/save_cache" and arg:
+        try:
+            console.saved(chat.save_prompt_cache(arg))
+        except OSError as e:
+            console.error(f"{arg}: {e.strerror or e}")
     elif name == "/stats":
         console.session_stats(_stats(chat))
-    elif name in ("/save", "/load"):
+    elif name in ("/save", "/load", "/save_cache"):
         console.error(f"usage: {name} FILE")
     else:
         console.error(f"unknown command {name}; /help lists them")
@@ -300,12 +308,21 @@ def chat(
     kv_start: KVStart = 0,
     prompt_lookup: PromptLookup = 0,
     memory_check: MemoryCheck = True,
+    prompt_cache: Annotated[
+        Path | None,
+        typer.Option(
+            help="A prompt-cache file (smollm3-mlx cache-prompt): its system prompt is not "
+            "prefilled again; its conversation is restored unless --system is given.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Chat in the terminal; /help lists the commands, Ctrl-C stops an answer, Ctrl-D exits."""
     try:
         session = _session(
             model, dtype, think, system, keep_thinking, max_tokens, temperature, top_p, seed,
             max_context, kv_bits, kv_group_size, kv_start, prompt_lookup, memory_check,
+            prompt_cache,
         )  # fmt: skip
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
@@ -491,6 +508,58 @@ def convert(
         console.error(str(e))
         raise typer.Exit(1) from None
     console.converted(result)
+
+
+@app.command("cache-prompt")
+def cache_prompt(
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="CACHE", help="The file to write.")],
+    system: Annotated[
+        Path, typer.Option(metavar="FILE", help="The system prompt, read from this file.")
+    ],
+    document: Annotated[
+        Path | None,
+        typer.Option(metavar="FILE", help="A document, appended to the system prompt."),
+    ] = None,
+    model: Model = None,
+    think: Think = True,
+    dtype: DType = "auto",
+    max_context: MaxContext = None,
+    kv_bits: KVBits = None,
+    kv_group_size: KVGroupSize = 64,
+    kv_start: KVStart = 0,
+    memory_check: MemoryCheck = True,
+) -> None:
+    """Prefill a long system prompt (and document) once into a file that chat --prompt-cache
+    loads instead: use the same --model, --dtype, --max-context and --kv-* options there."""
+    import time
+
+    try:
+        text = system.read_text(encoding="utf-8")
+        if document is not None:
+            text += "\n\n" + document.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        console.error(f"cannot read the prompt: {e}")
+        raise typer.Exit(1) from None
+    session = _session(
+        model, dtype, think, text.strip(), True, 1, None, None, None,
+        max_context, kv_bits, kv_group_size, kv_start, 0, memory_check,
+    )  # fmt: skip
+    start = time.perf_counter()
+    try:
+        with console.status(
+            f"prefilling {len(session.render(add_generation_prompt=False))} tokens"
+        ):
+            n = session.prefill()
+        path = session.save_prompt_cache(out)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    except OSError as e:
+        console.error(f"{out}: {e.strerror or e}")
+        raise typer.Exit(1) from None
+    size = path.stat().st_size
+    console.info(
+        f"cached {n} tokens ({size / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s: {path}"
+    )
 
 
 @app.command()

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .events import AnswerDelta, Done, Event, ThinkingDelta, ToolCall, ToolCallError
+from .events import AnswerDelta, Done, Error, Event, ThinkingDelta, ToolCall, ToolCallError
 
 out = Console(highlight=False, soft_wrap=True, emoji=False)  # model text: no :emoji: codes
 err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
@@ -165,6 +165,10 @@ class TurnView:
                 self.side.print(f"\n[magenta]tool call[/] {escape(event.name)}({escape(args)})")
             case ToolCallError():
                 self.side.print(f"\n[yellow]malformed tool call[/] ({escape(event.error)})")
+            case Error():
+                self._end_thinking()
+                self.target.print()
+                error(event.message)
             case Done():
                 self._end_thinking()
                 self.target.print()

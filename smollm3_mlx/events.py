@@ -68,7 +68,19 @@ class Done:
     tool_calls: tuple[ToolCall, ...] = ()
 
 
-Event = ThinkingDelta | AnswerDelta | ToolCall | ToolCallError | Done
+@dataclass(frozen=True)
+class Error:
+    """A turn that failed and ends here, in place of Done: the conversation is as before it.
+
+    kind "memory": an allocation failed (MLX's "[metal::malloc] ..." or MemoryError); the prompt
+    cache was dropped (the next turn prefills again) and the process goes on.
+    """
+
+    message: str
+    kind: str = "memory"
+
+
+Event = ThinkingDelta | AnswerDelta | ToolCall | ToolCallError | Done | Error
 
 
 def split_thinking(text: str) -> tuple[str, str]:
