@@ -19,6 +19,7 @@ import json
 import os
 import weakref
 import zlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -270,13 +271,29 @@ def _what(kind: str) -> str:
     }[kind]
 
 
-def info(path: str | Path) -> dict[str, Any]:
-    """What a prompt-cache file holds, for display: token count, KV settings, extra metadata."""
-    meta = read_metadata(path)
-    cache = json.loads(meta.get("cache", "{}"))
-    layers = cache.get("layers") or [{}]
-    return {
-        "tokens": layers[0].get("offset", 0) + layers[0].get("dropped", 0),
-        "kv": json.loads(meta.get("kv", "{}")),
-        **{k: v for k, v in meta.items() if k not in ("cache", "crc32", "kv")},
-    }
+def cache_file_name(fp: Fingerprint, ids: Sequence[int]) -> str:
+    """A file name for the cache of `ids` under `fp`: same ids and settings, same name (a
+    server's --cache-dir keys its files so)."""
+    key = json.dumps(fp.to_metadata(), sort_keys=True).encode()
+    return _sha(key, np.asarray(ids, dtype=np.int64).tobytes()) + ".safetensors"
+
+
+def prune_cache_dir(folder: str | Path, max_bytes: int) -> list[Path]:
+    """Delete the least recently modified *.safetensors files of `folder` until the rest fit in
+    `max_bytes` (touch a file when it is used to keep it); returns the deleted paths."""
+    files = []
+    for f in Path(folder).glob("*.safetensors"):
+        try:
+            st = f.stat()
+        except FileNotFoundError:  # deleted meanwhile
+            continue
+        files.append((st.st_mtime, st.st_size, f))
+    files.sort()
+    total, deleted = sum(size for _, size, _ in files), []
+    for _, size, f in files:
+        if total <= max_bytes:
+            break
+        f.unlink(missing_ok=True)
+        total -= size
+        deleted.append(f)
+    return deleted

@@ -12,6 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .cache import KVSettings
 from .model import Model, ModelArgs
 from .sample import Sampling
 
@@ -275,8 +276,7 @@ def load(
     lazy: bool = False,
     max_context: int | None = None,
     check_memory: bool = True,
-    kv_bits: int | None = None,
-    kv_group_size: int = 64,
+    kv: KVSettings | None = None,
 ) -> tuple[Model, Tokenizer]:
     """Load a SmolLM3 model and its tokenizer from a folder or a hub repo id.
 
@@ -287,8 +287,9 @@ def load(
         lazy: leave the weights unevaluated until first use.
         max_context: the longest context to allow (YaRN past 64K, up to 128K).
         check_memory: before reading any weight, estimate what a session at `max_context`
-            needs (weights, KV cache with `kv_bits` / `kv_group_size`, activations) and raise
+            needs (weights, a KV cache with the settings `kv`, activations) and raise
             `memory.MemoryBudgetError` when the machine offers less (see `memory.py`).
+        kv: the KV cache settings the session will use, for the memory check (default dense).
 
     Returns:
         (model, tokenizer); `model.info` holds the folder's path, context window, sampling
@@ -300,9 +301,10 @@ def load(
     if check_memory:
         from .memory import check_memory as check, estimate_memory
 
+        kv = kv or KVSettings()
         est = estimate_memory(
-            path, max_context=max_context, kv_bits=kv_bits, kv_group_size=kv_group_size,
-            dtype=dtype,
+            path, max_context=max_context, kv_bits=kv.bits, kv_group_size=kv.group_size,
+            kv_start=kv.start, dtype=dtype,
         )  # fmt: skip
         check(est)
     model = load_model(path, dtype=dtype, lazy=lazy, max_context=max_context)

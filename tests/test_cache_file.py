@@ -4,7 +4,9 @@ files are refused; an allocation failure in a turn is an Error event, not a dead
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from dataclasses import replace
 
 import mlx.core as mx
 import pytest
@@ -13,6 +15,7 @@ from trained_model import QUESTIONS, trained_checkpoint
 from typer.testing import CliRunner
 
 from smollm3_mlx import cache_file, cli
+from smollm3_mlx.cache import KVSettings
 from smollm3_mlx.cache_file import PromptCacheError, PromptCacheMismatch
 from smollm3_mlx.chat import Chat
 from smollm3_mlx.events import Done, Error
@@ -251,3 +254,23 @@ def test_cache_prompt_command_writes_a_file_chat_takes_up(trained, tmp_path):
         cli.app, ["chat", "-m", str(path), "--prompt-cache", str(tmp_path / "system.txt")]
     )
     assert bad.exit_code == 1 and "not a safetensors file" in bad.output
+
+
+def test_cache_dir_names_follow_ids_and_settings_and_pruning_keeps_the_newest(tmp_path):
+    fp = cache_file.Fingerprint("model", "tokenizer", "template", "float32", keep=0)
+    name = cache_file.cache_file_name(fp, [1, 2, 3])
+    assert name == cache_file.cache_file_name(fp, [1, 2, 3]) and name.endswith(".safetensors")
+    assert name != cache_file.cache_file_name(fp, [1, 2, 4])
+    assert name != cache_file.cache_file_name(replace(fp, kv=KVSettings(bits=4)), [1, 2, 3])
+    for age, stem in enumerate(["old", "mid", "new"]):
+        f = tmp_path / f"{stem}.safetensors"
+        f.write_bytes(b"x" * 100)
+        os.utime(f, (1000 + age, 1000 + age))
+    (tmp_path / "other.txt").write_bytes(b"x" * 500)  # not a cache file: never touched
+    deleted = cache_file.prune_cache_dir(tmp_path, 250)
+    assert [f.name for f in deleted] == ["old.safetensors"]
+    assert sorted(f.name for f in tmp_path.iterdir()) == [
+        "mid.safetensors",
+        "new.safetensors",
+        "other.txt",
+    ]
