@@ -33,8 +33,9 @@ from pathlib import Path
 import mlx.core as mx
 
 from smollm3_mlx.convert import convert
-from smollm3_mlx.generate import LookupStats, generate_step
+from smollm3_mlx.generate import LookupStats
 from smollm3_mlx.loading import load
+from smollm3_mlx.lookup import lookup_generate_step
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("SMOLLM3_BENCH_CACHE", REPO_ROOT / "benchmarks" / ".cache"))
@@ -101,7 +102,7 @@ def pass_cost(model, prompt: mx.array, lengths: list[int], repeats: int) -> dict
 
 def decode(model, prompt: mx.array, tokens: int, lookup: int, processors) -> dict:
     stats = LookupStats()
-    steps = generate_step(
+    steps = lookup_generate_step(
         prompt, model, max_tokens=tokens, logits_processors=processors,
         prompt_lookup=lookup, lookup_stats=stats,
     )  # fmt: skip

@@ -8,11 +8,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Protocol
 
 import mlx.core as mx
 
-from .cache import Cache, PromptCache, trim_prompt_cache
+from .cache import Cache, PromptCache
 from .sample import DEFAULT_MAX_TOKENS, LogitsProcessor, Sampler, Sampling, greedy
 
 GREEDY = Sampling(temperature=0.0, top_p=1.0)  # for a model `load` did not make
@@ -25,12 +26,9 @@ class Cancel(Protocol):
     def is_set(self) -> bool: ...
 
 
-DEFAULT_LOOKUP_NGRAM = 3
-
-
 @dataclass
 class LookupStats:
-    """Counts for prompt-lookup decoding."""
+    """Forward passes, and what prompt lookup drafted and got accepted."""
 
     passes: int = 0  # decode forward passes
     verified: int = 0  # of them, passes that verified a draft
@@ -38,67 +36,94 @@ class LookupStats:
     accepted: int = 0  # draft tokens accepted
 
 
-class _PromptLookup:
-    """Drafts from the context: what followed the latest earlier occurrence of its last n-gram.
+class Decoder:
+    """The model, its cache, the sampler and the logits processors: one forward pass at a time.
 
-    The longest n-gram (up to `ngram` tokens) that occurred before wins. A miss (a draft whose
-    first token is wrong, or a verify pass slower per token than plain steps) pauses drafting for
-    a number of tokens that doubles with each miss in a row, so that it costs almost nothing where
-    it does not pay: on non-repetitive text, or where a pass over many tokens costs many steps.
+    `tokens` holds every id so far (context, prompt, generated) while processors need them.
     """
 
-    def __init__(self, tokens: list[int], ngram: int):
-        self.ngram = ngram
-        self.tokens: list[int] = []
-        self.seen: dict[tuple[int, ...], int] = {}  # n-gram -> where its latest continuation starts
-        self.pause, self.backoff, self.hopeless = 0, 1, 0
-        self.step_time: float | None = None  # seconds per plain step, smoothed
-        self.last: float | None = None  # when the previous plain step's token arrived
-        self.add(tokens)
+    def __init__(
+        self,
+        model,
+        cache: list[Cache],
+        sampler: Sampler,
+        logits_processors: Sequence[LogitsProcessor],
+        tokens: mx.array,
+        stats: LookupStats,
+    ):
+        self.model, self.cache, self.sampler = model, cache, sampler
+        self.processors = list(logits_processors)
+        self.tokens = tokens if self.processors else None
+        self.stats = stats
 
-    def add(self, tokens: list[int]) -> None:
-        for t in tokens:
-            p = len(self.tokens)
-            for k in range(1, min(self.ngram, p) + 1):
-                self.seen[tuple(self.tokens[p - k :])] = p
-            self.tokens.append(t)
+    def logprobs(self, history: mx.array | None, logits: mx.array) -> mx.array:
+        for processor in self.processors:
+            logits = processor(history, logits)
+        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
-    def draft(self, limit: int) -> list[int]:
-        """Up to `limit` tokens predicted to come next (an empty list while paused)."""
-        if self.pause:
-            self.pause -= 1
-            return []
-        if self.step_time is None:  # time plain steps first: a verify pass must beat them
-            return []
-        for k in range(min(self.ngram, len(self.tokens)), 0, -1):
-            start = self.seen.get(tuple(self.tokens[-k:]))
-            if start is not None:
-                period = len(self.tokens) - start  # a match near the end repeats, as loops do
-                return [self.tokens[start + i % period] for i in range(limit)]
-        return []
+    def step(self, inputs: mx.array) -> tuple[mx.array, mx.array]:
+        """Feed `inputs`; the next token (queued, not evaluated) and its log-probabilities."""
+        self.stats.passes += 1
+        logprobs = self.logprobs(self.tokens, self.model(inputs[None], cache=self.cache)[:, -1, :])
+        y = self.sampler(logprobs)
+        self.accept(y)
+        return y, logprobs.squeeze(0)
 
-    def hit(self, ok: bool) -> None:
-        self.pause, self.backoff = (0, 1) if ok else (self.backoff, min(2 * self.backoff, 64))
+    def accept(self, ids: mx.array) -> None:
+        if self.tokens is not None:
+            self.tokens = mx.concatenate([self.tokens, ids.astype(self.tokens.dtype)])
 
-    def plain_step(self) -> None:
-        now = time.perf_counter()
-        if self.last is not None:
-            dt = now - self.last
-            self.step_time = dt if self.step_time is None else 0.8 * self.step_time + 0.2 * dt
-        self.last = now
 
-    def verified(self, length: int, new_tokens: int, seconds: float) -> None:
-        """A pass over `length` tokens gave `new_tokens` in `seconds`: a hit if it beat plain steps.
+def start(
+    prompt: mx.array,
+    model,
+    *,
+    sampler: Sampler | None = None,
+    logits_processors: Sequence[LogitsProcessor] = (),
+    prompt_cache: list[Cache] | None = None,
+    prefill_step_size: int = DEFAULT_PREFILL_STEP,
+    prompt_progress: Callable[[int, int], None] | None = None,
+    max_kv_size: int | None = None,
+    keep: int = 0,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
+    lookup_stats: LookupStats | None = None,
+    context: Sequence[int] = (),
+) -> tuple[Decoder, mx.array, Callable[[], None]]:
+    """Make the cache if none is given and prefill all of `prompt` but its last id.
 
-        Where a pass over L tokens costs L steps (MLX's CPU backend), not even a fully accepted
-        draft pays: after two such passes in a row, drafting pauses for 256 tokens at a time.
-        """
-        self.last = None
-        steps = 1.1 * seconds / self.step_time  # what the pass cost in plain steps, with a margin
-        self.hit(new_tokens > 1 and new_tokens > steps)
-        self.hopeless = self.hopeless + 1 if length <= steps else 0
-        if self.hopeless >= 2:
-            self.pause = self.backoff = 256
+    Returns the decoder, the ids left to feed, and what to call once the first token is out
+    (the prefill's last progress report). See `generate_step` for the arguments.
+    """
+    if prompt.size == 0:
+        raise ValueError("the prompt is empty")
+    if prompt_cache is None:
+        prompt_cache = model.make_cache(
+            max_kv_size, keep, bits=kv_bits, group_size=kv_group_size,
+            quantize_after=quantized_kv_start,
+        )  # fmt: skip
+    cache = prompt_cache
+    window = cache[0].window
+    if window is not None:  # a prefill chunk must fit beside the kept tokens
+        prefill_step_size = min(prefill_step_size, window - cache[0].keep)
+    tokens = prompt
+    if context:  # processors see every id so far, the cached ones included
+        tokens = mx.concatenate([mx.array(list(context), dtype=prompt.dtype), prompt])
+    decoder = Decoder(
+        model, cache, sampler or greedy, logits_processors, tokens, lookup_stats or LookupStats()
+    )
+    progress = prompt_progress or (lambda *_: None)
+    total, done = prompt.size, 0
+    progress(0, total)
+    # Prefill all but the last token in chunks, evaluating the cache to bound memory.
+    while total - done > 1:
+        n = min(prefill_step_size, total - done - 1)
+        model(prompt[done : done + n][None], cache=cache)
+        mx.eval([c.state for c in cache])
+        done += n
+        progress(done, total)
+    return decoder, prompt[done:], lambda: progress(total, total)
 
 
 def generate_step(
@@ -116,8 +141,6 @@ def generate_step(
     kv_bits: int | None = None,
     kv_group_size: int = 64,
     quantized_kv_start: int = 0,
-    prompt_lookup: int = 0,
-    prompt_lookup_ngram: int = DEFAULT_LOOKUP_NGRAM,
     lookup_stats: LookupStats | None = None,
     context: Sequence[int] = (),
 ) -> Generator[tuple[int, mx.array], None, None]:
@@ -129,8 +152,7 @@ def generate_step(
         max_tokens: how many tokens to generate (-1 for no limit).
         sampler: logprobs -> token; greedy by default.
         logits_processors: (tokens so far, logits) -> logits, applied in order; the tokens
-            are `context`, the prompt and the ids generated. One with `stateful = True` turns
-            prompt lookup off.
+            are `context`, the prompt and the ids generated.
         prompt_cache: per-layer caches, updated in place; a fresh one when None.
         prefill_step_size: the prompt is processed in chunks of this many tokens.
         prompt_progress: called as (processed, total) during prefill.
@@ -138,126 +160,32 @@ def generate_step(
             first `keep` (see `KVCache`).
         kv_bits, kv_group_size, quantized_kv_start: for a new cache, quantize keys and values
             to 4 or 8 bits once it holds `quantized_kv_start` tokens.
-        prompt_lookup: prompt-lookup decoding: draft up to this many tokens from n-grams of the
-            prompt and the output, and verify them in one forward pass (0 turns it off). The
-            output is unchanged: greedy gives the same tokens, sampling the same distribution.
-        prompt_lookup_ngram: the longest n-gram matched to find a draft.
-        lookup_stats: the forward passes, verify passes, drafted and accepted tokens are added
-            to its counts.
-        context: the ids already in `prompt_cache`, before `prompt` (a chat's earlier turns):
-            logits processors see them, and prompt lookup drafts from them too.
+        lookup_stats: the forward passes are added to its count.
+        context: the ids already in `prompt_cache`, before `prompt` (a chat's earlier turns),
+            for the logits processors.
     """
-    if prompt.size == 0:
-        raise ValueError("the prompt is empty")
-    if prompt_lookup < 0 or prompt_lookup_ngram < 1:
-        raise ValueError("prompt_lookup must be >= 0 and prompt_lookup_ngram >= 1")
-    if prompt_cache is None:
-        prompt_cache = model.make_cache(
-            max_kv_size, keep, bits=kv_bits, group_size=kv_group_size,
-            quantize_after=quantized_kv_start,
-        )  # fmt: skip
-    cache = prompt_cache
-    window = cache[0].window
-    if window is not None:  # a prefill chunk must fit beside the kept tokens
-        prefill_step_size = min(prefill_step_size, window - cache[0].keep)
-    sampler = sampler or greedy
-    tokens = None
-    if logits_processors:  # they see every id so far, the cached ones included
-        before = mx.array(list(context), dtype=prompt.dtype)
-        tokens = mx.concatenate([before, prompt]) if context else prompt
-    progress = prompt_progress or (lambda *_: None)
-    stats = lookup_stats or LookupStats()
-    lookup = None
-    stateful = any(getattr(p, "stateful", False) for p in logits_processors)
-    if prompt_lookup and not stateful and all(c.is_trimmable() for c in cache):
-        # rejected drafts must come out of the cache, and a processor must see each id once
-        lookup = _PromptLookup([*context, *prompt.tolist()], prompt_lookup_ngram)
-
-    def process(history: mx.array | None, logits: mx.array) -> mx.array:
-        for processor in logits_processors:
-            logits = processor(history, logits)
-        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-
-    def step(inputs: mx.array) -> tuple[mx.array, mx.array]:
-        nonlocal tokens
-        stats.passes += 1
-        logprobs = process(tokens, model(inputs[None], cache=cache)[:, -1, :])
-        y = sampler(logprobs)
-        if logits_processors:
-            tokens = mx.concatenate([tokens, y])
-        return y, logprobs.squeeze(0)
-
-    def verify(y: int, draft: list[int]) -> tuple[list[int], mx.array]:
-        """Run y and the draft in one pass and sample at every position; keep the longest prefix
-        of the draft that the samples confirm, plus the first sample past it."""
-        nonlocal tokens
-        stats.passes, stats.verified, stats.drafted = (
-            stats.passes + 1, stats.verified + 1, stats.drafted + len(draft)
-        )  # fmt: skip
-        inputs = mx.array([y, *draft], dtype=prompt.dtype)
-        logits = model(inputs[None], cache=cache)[0]
-        if logits_processors:  # each position sees its own history
-            histories = [mx.concatenate([tokens, inputs[1 : i + 1]]) for i in range(len(inputs))]
-            logprobs = mx.concatenate(
-                [process(h, logits[i : i + 1]) for i, h in enumerate(histories)]
-            )
-        else:
-            logprobs = process(None, logits)
-        samples = sampler(logprobs).tolist()
-        a = 0
-        while a < len(draft) and samples[a] == draft[a]:
-            a += 1
-        trim_prompt_cache(cache, len(draft) - a)
-        stats.accepted += a
-        if logits_processors:
-            tokens = mx.concatenate([tokens, mx.array(samples[: a + 1], dtype=tokens.dtype)])
-        return samples[: a + 1], logprobs[: a + 1]
-
-    total, done = prompt.size, 0
-    progress(0, total)
-    # Prefill all but the last token in chunks, evaluating the cache to bound memory.
-    while total - done > 1:
-        n = min(prefill_step_size, total - done - 1)
-        model(prompt[done : done + n][None], cache=cache)
-        mx.eval([c.state for c in cache])
-        done += n
-        progress(done, total)
-
-    y, logprobs = step(prompt[done:])
+    decoder, last, prefilled = start(
+        prompt, model, sampler=sampler, logits_processors=logits_processors,
+        prompt_cache=prompt_cache, prefill_step_size=prefill_step_size,
+        prompt_progress=prompt_progress, max_kv_size=max_kv_size, keep=keep, kv_bits=kv_bits,
+        kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start,
+        lookup_stats=lookup_stats, context=context,
+    )  # fmt: skip
+    y, logprobs = decoder.step(last)
     mx.async_eval(y, logprobs)
     n = 0
     while n != max_tokens:
-        # A draft predicts y and what follows it: only once y confirms it is the rest verified.
-        left = max_tokens - n if max_tokens >= 0 else prompt_lookup + 1
-        room = min(c.room(min(prompt_lookup + 1, left)) for c in cache) if lookup else 0
-        draft = lookup.draft(room) if lookup else []
-        if len(draft) > 1 and y.item() != draft[0]:
-            lookup.hit(False)
-            draft = []
-        if len(draft) > 1:
-            start = time.perf_counter()
-            samples, sample_logprobs = verify(draft[0], draft[1:])
-            lookup.verified(len(draft), len(samples), time.perf_counter() - start)
-            out = [(draft[0], logprobs), *zip(samples[:-1], sample_logprobs[:-1], strict=True)]
-            y, logprobs = mx.array(samples[-1:], dtype=prompt.dtype), sample_logprobs[-1]
-        else:
-            if n + 1 != max_tokens:
-                next_y, next_logprobs = step(y)
-                mx.async_eval(next_y, next_logprobs)
-            out = [(y.item(), logprobs)]
-            if lookup:
-                lookup.plain_step()
-            if n + 1 != max_tokens:
-                y, logprobs = next_y, next_logprobs
+        if n + 1 != max_tokens:
+            next_y, next_logprobs = decoder.step(y)
+            mx.async_eval(next_y, next_logprobs)
         if n == 0:
-            progress(total, total)
-        for token, token_logprobs in out:
-            if lookup:
-                lookup.add([token])
-            yield token, token_logprobs
-            n += 1
-            if n % 256 == 0:
-                mx.clear_cache()
+            prefilled()
+        yield y.item(), logprobs
+        n += 1
+        if n % 256 == 0:
+            mx.clear_cache()
+        if n != max_tokens:
+            y, logprobs = next_y, next_logprobs
 
 
 @dataclass
@@ -277,23 +205,54 @@ class GenerationResponse:
     lookup: LookupStats = field(default_factory=LookupStats)  # forward passes, drafts accepted
 
 
-def _stop_index(text: str, stop_strings: Sequence[str]) -> int:
-    """Where the first stop string starts in `text`, or -1."""
-    hits = [i for s in stop_strings if (i := text.find(s)) >= 0]
-    return min(hits) if hits else -1
+class _TextStream:
+    """Token ids -> text, held back while it may begin a stop string, cut before one."""
 
+    def __init__(self, tokenizer, stop_strings: Sequence[str]):
+        self.detokenizer = tokenizer.detokenizer()
+        self.stop_strings = stop_strings
+        self.pending = ""  # decoded, not yet sent
 
-def _held_back(text: str, stop_strings: Sequence[str]) -> int:
-    """How many trailing characters could still begin a stop string (kept until resolved)."""
-    return max(
-        (
-            k
-            for s in stop_strings
-            for k in range(min(len(s) - 1, len(text)), 0, -1)
-            if s.startswith(text[-k:])
-        ),
-        default=0,
-    )
+    def add(self, token: int) -> tuple[str, bool]:
+        """The text that is now safe to send, and whether a stop string was reached."""
+        self.detokenizer.add_token(token)
+        self.pending += self.detokenizer.last_segment
+        if self._cut():
+            return self.pending, True
+        keep = self._held_back() if self.stop_strings else 0
+        text, self.pending = (
+            self.pending[: len(self.pending) - keep],
+            self.pending[len(self.pending) - keep :],
+        )
+        return text, False
+
+    def end(self, finish: str) -> tuple[str, str]:
+        """The rest of the text, and the finish reason (a stop string found in it: "stop")."""
+        self.detokenizer.finalize()
+        if finish != "stop":
+            self.pending += self.detokenizer.last_segment
+            if finish == "length" and self._cut():
+                finish = "stop"
+        return self.pending, finish
+
+    def _cut(self) -> bool:
+        hits = [i for s in self.stop_strings if (i := self.pending.find(s)) >= 0]
+        if hits:
+            self.pending = self.pending[: min(hits)]
+        return bool(hits)
+
+    def _held_back(self) -> int:
+        """How many trailing characters could still begin a stop string (kept until resolved)."""
+        text = self.pending
+        return max(
+            (
+                k
+                for s in self.stop_strings
+                for k in range(min(len(s) - 1, len(text)), 0, -1)
+                if s.startswith(text[-k:])
+            ),
+            default=0,
+        )
 
 
 def stream_generate(
@@ -327,8 +286,9 @@ def stream_generate(
             prompt and the ids generated (multi-turn reuse); a fresh cache when None.
         cancel: a threading.Event: once set, generation ends after the current token, with
             "cancelled".
-        **kwargs: passed to `generate_step` (prefill_step_size, prompt_progress, prompt_lookup,
-            max_kv_size, ...).
+        **kwargs: passed to the step: `generate_step` (prefill_step_size, prompt_progress,
+            max_kv_size, ...), or with `prompt_lookup` (and `prompt_lookup_ngram`)
+            `lookup.lookup_generate_step`.
     """
     if sampling is None:
         sampling = model.info.sampling if model.info is not None else GREEDY
@@ -347,17 +307,15 @@ def stream_generate(
     reused = prompt_cache.reuse(ids) if prompt_cache is not None else 0
 
     stats = kwargs.setdefault("lookup_stats", LookupStats())
-    detokenizer = tokenizer.detokenizer()
-    eos = tokenizer.eos_token_ids
-    pending = ""  # decoded text not yet sent, held while it may begin a stop string
+    text = _TextStream(tokenizer, stop_strings)
     first = start  # when the first token arrived: prefill ends there
     generated: list[int] = []
 
-    def response(text: str, token: int | None, finish: str | None) -> GenerationResponse:
+    def response(piece: str, token: int | None, finish: str | None) -> GenerationResponse:
         prompt_time, decode_time = first - start, time.perf_counter() - first
         n, prefilled = len(generated), len(ids) - reused
         return GenerationResponse(
-            text=text,
+            text=piece,
             token=token,
             prompt_tokens=len(ids),
             prompt_tps=prefilled / prompt_time if prompt_time > 0 else 0.0,
@@ -370,9 +328,13 @@ def stream_generate(
             lookup=replace(stats),
         )
 
-    finish = "length"
-    token = None
-    steps = generate_step(
+    step: Callable[..., Generator[tuple[int, mx.array], None, None]] = generate_step
+    lookup = {k: kwargs.pop(k) for k in ("prompt_lookup", "prompt_lookup_ngram") if k in kwargs}
+    if lookup.get("prompt_lookup"):
+        from .lookup import lookup_generate_step
+
+        step = partial(lookup_generate_step, **lookup)
+    steps = step(
         mx.array(ids[reused:], dtype=mx.uint32),
         model,
         max_tokens=max_tokens,
@@ -382,23 +344,20 @@ def stream_generate(
         context=ids[:reused],
         **kwargs,
     )
+    finish, token = "length", None
     try:
         for token, _ in steps:
             if not generated:
                 first = time.perf_counter()
             generated.append(token)
-            if token in eos:
+            if token in tokenizer.eos_token_ids:
                 finish = "stop"
                 break
-            detokenizer.add_token(token)
-            pending += detokenizer.last_segment
-            if stop_strings and (i := _stop_index(pending, stop_strings)) >= 0:
-                pending = pending[:i]
+            piece, stopped = text.add(token)
+            if stopped:
                 finish = "stop"
                 break
-            keep = _held_back(pending, stop_strings) if stop_strings else 0
-            text, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
-            yield response(text, token, None)
+            yield response(piece, token, None)
             if cancel is not None and cancel.is_set():
                 finish = "cancelled"
                 break
@@ -406,13 +365,8 @@ def stream_generate(
         steps.close()
         if prompt_cache is not None:
             prompt_cache.settle(ids + generated)
-
-    detokenizer.finalize()
-    if finish != "stop":
-        pending += detokenizer.last_segment
-        if finish == "length" and stop_strings and (i := _stop_index(pending, stop_strings)) >= 0:
-            pending, finish = pending[:i], "stop"
-    yield response(pending, token if finish == "length" else None, finish)
+    piece, finish = text.end(finish)
+    yield response(piece, token if finish == "length" else None, finish)
 
 
 def _fit_context(

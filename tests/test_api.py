@@ -427,8 +427,8 @@ def test_prompt_lookup_gives_the_same_turn(model, key, think):
 
 def test_prompt_lookup_drafts_from_earlier_turns(model, monkeypatch):
     # Verify passes only run where they beat plain steps (timed); make every pass look cheap.
-    generate_module = importlib.import_module("smollm3_mlx.generate")
-    monkeypatch.setattr(generate_module._PromptLookup, "verified", lambda self, *a: self.hit(True))
+    lookup_module = importlib.import_module("smollm3_mlx.lookup")
+    monkeypatch.setattr(lookup_module._PromptLookup, "verified", lambda self, *a: self.hit(True))
     chats = [Chat(model, sampling=GREEDY, think=False, max_tokens=30, prompt_lookup=lookup)
              for lookup in (0, 6)]  # fmt: skip
     for chat in chats:

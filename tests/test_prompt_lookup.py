@@ -14,6 +14,7 @@ from checkpoints import make_tiny_checkpoint, requires_reference
 from smollm3_mlx.cache import KVCache
 from smollm3_mlx.generate import LookupStats, generate_step, stream_generate
 from smollm3_mlx.loading import load, load_model
+from smollm3_mlx.lookup import lookup_generate_step
 from smollm3_mlx.sample import make_logits_processors, make_sampler
 
 IDS = np.random.default_rng(1).integers(0, 512, 40).tolist()
@@ -37,9 +38,8 @@ def chaotic(tmp_path_factory):
 
 def run(model, prompt, max_tokens=80, **kwargs):
     stats = LookupStats()
-    steps = generate_step(
-        mx.array(prompt), model, max_tokens=max_tokens, lookup_stats=stats, **kwargs
-    )
+    step = lookup_generate_step if "prompt_lookup" in kwargs else generate_step
+    steps = step(mx.array(prompt), model, max_tokens=max_tokens, lookup_stats=stats, **kwargs)
     return [t for t, _ in steps], stats
 
 
@@ -180,7 +180,7 @@ def test_sampling_keeps_the_distribution():
     stats = LookupStats()
     samples = np.array(
         [
-            [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=length,
+            [t for t, _ in lookup_generate_step(mx.array(prompt), model, max_tokens=length,
                                           sampler=sampler, prompt_lookup=4, lookup_stats=stats)]
             for _ in range(runs)
         ]
