@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from . import console
+from .events import Error
 
 app = typer.Typer(
     name="smollm3-mlx",
@@ -401,6 +402,9 @@ def generate(
             _complete(session, prompt, stats, output_format)
         elif output_format == "json":
             *_, done = session.send(prompt)
+            if isinstance(done, Error):
+                console.error(done.message)
+                raise typer.Exit(1)
             result = {"thinking": done.thinking, "answer": done.answer}
             result |= {"finish_reason": done.finish_reason, "stats": asdict(done.stats)}
             console.write(json.dumps(result, ensure_ascii=False) + "\n")
@@ -410,6 +414,8 @@ def generate(
             )
             for event in session.send(prompt):
                 view(event)
+                if isinstance(event, Error):
+                    raise typer.Exit(1)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 
