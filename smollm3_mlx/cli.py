@@ -148,15 +148,15 @@ def _load(
                     raise ModelLoadError(str(e)) from None
             model = str(path)
         with console.status(f"loading {model}"):
-            compute = None if dtype == "stored" else dtype
+            compute, path = None if dtype == "stored" else dtype, resolve_model_path(model)
             est = estimate_memory(
-                resolve_model_path(model), max_context=max_context, kv_bits=kv_bits,
-                kv_group_size=kv_group_size, dtype=compute,
+                path, max_context=max_context, kv_bits=kv_bits, kv_group_size=kv_group_size,
+                dtype=compute,
             )  # fmt: skip
             if check_memory:
                 check(est)
             loaded = load(
-                model, dtype=compute, max_context=max_context, lazy=True, check_memory=False
+                path, dtype=compute, max_context=max_context, lazy=True, check_memory=False
             )  # checked above, with the same estimate that sets the limits
         _LIMITS.enter_context(memory_limits(est))
     except (ModelLoadError, MemoryBudgetError, OSError) as e:

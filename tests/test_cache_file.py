@@ -274,3 +274,17 @@ def test_cache_dir_names_follow_ids_and_settings_and_pruning_keeps_the_newest(tm
         "new.safetensors",
         "other.txt",
     ]
+
+
+def test_generate_reports_an_allocation_failure_in_one_line_and_exits_1(trained, monkeypatch):
+    path, _, _ = trained
+
+    def allocate(self, *args, **kwargs):
+        raise RuntimeError("[metal::malloc] Attempting to allocate 9000000000 bytes")
+
+    monkeypatch.setattr(Model, "__call__", allocate)
+    for fmt in ("text", "json"):
+        result = CliRunner().invoke(
+            cli.app, ["generate", "-m", str(path), "--format", fmt, QUESTIONS["math"]]
+        )
+        assert result.exit_code == 1 and "out of memory during the turn" in result.output, fmt
