@@ -8,7 +8,10 @@ prints: `send` yields ThinkingDelta, AnswerDelta, ToolCall and ToolCallError eve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
@@ -58,6 +61,7 @@ __all__ = [  # the events and Sampling stay importable from here, where they use
 
 FILE_FORMAT, FILE_VERSION = "smollm3-mlx-chat", 1
 ROLES = ("system", "user", "assistant", "tool")
+MESSAGE_KEYS = {"role", "content", "interrupted"}  # all a saved message holds
 
 
 class ChatFileError(ValueError):
@@ -149,6 +153,7 @@ class Chat:
         self.tools: list[dict[str, Any]] | None = None
         self.set_tools(tools)
         loaded = model.max_context
+        _check_whole("max_context", max_context, 1, optional=True)
         if max_context is not None and loaded is not None and max_context > loaded:
             raise ValueError(
                 f"max_context {max_context} is more than the model was loaded for ({loaded}); "
@@ -158,6 +163,8 @@ class Chat:
         self.model_name = model_name or str(info.path if info and info.path else "")
         self.messages: list[dict[str, Any]] = []
         self.last: TurnStats | None = None
+        _check_whole("prompt_lookup", prompt_lookup, 0)
+        _check_whole("kv_start", kv_start, 0)
         check_kv_quantization(model.args.head_dim or 0, kv_bits, kv_group_size)
         self.prompt_lookup = prompt_lookup
         self.kv = KVSettings(kv_bits, kv_group_size, kv_start)
@@ -175,6 +182,8 @@ class Chat:
 
     @system.setter
     def system(self, text: str | None) -> None:
+        if text is not None and not isinstance(text, str):
+            raise TypeError(f"the system message must be a str or None, not {_kind(text)}")
         if self.system is not None:
             del self.messages[0]
         if text:
@@ -442,9 +451,17 @@ class Chat:
         }
 
     def save(self, path: str | Path) -> Path:
-        """Write the conversation as JSON (messages, mode, model, sampling, tools)."""
+        """Write the conversation as JSON (messages, mode, model, sampling, tools).
+
+        The file is written whole or not at all: into a temporary file beside it, flushed to the
+        disk, then renamed over `path`; on any error (a full disk...) an earlier file is as it was.
+
+        Raises:
+            OSError: the file could not be written.
+        """
         path = Path(path).expanduser()
-        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        data = (json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n").encode()
+        _write_atomic(path, data)
         return path
 
     @classmethod
@@ -470,8 +487,9 @@ class Chat:
         with self._turn_lock():
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ChatFileError(f"{path}: cannot read a conversation ({e})") from None
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+                why = e.strerror if isinstance(e, OSError) and e.strerror else e
+                raise ChatFileError(f"{path}: cannot read a conversation ({why})") from None
             try:
                 messages, think, keep_thinking, sampling, tools = _validate(data)
             except ValueError as e:
@@ -531,7 +549,44 @@ def _out_of_memory(e: BaseException) -> bool:
 
 
 def _user_message(text: str) -> list[dict[str, Any]]:
+    if not isinstance(text, str):  # anything else would be saved as a file no one can load
+        raise TypeError(f"the user's message must be a str, not {_kind(text)}")
     return [{"role": "user", "content": text}]
+
+
+def _kind(value: object) -> str:
+    """A value's type and a glimpse of it, for an error message: "int (123)"."""
+    return f"{type(value).__name__} ({value!r:.40})"
+
+
+def _check_whole(name: str, value: object, low: int, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be a whole number >= {low}, not {value!r:.40}")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` in one rename, so that a failure leaves the old file whole."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644  # mkstemp's is 0o600
+        tmp.chmod(mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    with contextlib.suppress(OSError):  # the rename itself reaches the disk with the folder
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 def _tool_messages(results: tuple[object, ...]) -> list[dict[str, Any]]:
@@ -544,32 +599,37 @@ def _tool_messages(results: tuple[object, ...]) -> list[dict[str, Any]]:
 def _validate(
     data: Any,
 ) -> tuple[list[dict[str, Any]], bool, bool, Sampling, list[dict[str, Any]] | None]:
-    """(messages, think, keep_thinking, sampling, tools) of a saved conversation, or ValueError."""
+    """(messages, think, keep_thinking, sampling, tools) of a saved conversation, or a ValueError
+    naming the first field that is missing or wrong."""
 
     def need(ok: bool, problem: str) -> None:
         if not ok:
             raise ValueError(problem)
 
-    need(isinstance(data, dict) and data.get("format") == FILE_FORMAT, f"no {FILE_FORMAT!r}")
-    need(data.get("version") == FILE_VERSION, f"version {data.get('version')!r}, not 1")
-    messages, sampling, tools = data.get("messages"), data.get("sampling"), data.get("tools")
-    need(isinstance(messages, list), "'messages' is not a list")
-    for i, m in enumerate(messages):
-        need(isinstance(m, dict) and m.get("role") in ROLES, f"message {i} has no known role")
-        need(isinstance(m.get("content"), str), f"message {i} has no text content")
+    need(isinstance(data, dict), "not a JSON object")
+    need(data.get("format") == FILE_FORMAT, f'no "format": {FILE_FORMAT!r}')
+    version = data.get("version")
+    need(type(version) is int and version == FILE_VERSION, f"version {version!r:.20}, not 1")
+    need(isinstance(data.get("model"), str), "'model' is missing or not a string")
     for key in ("think", "keep_thinking"):
-        need(isinstance(data.get(key), bool), f"{key!r} is not true or false")
-    types_ = {f.name: f.type for f in fields(Sampling)}
-    need(isinstance(sampling, dict) and set(sampling) <= set(types_), "'sampling' is not known")
-    for k, v in sampling.items():
-        optional = "None" in types_[k]  # the seed
-        need(type(v) in (int, float) or (optional and v is None), f"sampling {k!r} is not a number")
+        need(isinstance(data.get(key), bool), f"{key!r} is missing or not true or false")
+    messages, sampling, tools = data.get("messages"), data.get("sampling"), data.get("tools")
+    need(isinstance(messages, list), "'messages' is missing or not a list")
+    for i, m in enumerate(messages):
+        need(isinstance(m, dict), f"message {i} is not an object")
+        need(m.get("role") in ROLES, f"message {i} has no known role")
+        need(isinstance(m.get("content"), str), f"message {i} has no text content")
+        need(type(m.get("interrupted", False)) is bool, f"message {i}: 'interrupted' is not bool")
+        extra = sorted(set(m) - MESSAGE_KEYS)
+        need(not extra, f"message {i} has an unknown field {extra[0]!r:.30}" if extra else "")
+    need(isinstance(sampling, dict), "'sampling' is missing or not an object")
+    unknown = sorted(set(sampling) - {f.name for f in fields(Sampling)})
+    need(not unknown, f"unknown sampling field {unknown[0]!r:.30}" if unknown else "")
+    try:
+        sampling = Sampling(**sampling)  # its own checks: NaN, a negative temperature, top_p 7...
+    except ValueError as e:
+        raise ValueError(f"sampling: {e}") from None
     need(tools is None or isinstance(tools, list), "'tools' is not a list")
     for i, t in enumerate(tools or ()):
         need(isinstance(t, dict) and isinstance(t.get("name"), str), f"tool {i} has no name")
-    values: dict[str, Any] = {
-        k: v if v is None else (int if types_[k].startswith("int") else float)(v)
-        for k, v in sampling.items()
-    }
-    sampling = Sampling(**values)
     return [dict(m) for m in messages], data["think"], data["keep_thinking"], sampling, tools

@@ -137,13 +137,17 @@ def _load(
         if model is None:
             path = default_model_dir()
             if not (path / "config.json").exists():
-                from .convert import ConvertError, convert
+                from .convert import ConvertError, ConvertInterrupted, convert
 
                 console.note(f"first run: downloading {DEFAULT_REPO} and converting it to 4-bit")
                 console.note(f"into {path}")
                 try:
                     with console.progress("converting") as update:
-                        convert(DEFAULT_REPO, path, bits=4, recipe="mixed", progress=update)
+                        convert(DEFAULT_REPO, path, bits=4, recipe="mixed", progress=update,
+                                note=console.note)  # fmt: skip
+                except ConvertInterrupted as e:
+                    console.error(str(e))
+                    raise typer.Exit(128 + e.signum) from None
                 except ConvertError as e:
                     raise ModelLoadError(str(e)) from None
             model = str(path)
@@ -250,7 +254,7 @@ def _command(chat, line: str) -> bool:
             return True
         console.info(
             f"loaded {len(chat.messages)} messages, thinking {'on' if chat.think else 'off'}"
-            + (f" (saved with {data['model']})" if data.get("model") != chat.model_name else "")
+            + (f" (saved with {data['model']})" if data["model"] != chat.model_name else "")
         )
     elif name == "/save_cache" and arg:
         try:
@@ -494,7 +498,7 @@ def convert(
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Quantize SmolLM3 into an MLX folder that smollm3-mlx and mlx-lm both run."""
-    from .convert import ConvertError, convert as convert_model
+    from .convert import ConvertError, ConvertInterrupted, convert as convert_model
 
     try:
         with console.progress("converting") as update:
@@ -509,10 +513,13 @@ def convert(
                 upload_repo=upload_repo,
                 force=force,
                 progress=update,
+                note=console.note,
             )
     except ConvertError as e:
         console.error(str(e))
-        raise typer.Exit(1) from None
+        # As a shell reports a process a signal ended: 130 for Ctrl-C, 143 for SIGTERM.
+        code = 128 + e.signum if isinstance(e, ConvertInterrupted) else 1
+        raise typer.Exit(code) from None
     console.converted(result)
 
 

@@ -7,18 +7,23 @@ source bytes, quantized and written at their planned offsets. Memory stays near 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
 import math
 import os
+import re
 import shlex
 import shutil
+import signal
+import socket
 import tempfile
 import threading
 import time
+import warnings
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -33,6 +38,7 @@ from .loading import (
     DEFAULT_REPO,
     DTYPES,
     ModelLoadError,
+    hub_error,
     load_config,
     load_model,
     model_args,
@@ -45,7 +51,10 @@ DEFAULT_SHARD_SIZE = 5 * 10**9
 BITS, GROUP_SIZES, RECIPES, OUT_DTYPES = (4, 8), (32, 64, 128), ("uniform", "mixed"), DTYPES
 COPIED_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 COPIED_FILES += ["chat_template.jinja", "generation_config.json"]
-SOURCE_FILES = ["config.json", "model*.safetensors", "model.safetensors.index.json", *COPIED_FILES]
+SMALL_FILES = ["config.json", "model.safetensors.index.json", *COPIED_FILES]
+SOURCE_FILES = [*SMALL_FILES, "model*.safetensors"]
+# What the output needs beside the weights: without them it loads but cannot chat as it should.
+NEEDED_FILES = ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]
 HEAD_MODULES = ("model.embed_tokens", "lm_head")  # the mixed recipe keeps them at 8 bits
 CHUNK_ELEMENTS = 1 << 23  # source elements per row block: 16 MB of bf16
 CHECK_TOKENS = 2  # the check's forward pass; CPU quantized matmuls cost ~0.1 s a layer a token
@@ -54,11 +63,33 @@ WORKERS = 2  # threads quantizing row blocks: MLX and file I/O release the GIL
 ST_DTYPES = {"BF16": ("<u2", mx.bfloat16), "F16": ("<f2", mx.float16), "F32": ("<f4", mx.float32)}
 ST_NAMES = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.uint32: "U32"}
 
+# Our temporary folders: .OUT.tmp-PID-XXXXXXXX (the conversion) and .OUT.old-PID-XXXXXXXX (an old
+# OUT while --force replaces it), each with a MARKER naming the process and host that made it.
+TEMP_NAME = re.compile(r"\.(?P<out>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[a-z0-9_]{8}")
+MARKER = ".smollm3-mlx-convert.json"
+SPACE_MARGIN = 1 << 20  # bytes beyond the planned output: the card, the configs' rewrites
+
 Progress = Callable[[int, int, str], None]
 
 
 class ConvertError(ValueError):
     """A conversion that cannot be done or did not finish; one line saying why. Nothing is left."""
+
+
+class ConvertInterrupted(ConvertError):
+    """Ctrl-C, SIGTERM or SIGHUP stopped the conversion; `signum` says which."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = signum
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where Ctrl-C raises KeyboardInterrupt, so that both clean up."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,27 +145,35 @@ def convert(
     force: bool = False,
     progress: Progress | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
+    note: Callable[[str], None] | None = None,
 ) -> ConvertResult:
     """Quantize a SmolLM3 checkpoint into an MLX folder that both smollm3-mlx and mlx-lm load.
 
     Args:
-        source: a hub repo id or a local folder holding a Hugging Face checkpoint.
+        source: a hub repo id or a local folder holding a Hugging Face checkpoint, with its
+            tokenizer files, chat template and generation_config.json.
         out: the folder to create; built in a temporary folder beside it, renamed when complete.
+            It may not be the current folder, nor be, hold or lie inside the source.
         bits: bits per weight of the quantized layers (4 or 8).
         group_size: weights sharing one scale and bias (32, 64 or 128).
         recipe: "mixed" keeps the embedding (the tied output head) at 8 bits; "uniform" uses
             `bits` everywhere. Default: mixed for 4-bit, uniform for 8-bit.
         dtype: of the scales, biases and unquantized tensors ("bfloat16" or "float16").
         revision: the hub revision (branch, tag or commit) of a repo id.
-        upload_repo: push the finished folder to this hub repo ("user/name").
+        upload_repo: push the finished folder to this hub repo ("user/name"); checked (its
+            form, a token, not offline) before anything is converted.
         force: replace an existing `out`, once the new folder is complete.
         progress: called as progress(done, total, name) with bytes: of the hub download
             (name "downloading <repo>", from download threads), then of the source tensors.
         shard_size: the most tensor bytes per output shard (a larger tensor gets its own).
+        note: called with one line for each stale temporary folder of an earlier conversion
+            (killed, its process gone) that this one removes; default: `warnings.warn`.
 
     Raises:
         ConvertError: bad arguments or source, an existing `out`, a failed download, a full
             disk, an interrupt. The message is one line; no output or temporary folder remains.
+            ConvertInterrupted (a ConvertError) for Ctrl-C, SIGTERM and SIGHUP, which are
+            handled alike while converting on the main thread.
     """
     start = time.perf_counter()
     recipe = recipe or ("mixed" if bits == 4 else "uniform")
@@ -144,44 +183,53 @@ def convert(
         if value not in allowed:
             raise ConvertError(f"{name} must be one of {', '.join(map(str, allowed))}, not {value}")
     out = Path(out).expanduser()
+    local = _local_source(str(source), revision)
+    _check_out(out, local)
     if out.exists() and not force:
         raise ConvertError(f"{out} already exists; pass --force to replace it")
+    if upload_repo:
+        _check_upload_repo(upload_repo)
+    _remove_stale(out.parent, note)
 
     tmp = None
-    try:
-        path, revision = _resolve_source(str(source), revision, progress)
-        if out.resolve() == path.resolve():
-            raise ConvertError(f"{out} is the source folder; choose another output folder")
-        config = load_config(path)
-        if "quantization" in config or "quantization_config" in config:
-            raise ConvertError(f"{path / 'config.json'}: the source is already quantized")
-        model = Model(model_args(config, path))  # lazy: its random weights are never computed
-        jobs, n_params = _validate(path, model)
-        outputs, overrides = _quantized_layout(model, jobs, bits, group_size, recipe, dtype)
-        shards = _plan_shards(jobs, outputs, shard_size)
+    with _signals_as_interrupt():
+        try:
+            if local is None:
+                path, revision = _fetch(str(source), revision, progress)
+                _check_out(out, path)
+            else:
+                path = local
+                _check_needed_files(path, str(path), " (copy from the original repo)")
+            config = load_config(path)
+            if "quantization" in config or "quantization_config" in config:
+                raise ConvertError(f"{path / 'config.json'}: the source is already quantized")
+            model = Model(model_args(config, path))  # lazy: its random weights are never computed
+            jobs, n_params = _validate(path, model)
+            outputs, overrides = _quantized_layout(model, jobs, bits, group_size, recipe, dtype)
+            shards = _plan_shards(jobs, outputs, shard_size)
+            _check_space(out, path, shards)
 
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        tmp.chmod(0o755)
-        _write_shards(tmp, shards, DTYPES[dtype], progress)
-        quantization = {"group_size": group_size, "bits": bits, "mode": "affine", **overrides}
-        config = {**config, **_rope_spellings(model.args)}
-        _write_metadata(tmp, path, config, shards, outputs, n_params, quantization, dtype)
-        data_bytes = sum(math.prod(shape) * d.size for d, shape in outputs.values())
-        result = ConvertResult(
-            out, 8 * data_bytes / n_params, sum((tmp / f).stat().st_size for f in shards), 0.0,
-            str(source), revision, recipe, bits, group_size, dtype, upload_repo,
-        )  # fmt: skip
-        (tmp / "README.md").write_text(_model_card(result, config))
-        _check(tmp)
-        _replace(tmp, out)
-    except BaseException as e:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        error = _one_line_error(e, out)
-        if error is None:
-            raise
-        raise error from e
+            tmp = _make_temp(out, "tmp")
+            _write_shards(tmp, shards, DTYPES[dtype], progress)
+            quantization = {"group_size": group_size, "bits": bits, "mode": "affine", **overrides}
+            config = {**config, **_rope_spellings(model.args)}
+            _write_metadata(tmp, path, config, shards, outputs, n_params, quantization, dtype)
+            data_bytes = sum(math.prod(shape) * d.size for d, shape in outputs.values())
+            result = ConvertResult(
+                out, 8 * data_bytes / n_params, sum((tmp / f).stat().st_size for f in shards),
+                0.0, str(source), revision, recipe, bits, group_size, dtype, upload_repo,
+            )  # fmt: skip
+            (tmp / "README.md").write_text(_model_card(result, config))
+            _check(tmp)
+            (tmp / MARKER).unlink()
+            _replace(tmp, out)
+        except BaseException as e:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            error = _one_line_error(e, out)
+            if error is None:
+                raise
+            raise error from e
     result = dataclasses.replace(result, seconds=time.perf_counter() - start)
     if upload_repo:
         _upload(out, upload_repo)
@@ -194,11 +242,208 @@ def _one_line_error(e: BaseException, out: Path) -> ConvertError | None:
         return None
     if isinstance(e, ModelLoadError):
         return ConvertError(str(e))
+    if isinstance(e, _Terminated):
+        name = signal.Signals(e.signum).name
+        return ConvertInterrupted(f"stopped by {name}; nothing was written to {out}", e.signum)
     if isinstance(e, KeyboardInterrupt):
-        return ConvertError(f"interrupted; nothing was written to {out}")
+        return ConvertInterrupted(f"interrupted; nothing was written to {out}")
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
         return ConvertError(f"disk full writing {out} ({e.strerror}); nothing was written")
     return ConvertError(f"conversion to {out} failed: {_first_line(e)}")
+
+
+@contextlib.contextmanager
+def _signals_as_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise as Ctrl-C does, so that a killed conversion cleans up after
+    itself. Only where Python would otherwise die of them: a handler the application set stays."""
+    signums = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    previous, fired = {}, []
+
+    def terminate(signum: int, frame: object) -> None:
+        if not fired:  # once: a second signal must not cut the clean-up short
+            fired.append(signum)
+            raise _Terminated(signum)
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in signums:
+            if signal.getsignal(signum) == signal.SIG_DFL:
+                previous[signum] = signal.signal(signum, terminate)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _check_out(out: Path, source: Path | None) -> None:
+    """Refuse an output whose replacement would destroy the source or the folder we are in."""
+    target, cwd = out.resolve(), Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        what = "the current folder" if target == cwd else "a folder holding the current folder"
+        raise ConvertError(f"{out} is {what}; choose a new folder for the output")
+    if source is None:
+        return
+    src = source.resolve()
+    if target == src or src in target.parents or target in src.parents:
+        relation = "is" if target == src else "lies inside" if src in target.parents else "holds"
+        raise ConvertError(f"{out} {relation} the source folder {source}; choose another output")
+
+
+def _check_needed_files(path: Path, source: str, hint: str = "") -> None:
+    """Refuse a source without what the output needs to be used: tokenizer, template, defaults."""
+    missing = [name for name in NEEDED_FILES if not (path / name).is_file()]
+    template = (path / "chat_template.jinja").is_file()
+    if not template and (path / "tokenizer_config.json").is_file():
+        try:
+            template = bool(json.loads((path / "tokenizer_config.json").read_text()).get(
+                "chat_template"))  # fmt: skip
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            raise ConvertError(f"{path / 'tokenizer_config.json'}: not valid JSON") from None
+    if not template:
+        missing.append("a chat template (chat_template.jinja)")
+    if missing:
+        them = "them" if len(missing) > 1 else "it"
+        raise ConvertError(
+            f"{source} has no {', '.join(missing)}; the converted model needs {them}{hint}"
+        )
+    from .tokenizer import Tokenizer
+
+    try:
+        Tokenizer.from_folder(path)
+    except Exception as e:  # tokenizers raises its own Exception subclass for a bad file
+        raise ConvertError(f"{path / 'tokenizer.json'}: cannot be read ({_first_line(e)})") from e
+
+
+def _check_upload_repo(repo: str) -> None:
+    """Refuse an upload that cannot happen before converting, not after."""
+    from huggingface_hub import constants, get_token
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if repo.count("/") != 1:
+        raise ConvertError(f"upload repo {repo!r} must be USER/NAME or ORG/NAME")
+    try:
+        validate_repo_id(repo)
+    except HFValidationError:
+        raise ConvertError(
+            f"upload repo {repo!r} is not a valid repo id (letters, digits, '-', '_', '.'; "
+            "at most 96 characters)"
+        ) from None
+    if constants.HF_HUB_OFFLINE:
+        raise ConvertError(f"cannot upload to {repo}: HF_HUB_OFFLINE is set")
+    if not get_token():
+        raise ConvertError(
+            f"uploading to {repo} needs a hub token with write access: set HF_TOKEN or run "
+            "`hf auth login`"
+        )
+
+
+def _check_space(out: Path, source: Path, shards: dict[str, tuple]) -> None:
+    """Refuse to start what the disk cannot hold: the shards' sizes are known from their plan."""
+    need = sum(len(header) + _data_bytes(header) for header, _ in shards.values())
+    need += sum((source / n).stat().st_size for n in COPIED_FILES if (source / n).is_file())
+    need += SPACE_MARGIN
+    parent = out.parent if out.parent.exists() else _existing_parent(out)
+    free = shutil.disk_usage(parent).free
+    if free < need:
+        raise ConvertError(
+            f"not enough disk space for {out}: it needs {_size(need)}, {parent} has "
+            f"{_size(free)} free"
+        )
+
+
+def _check_download_space(source: str, commit: str) -> None:
+    """Refuse a download the Hugging Face cache's disk cannot hold (sizes from a dry run)."""
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        quiet = _download_bar(lambda *_: None, "", threading.Event())  # draws nothing
+        plan = snapshot_download(
+            source, revision=commit, allow_patterns=SOURCE_FILES, dry_run=True, tqdm_class=quiet
+        )
+    except Exception:  # offline, say: the download itself will tell
+        return
+    need = sum(f.file_size or 0 for f in plan if f.will_download)
+    cache = Path(constants.HF_HUB_CACHE)
+    cache = cache if cache.exists() else _existing_parent(cache)
+    free = shutil.disk_usage(cache).free
+    if need and free < need:
+        raise ConvertError(
+            f"not enough disk space to download {source}: it needs {_size(need)}, {cache} has "
+            f"{_size(free)} free"
+        )
+
+
+def _data_bytes(header: bytes) -> int:
+    table = json.loads(header[8:])
+    return max((t["data_offsets"][1] for k, t in table.items() if k != "__metadata__"), default=0)
+
+
+def _existing_parent(path: Path) -> Path:
+    for parent in path.resolve().parents:
+        if parent.exists():
+            return parent
+    return Path("/")
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} bytes"
+
+
+def _make_temp(out: Path, kind: str) -> Path:
+    """A hidden folder beside `out`, named and marked as ours so that a later run can tell it
+    is stale once this process is gone."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-{os.getpid()}-", dir=out.parent))
+    (tmp / MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    tmp.chmod(0o755)
+    return tmp
+
+
+def _remove_stale(folder: Path, note: Callable[[str], None] | None) -> None:
+    """Remove the temporary folders that killed conversions left in `folder`, and say so. An old
+    OUT that a --force replacement had set aside before the kill is put back if OUT is gone."""
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.iterdir()):
+        match = TEMP_NAME.fullmatch(path.name)
+        if not match or not path.is_dir() or path.is_symlink():
+            continue
+        try:
+            marker = json.loads((path / MARKER).read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or not yet marked
+        pid = marker.get("pid") if isinstance(marker, dict) else None
+        if marker.get("host") != socket.gethostname() or pid != int(match["pid"]):
+            continue  # another machine's, on a shared disk: its process may be alive
+        if _alive(pid):
+            continue
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        old, out = path / match["out"], folder / match["out"]
+        if match["kind"] == "old" and old.exists() and not (out.exists() or out.is_symlink()):
+            old.rename(out)
+            message = f"put back {out}, set aside by a conversion (process {pid}) that was killed"
+        else:
+            message = (f"removed {path} ({_size(size)}), left by a conversion (process {pid}) "
+                       "that was killed")  # fmt: skip
+        shutil.rmtree(path, ignore_errors=True)
+        if note is None:
+            warnings.warn(message, stacklevel=3)
+        else:
+            note(message)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _first_line(e: BaseException) -> str:
@@ -206,36 +451,54 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
-def _resolve_source(
-    source: str, revision: str | None, progress: Progress | None = None
-) -> tuple[Path, str | None]:
-    """(local folder, hub commit) of a folder or a hub repo id, downloading only what is used."""
+def _local_source(source: str, revision: str | None) -> Path | None:
+    """The folder `source` names; None when it is a hub repo id."""
     path = Path(source).expanduser()
     if path.is_dir():
         if revision:
             raise ConvertError(f"{path} is a local folder; --revision applies to hub repos only")
-        return path, None
+        return path
     if path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise ConvertError(f"{path}: not a model folder")
+    return None
+
+
+def _fetch(source: str, revision: str | None, progress: Progress | None) -> tuple[Path, str]:
+    """(local folder, hub commit) of a hub repo: its small files first, checked, then the
+    weights of that same commit, so that a repo lacking what the output needs costs no download."""
     try:
-        folder = _snapshot(source, revision, progress)
+        folder = Path(_snapshot(source, revision, progress, SMALL_FILES))
+        commit = folder.name  # snapshot folders are named by their commit
+        _check_needed_files(folder, source)
+        done = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+        _check_download_space(source, commit)
+        _snapshot(source, commit, progress, SOURCE_FILES, offset=done)
+    except ConvertError:
+        raise
     except Exception as e:  # network, auth, missing revision, offline cache miss: all end here
-        raise ConvertError(f"download of {source} failed: {_download_error(e)}") from e
-    return Path(folder), Path(folder).name  # snapshot folders are named by their commit
+        raise ConvertError(f"download of {source} failed: {hub_error(e)}") from e
+    return folder, commit
 
 
-def _snapshot(source: str, revision: str | None, progress: Progress | None) -> str:
+def _snapshot(
+    source: str,
+    revision: str | None,
+    progress: Progress | None,
+    patterns: list[str],
+    offset: int = 0,
+) -> str:
     """snapshot_download on a thread of its own, so that Ctrl-C stops it: huggingface_hub
-    itself would let KeyboardInterrupt through only once every file it started is complete."""
+    itself would let KeyboardInterrupt through only once every file it started is complete.
+    `offset`: bytes an earlier call reported, added to this one's progress."""
     from huggingface_hub import snapshot_download
 
     cancel, result = threading.Event(), {}
-    bar = _download_bar(progress, f"downloading {source}", cancel)
+    bar = _download_bar(progress, f"downloading {source}", cancel, offset)
 
     def fetch() -> None:
         try:
             result["folder"] = snapshot_download(
-                source, revision=revision, allow_patterns=SOURCE_FILES, tqdm_class=bar
+                source, revision=revision, allow_patterns=patterns, tqdm_class=bar
             )
         except BaseException as e:
             result["error"] = e
@@ -253,7 +516,9 @@ def _snapshot(source: str, revision: str | None, progress: Progress | None) -> s
     return result["folder"]
 
 
-def _download_bar(progress: Progress | None, label: str, cancel: threading.Event) -> type:
+def _download_bar(
+    progress: Progress | None, label: str, cancel: threading.Event, offset: int = 0
+) -> type:
     """A tqdm class for snapshot_download that stops the download once `cancel` is set, and
     with a `progress` callback draws nothing but hands it the byte counts (bytes written, not the
     network's), so that one bar shows the download and the conversion."""
@@ -278,7 +543,7 @@ def _download_bar(progress: Progress | None, label: str, cancel: threading.Event
                 self.n += n or 0
                 done, total = int(self.n), int(self.total or 0)
             if self.reports and total:
-                progress(min(done, total), total, label)
+                progress(offset + min(done, total), offset + total, label)
             return None
 
     return Bar
@@ -286,19 +551,6 @@ def _download_bar(progress: Progress | None, label: str, cancel: threading.Event
 
 class _Cancelled(Exception):
     """Raised inside huggingface_hub's download threads to stop them."""
-
-
-def _download_error(e: Exception) -> str:
-    """One line for a failed download: the hub's own reason when it sent one."""
-    from huggingface_hub.errors import RepositoryNotFoundError
-
-    text = _first_line(e)
-    reason = (getattr(e, "server_message", None) or "").strip()
-    if reason:
-        text = f"{text.rstrip('.')}: {reason.splitlines()[0]}"
-    if isinstance(e, RepositoryNotFoundError):  # what the hub answers for private repos too
-        text += " (a private or gated repo needs HF_TOKEN with access)"
-    return text
 
 
 def _validate(path: Path, model: Model) -> tuple[dict[str, _Job], int]:
@@ -528,7 +780,7 @@ Made with:
 {shlex.join(cmd)}
 ```
 
-Run it with `smollm3-mlx chat {r.path.name}`; mlx-lm runs it too.
+Run it with `smollm3-mlx chat -m {shlex.quote(r.upload_repo or str(r.path))}`; mlx-lm runs it too.
 """
 
 
@@ -562,13 +814,13 @@ def _replace(tmp: Path, out: Path) -> None:
     if not (out.exists() or out.is_symlink()):
         tmp.rename(out)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    old = _make_temp(out, "old")
     out.rename(old / out.name)
     try:
         tmp.rename(out)
     except BaseException:
         (old / out.name).rename(out)
-        old.rmdir()
+        shutil.rmtree(old, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -51,24 +53,43 @@ def sampling_defaults(path: Path) -> Sampling:
     """The sampling of a folder's generation_config.json (greedy when do_sample is false)."""
     file = path / "generation_config.json"
     cfg = _read_json(file) if file.exists() else {}
-    greedy = Sampling(temperature=0.0, top_p=1.0)
-    penalty = float(cfg.get("repetition_penalty", 1.0))
-    if not cfg.get("do_sample", False):
-        return greedy.updated(repetition_penalty=penalty)
-    return greedy.updated(
-        temperature=float(cfg.get("temperature", 1.0)),
-        top_p=float(cfg.get("top_p", 1.0)),
-        top_k=int(cfg.get("top_k", 0) or 0),
-        min_p=float(cfg.get("min_p", 0.0) or 0.0),
-        repetition_penalty=penalty,
-    )
+
+    def value(key: str, default: float) -> Any:
+        v = cfg.get(key)
+        if key == "top_k" and isinstance(v, float) and v.is_integer():
+            return int(v)
+        return default if v is None else v  # null means the default, as for transformers
+
+    values = {"repetition_penalty": value("repetition_penalty", 1.0)}
+    if cfg.get("do_sample", False):
+        values |= {k: value(k, d) for k, d in [("temperature", 1.0), ("top_p", 1.0),
+                                                ("top_k", 0), ("min_p", 0.0)]}  # fmt: skip
+    else:
+        values |= {"temperature": 0.0, "top_p": 1.0}
+    try:
+        return Sampling(**values)
+    except ValueError as e:
+        raise ModelLoadError(f"{file}: {e}") from None
 
 
 def _read_json(file: Path) -> dict[str, Any]:
+    """A JSON object from a file a user handed us; anything else is a ModelLoadError."""
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{file}: not valid JSON ({e})") from None
+        value = json.loads(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ModelLoadError(f"{file}: not valid JSON (not UTF-8 text)") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ModelLoadError(f"{file}: not valid JSON ({_first_line(e)})") from None
+    except OSError as e:
+        raise ModelLoadError(f"{file}: cannot be read ({e.strerror or e})") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{file}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def default_dtype() -> mx.Dtype | None:
@@ -84,13 +105,39 @@ def resolve_model_path(path_or_repo: str | Path, revision: str | None = None) ->
     path = Path(path_or_repo).expanduser()
     if path.is_dir():
         return path
-    if path.exists() or str(path_or_repo).startswith((".", "/", "~")):
+    name = str(path_or_repo)
+    if path.exists() or name.startswith((".", "/", "~")):
         raise ModelLoadError(f"{path}: not a model folder")
+    if name.count("/") != 1:  # every SmolLM3 repo lives under an owner: "typo" is a typo
+        raise ModelLoadError(
+            f"{name}: no local folder of that name, and not a hub repo id (OWNER/NAME)"
+        )
     from huggingface_hub import snapshot_download  # only when the hub is really needed
 
-    return Path(
-        snapshot_download(str(path_or_repo), revision=revision, allow_patterns=HUB_PATTERNS)
-    )
+    try:
+        return Path(snapshot_download(name, revision=revision, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # network, auth, unknown repo or revision, offline cache miss
+        raise ModelLoadError(
+            f"{name}: no local folder of that name, and the hub download failed: {hub_error(e)}"
+        ) from e
+
+
+def hub_error(e: Exception) -> str:
+    """Why a hub download failed, in one line: the hub's own reason when it sent one."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    if isinstance(e, LocalEntryNotFoundError):  # offline, or the hub unreachable: not cached
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+        return f"not in the Hugging Face cache ({why})"
+    text = str(e).strip()
+    text = f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+    reason = (getattr(e, "server_message", None) or "").strip()
+    if reason:
+        text = f"{text.rstrip('.')}: {reason.splitlines()[0]}"
+    if isinstance(e, RepositoryNotFoundError):  # what the hub answers for private repos too
+        text += " (a private or gated repo needs HF_TOKEN with access)"
+    return text
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -105,12 +152,59 @@ def load_config(path: Path) -> dict[str, Any]:
     return config
 
 
+# config.json fields and what they must hold (a field may be absent: its default is used).
+_POSITIVE_INTS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+                  "vocab_size", "max_position_embeddings", "no_rope_layer_interval")  # fmt: skip
+_OPTIONAL_POSITIVE_INTS = ("num_key_value_heads", "head_dim")
+_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window")
+_OPTIONAL_DICTS = ("rope_scaling", "rope_parameters", "quantization")
+_MAX_DIM = 2**31 - 1
+
+
 def model_args(config: dict[str, Any], path: Path | None = None) -> ModelArgs:
+    where = f"{path / 'config.json'}: " if path else ""
+    problem = _config_problem(config)
+    if problem:
+        raise ModelLoadError(f"{where}{problem}")
     try:
         return ModelArgs.from_dict(config)
-    except (TypeError, ValueError) as e:
-        where = f"{path / 'config.json'}: " if path else ""
-        raise ModelLoadError(f"{where}{e}") from None
+    except (TypeError, ValueError, ArithmeticError, KeyError, IndexError) as e:
+        raise ModelLoadError(f"{where}{_first_line(e)}") from None
+
+
+def _config_problem(config: dict[str, Any]) -> str | None:
+    """What is wrong with the types and ranges of config.json's fields, or None."""
+
+    def positive_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 0 < v <= _MAX_DIM
+
+    for key in _POSITIVE_INTS + _OPTIONAL_POSITIVE_INTS:
+        if key in config and not positive_int(config[key]):
+            if config[key] is None and key in _OPTIONAL_POSITIVE_INTS:
+                continue
+            return f"{key} must be a positive integer, not {config[key]!r:.40}"
+    for key in ("rms_norm_eps", "rope_theta"):
+        v = config.get(key)
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if key in config and not (v is None or number and math.isfinite(v) and v >= 0):
+            return f"{key} must be a finite number >= 0, not {v!r:.40}"
+    for key in _BOOLS:
+        if key in config and not isinstance(config[key], bool):
+            return f"{key} must be true or false, not {config[key]!r:.40}"
+    for key in _OPTIONAL_DICTS:
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            return f"{key} must be an object or null, not {config[key]!r:.40}"
+    layers = config.get("no_rope_layers")
+    if layers is not None and not (
+        isinstance(layers, list) and all(type(v) is int and v in (0, 1) for v in layers)
+    ):
+        return "no_rope_layers must be a list of 0 (NoPE) and 1 (RoPE)"
+    for key in ("rope_scaling", "rope_parameters"):
+        for name, v in (config.get(key) or {}).items():
+            number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if name not in ("rope_type", "type") and not (number and math.isfinite(v) and v > 0):
+                return f"{key}.{name} must be a positive number, not {v!r:.40}"
+    return None
 
 
 def context_window(args: ModelArgs, max_context: int | None) -> tuple[int, dict[str, Any] | None]:
@@ -141,19 +235,37 @@ def context_window(args: ModelArgs, max_context: int | None) -> tuple[int, dict[
     return max_context, yarn
 
 
+# safetensors dtypes MLX loads, and their sizes in bytes
+ST_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+            "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "C64": 8}  # fmt: skip
+WEIGHT_DTYPES = ("F32", "F16", "BF16", "U32")  # float weights, and quantized codes
+MAX_HEADER = 100 * 2**20  # the safetensors format's own limit on the header
+
+
 def read_safetensors_header(file: Path) -> dict[str, dict[str, Any]]:
-    """The tensor table of a safetensors file, checked against the file's size."""
+    """The tensor table of a safetensors file, every entry checked against the format and the
+    file's size, so that nothing malformed reaches MLX's reader."""
     size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n < 0 or 8 + n > size:
+        if n < 2 or n > MAX_HEADER or 8 + n > size:
             raise ModelLoadError(f"{file}: truncated or not a safetensors file")
         try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise ModelLoadError(f"{file}: corrupt safetensors header") from None
-    header.pop("__metadata__", None)
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{file}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None)  # MLX writes null
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ModelLoadError(f"{file}: corrupt safetensors header (__metadata__)")
+    for name, t in header.items():
+        problem = _tensor_problem(t)
+        if problem:
+            raise ModelLoadError(f"{file}: corrupt safetensors header: tensor {name} {problem}")
     end = max((t["data_offsets"][1] for t in header.values()), default=0)
     if 8 + n + end > size:
         raise ModelLoadError(
@@ -162,11 +274,36 @@ def read_safetensors_header(file: Path) -> dict[str, dict[str, Any]]:
     return header
 
 
+def _tensor_problem(t: Any) -> str | None:
+    if not isinstance(t, dict) or not {"dtype", "shape", "data_offsets"} <= t.keys():
+        return "needs dtype, shape and data_offsets"
+    dtype, shape, offsets = t["dtype"], t["shape"], t["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in ST_SIZES:
+        return f"has unsupported dtype {dtype!r:.20}"
+
+    def count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63
+
+    if not (isinstance(shape, list) and all(count(d) for d in shape)):
+        return f"has a bad shape {shape!r:.40}"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(count, offsets))):
+        return f"has bad data_offsets {offsets!r:.40}"
+    if offsets[1] - offsets[0] != math.prod(shape) * ST_SIZES[dtype]:
+        return f"has data_offsets {offsets} that do not fit its shape {shape} and dtype {dtype}"
+    return None
+
+
 def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a folder: those its index names, else model*.safetensors."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        names = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        weight_map = _read_json(index).get("weight_map", {})
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(n, str) and n == Path(n).name and n not in ("", ".", "..")
+            for n in weight_map.values()
+        ):
+            raise ModelLoadError(f"{index}: weight_map must map tensor names to file names")
+        names = sorted(set(weight_map.values()))
         for name in names:
             if not (path / name).exists():
                 raise ModelLoadError(f"{path}: shard {name} named in {index.name} is missing")
@@ -193,6 +330,34 @@ def _quantize(model: Model, quantization: dict[str, Any], stored: set[str]) -> N
     )
 
 
+def _build(path: Path, config: dict[str, Any], max_context: int | None, stored: set[str]) -> Model:
+    """The model config.json describes, quantized as stored, its weights not loaded yet."""
+    file = path / "config.json"
+    args = model_args(config, path)
+    layers = {int(m[1]) for k in stored if (m := re.match(r"model\.layers\.(\d+)\.", k))}
+    if layers != set(range(args.num_hidden_layers)):
+        raise ModelLoadError(
+            f"{file}: num_hidden_layers is {args.num_hidden_layers}, the weights hold "
+            f"{len(layers)} layers"
+        )
+    try:
+        window, yarn = context_window(args, max_context)
+        if yarn:
+            rope = {"rope_theta": args.rope_theta, **yarn}
+            args = model_args({**config, "rope_scaling": None, "rope_parameters": rope}, path)
+        model = Model(args)
+        if args.quantization:
+            if not {"group_size", "bits"} <= args.quantization.keys():
+                raise ModelLoadError(f"{file}: quantization needs group_size and bits")
+            _quantize(model, args.quantization, stored)
+    except ModelLoadError:
+        raise
+    except (TypeError, ValueError, ArithmeticError, KeyError, IndexError) as e:
+        raise ModelLoadError(f"{file}: cannot build the model ({_first_line(e)})") from None
+    model.info = ModelInfo(path=path, max_context=window, sampling=sampling_defaults(path))
+    return model
+
+
 def load_model(
     path: Path,
     *,
@@ -217,23 +382,10 @@ def load_model(
         dtype = DTYPES[dtype]
     path = Path(path)
     config = load_config(path)
-    args = model_args(config, path)
-    window, yarn = context_window(args, max_context)
-    if yarn:
-        rope = {"rope_theta": args.rope_theta, **yarn}
-        config = {**config, "rope_scaling": None, "rope_parameters": rope}
-        args = model_args(config, path)
-    model = Model(args)
-    model.info = ModelInfo(path=path, max_context=window, sampling=sampling_defaults(path))
-
     headers = {f: read_safetensors_header(f) for f in weight_files(path)}
     where = {k: f for f, h in headers.items() for k in h}
-    shapes = {k: tuple(h[k]["shape"]) for h in headers.values() for k in h}
-    if args.quantization:
-        if not {"group_size", "bits"} <= args.quantization.keys():
-            raise ModelLoadError(f"{path / 'config.json'}: quantization needs group_size and bits")
-        _quantize(model, args.quantization, set(where))
-    shapes = model.sanitize(shapes)
+    model = _build(path, config, max_context, set(where))
+    shapes = model.sanitize({k: tuple(h[k]["shape"]) for h in headers.values() for k in h})
 
     expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
     for key, shape in shapes.items():
@@ -244,6 +396,10 @@ def load_model(
                 f"{where[key]}: tensor {key} has shape {tuple(shape)}, "
                 f"expected {tuple(expected[key])}"
             )
+        if headers[where[key]][key]["dtype"] not in WEIGHT_DTYPES:
+            dtype = headers[where[key]][key]["dtype"]
+            raise ModelLoadError(f"{where[key]}: tensor {key} has dtype {dtype}, expected "
+                                 f"one of {', '.join(WEIGHT_DTYPES)}")  # fmt: skip
     missing = sorted(set(expected) - set(shapes))
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -251,11 +407,14 @@ def load_model(
 
     weights: dict[str, mx.array] = {}
     for f in headers:
-        weights.update(mx.load(str(f)))
+        try:
+            weights.update(mx.load(str(f)))
+        except (RuntimeError, ValueError) as e:
+            raise ModelLoadError(f"{f}: cannot be read ({_first_line(e)})") from None
     model.load_weights(list(model.sanitize(weights).items()), strict=True)
 
     if dtype is not None:
-        if dtype != mx.float32 and args.quantization and mx.default_device() == mx.cpu:
+        if dtype != mx.float32 and model.args.quantization and mx.default_device() == mx.cpu:
             warnings.warn(
                 "half-precision compute with quantized weights on the CPU loses 2-17% "
                 "precision in MLX's CPU kernels; float32 is the default there",
@@ -312,5 +471,9 @@ def load(
         tokenizer = Tokenizer.from_folder(path)
     except FileNotFoundError as e:
         raise ModelLoadError(str(e)) from None
+    except Exception as e:  # tokenizers raises bare Exceptions; any bad file ends here, named
+        raise ModelLoadError(
+            f"{path}: its tokenizer files cannot be read ({type(e).__name__}: {_first_line(e)})"
+        ) from None
     model.info = replace(model.info, tokenizer=tokenizer)  # so that `Chat(model)` needs no more
     return model, tokenizer

@@ -8,6 +8,7 @@ calls) turns prompt lookup off, whose verify pass calls processors on speculativ
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -70,7 +71,7 @@ def make_sampler(
         return greedy
     filters: list[Callable[[mx.array], mx.array]] = []
     if top_k > 0:
-        filters.append(lambda x: _apply_top_k(x, top_k))
+        filters.append(lambda x: _apply_top_k(x, min(top_k, x.shape[-1])))  # k past the vocab: all
     if 0 < top_p < 1:
         filters.append(lambda x: _apply_top_p(x, top_p))
     if min_p > 0:
@@ -118,6 +119,10 @@ class Sampling:
         repetition_penalty: CTRL-style penalty on recent tokens (1 is off).
         max_tokens: the most tokens a turn or completion generates.
         seed: seeds MLX's random generator when generation starts (None leaves it as it is).
+
+    Raises:
+        ValueError: a value out of its range (one line naming it), so that the API, the CLI and
+            saved conversations refuse the same values the same way.
     """
 
     temperature: float = 0.6
@@ -127,6 +132,11 @@ class Sampling:
     repetition_penalty: float = 1.0
     max_tokens: int = DEFAULT_MAX_TOKENS  # thinking alone can take thousands
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        problem = sampling_problem(self)
+        if problem:
+            raise ValueError(problem)
 
     @classmethod
     def from_model(cls, model: Model, **overrides: Any) -> Sampling:
@@ -143,3 +153,29 @@ class Sampling:
 
     def logits_processors(self) -> list[LogitsProcessor]:
         return make_logits_processors(self.repetition_penalty)
+
+
+# name -> (kind, lowest, highest, whether the lowest itself is allowed, what it means)
+_RANGES: dict[str, tuple[type, float, float, bool, str]] = {
+    "temperature": (float, 0, math.inf, True, "a finite number >= 0 (0 is greedy)"),
+    "top_p": (float, 0, 1, False, "a number in (0, 1] (1 keeps all tokens)"),
+    "top_k": (int, 0, math.inf, True, "a whole number >= 0 (0 keeps all tokens)"),
+    "min_p": (float, 0, 1, True, "a number in [0, 1] (0 keeps all tokens)"),
+    "repetition_penalty": (float, 0, math.inf, False, "a finite number > 0 (1 is off)"),
+    "max_tokens": (int, 1, math.inf, True, "a whole number >= 1"),
+    "seed": (int, 0, 2**64 - 1, True, "a whole number from 0 to 2**64 - 1, or None"),
+}
+
+
+def sampling_problem(s: Sampling) -> str | None:
+    """What is wrong with a Sampling's values, in one line, or None."""
+    for name, (kind, low, high, low_ok, meaning) in _RANGES.items():
+        v = getattr(s, name)
+        if v is None and name == "seed":
+            continue
+        whole = isinstance(v, int) and not isinstance(v, bool)
+        number = whole or (kind is float and isinstance(v, float) and math.isfinite(v))
+        ok = number and (low <= v if low_ok else low < v) and v <= high
+        if not ok:
+            return f"{name} must be {meaning}, not {v!r:.40}"
+    return None

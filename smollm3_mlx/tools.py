@@ -19,9 +19,19 @@ def tool_schemas(
     """The schemas of `tools` (functions or JSON schemas), and the functions by name.
 
     Raises:
+        TypeError: `tools` is not a list (one function, a name, a schema given alone).
         ValueError: a tool neither a function nor a JSON schema with a name, or a function
             that cannot be described (see `tool_schema`).
     """
+    if tools is not None and (
+        isinstance(tools, (str, bytes, dict)) or callable(tools) or not hasattr(tools, "__iter__")
+    ):  # one tool, or its name, given where a list of tools belongs
+        name = tools if isinstance(tools, str) else getattr(tools, "__name__", None)
+        hint = f"[{name}]" if isinstance(name, str) and name.isidentifier() else "[...]"
+        raise TypeError(
+            f"tools must be a list of functions or JSON schemas, not {type(tools).__name__} "
+            f"({tools!r:.40}); pass tools={hint}"
+        )
     schemas, functions = [], {}
     for tool in tools or ():
         if callable(tool):

@@ -22,9 +22,9 @@
 - No ``X-Xet-*`` header, ``Link: xet-auth`` or tree ``xetHash`` is ever sent, so hf_xet is never
   used, even though it is installed: every byte goes through plain HTTP ``http_get``.
 
-Each repo has a fixed commit sha (derived from its repo id and files); the revision must be
-``main`` or that sha. ``hub.requests`` records ``(method, path)`` of every request on both origins,
-``hub.fetched(repo)`` the files whose bodies were sent.
+Each repo has a fixed commit sha (derived from its repo id and files, or given in ``commits``);
+the revision must be ``main`` or that sha. ``hub.requests`` records ``(method, path)`` of every
+request on both origins, ``hub.fetched(repo)`` the files whose bodies were sent.
 
 Dropped connections: ``drop={"model.safetensors": n}`` cuts the first ``n`` GETs of that file
 (``None``: every GET): the full ``Content-Length`` is announced, the body is sent up to byte
@@ -112,8 +112,10 @@ class HubServer:
         drop_at: int | None = None,
         token: str | None = None,
         slow: Mapping[str, float] | None = None,
+        commits: Mapping[str, str] | None = None,
     ):
         self.token = token
+        self.commits = dict(commits or {})  # repo -> a fixed commit sha, e.g. a pinned revision
         self.slow = dict(slow or {})  # filename -> seconds of sleep per KiB of body
         self.repos = {repo: _scan(Path(folder), lfs) for repo, folder in repos.items()}
         self.drop = dict(drop or {})  # filename -> GETs left to cut (None: all); mutable
@@ -125,6 +127,8 @@ class HubServer:
         self._threads: list[threading.Thread] = []
 
     def commit(self, repo_id: str) -> str:
+        if repo_id in self.commits:
+            return self.commits[repo_id]
         listing = "".join(f"{p}:{f.blob_id}\n" for p, f in self.repos[repo_id].items())
         return hashlib.sha1(f"{repo_id}\n{listing}".encode()).hexdigest()
 

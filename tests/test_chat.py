@@ -315,3 +315,190 @@ def test_a_chat_many_windows_long_runs_in_a_rotating_cache(loaded, tmp_path_fact
             assert done.stats.cached_tokens == len(before)
         total += done.stats.prompt_tokens - done.stats.cached_tokens + done.stats.generation_tokens
     assert chat.prompt_cache.dropped > 0 and total > 3 * 150
+
+
+# Misuse: a random tiny model with a tiny tokenizer is enough where nothing is generated.
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from checkpoints import make_tiny_checkpoint
+
+    return load(make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "m", num_hidden_layers=2))
+
+
+def saved_conversation(tiny, path):
+    chat = Chat(*tiny, model_name="tiny", sampling=GREEDY)
+    chat.messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    return chat.save(path)
+
+
+SAVE_ON_A_FULL_DISK = """
+import errno, resource, signal, sys
+from smollm3_mlx import load
+from smollm3_mlx.chat import Chat
+
+chat = Chat(*load(sys.argv[1]))
+chat.messages = [{"role": "user", "content": "x" * 50_000}]
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so that writes fail with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))  # the disk fills up midway
+try:
+    chat.save(sys.argv[2])
+except OSError as e:
+    sys.exit(f"error: {errno.errorcode[e.errno]}")
+"""
+
+
+def test_a_save_that_fails_midway_leaves_the_earlier_file_whole(tiny, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from checkpoints import REPO_ROOT
+
+    path = saved_conversation(tiny, tmp_path / "chat.json")
+    before = path.read_bytes()
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
+    model_dir = tiny[0].info.path
+    proc = subprocess.run(
+        [sys.executable, "-c", SAVE_ON_A_FULL_DISK, str(model_dir), str(path)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert proc.stderr.strip() == "error: EFBIG"
+    assert path.read_bytes() == before  # not cut at the limit: the old save, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.json"]  # no temporary left
+    Chat(*tiny).restore(path)
+
+
+def test_save_replaces_the_file_keeping_its_permissions(tiny, tmp_path):
+    path = saved_conversation(tiny, tmp_path / "chat.json")
+    assert path.stat().st_mode & 0o777 == 0o644
+    path.chmod(0o600)
+    saved_conversation(tiny, path)
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("text", [123, None, b"hi", {"content": "hi"}, ["hi"]])
+def test_send_takes_text_only_and_says_so_at_the_call(tiny, text):
+    chat = Chat(*tiny)
+    with pytest.raises(
+        TypeError, match=f"^the user's message must be a str, not {type(text).__name__} "
+    ):
+        chat.send(text)  # the call itself, not the first event
+    assert chat.messages == []
+    with pytest.raises(TypeError, match="^the system message must be a str or None"):
+        chat.system = text or 1
+
+
+def get_weather(city: str) -> str:
+    """Get the weather in a city."""
+    return "sunny"
+
+
+@pytest.mark.parametrize(
+    "tools, shown, hint",
+    [
+        ("get_weather", "str ('get_weather')", "[get_weather]"),
+        (get_weather, "function (<function get_weather", "[get_weather]"),
+        ({"name": "get_weather"}, "dict ({'name': 'get_weather'})", "[...]"),
+        (42, "int (42)", "[...]"),
+    ],
+)
+def test_tools_not_given_as_a_list_say_what_was_given(tiny, tools, shown, hint):
+    with pytest.raises(TypeError) as info:
+        Chat(*tiny, tools=tools)
+    message = str(info.value)
+    assert message.startswith(f"tools must be a list of functions or JSON schemas, not {shown}"), (
+        message
+    )
+    assert message.endswith(f"; pass tools={hint}")
+    chat = Chat(*tiny)
+    with pytest.raises(TypeError):
+        chat.set_tools("get_weather")
+
+
+TEMPERATURE = "temperature must be a finite number >= 0 (0 is greedy), not "
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(max_tokens=-5), "max_tokens must be a whole number >= 1, not -5"),
+        (dict(max_tokens=0), "max_tokens must be a whole number >= 1, not 0"),
+        (dict(temperature=-1), TEMPERATURE + "-1"),
+        (dict(temperature=float("nan")), TEMPERATURE + "nan"),
+        (dict(top_p=2), "top_p must be a number in (0, 1] (1 keeps all tokens), not 2"),
+        (dict(top_k=-1), "top_k must be a whole number >= 0 (0 keeps all tokens), not -1"),
+        (dict(min_p=1.5), "min_p must be a number in [0, 1] (0 keeps all tokens), not 1.5"),
+        (dict(repetition_penalty=0), "repetition_penalty must be a finite number > 0 (1 is off), "
+                                     "not 0"),
+        (dict(prompt_lookup=-3), "prompt_lookup must be a whole number >= 0, not -3"),
+        (dict(kv_start=-1), "kv_start must be a whole number >= 0, not -1"),
+        (dict(max_context=0), "max_context must be a whole number >= 1, not 0"),
+        (dict(sampling=None, temperature=True), TEMPERATURE + "True"),
+    ],
+)  # fmt: skip
+def test_numeric_parameters_out_of_range_are_one_line_at_the_call(tiny, options, message):
+    with pytest.raises(ValueError) as info:
+        Chat(*tiny, **options)
+    assert str(info.value) == message
+
+
+def test_sampling_refuses_values_out_of_range():
+    assert Sampling(temperature=0, top_p=1, top_k=0, min_p=0, max_tokens=1, seed=0) is not None
+    for field, value in [("seed", -1), ("seed", 2**64), ("top_p", 0), ("max_tokens", 2.0),
+                         ("temperature", float("inf")), ("top_k", 1.5)]:  # fmt: skip
+        with pytest.raises(ValueError, match=f"^{field} must be "):
+            Sampling(**{field: value})
+        with pytest.raises(ValueError, match=f"^{field} must be "):
+            Sampling().updated(**{field: value})
+
+
+def _without(key):
+    return lambda d: d.pop(key)
+
+
+def _set(path, value):
+    def edit(d):
+        *where, last = path
+        for k in where:
+            d = d[k]
+        d[last] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        (_without("model"), "'model' is missing or not a string"),
+        (_without("think"), "'think' is missing or not true or false"),
+        (_without("messages"), "'messages' is missing or not a list"),
+        (_without("sampling"), "'sampling' is missing or not an object"),
+        (_without("format"), 'no "format": \'smollm3-mlx-chat\''),
+        (_without("version"), "version None, not 1"),
+        (_set(["version"], True), "version True, not 1"),
+        (_set(["model"], 7), "'model' is missing or not a string"),
+        (_set(["sampling", "temperature"], float("nan")), "sampling: " + TEMPERATURE + "nan"),
+        (_set(["sampling", "temperature"], -5), "sampling: " + TEMPERATURE + "-5"),
+        (_set(["sampling", "top_p"], 7),
+         "sampling: top_p must be a number in (0, 1] (1 keeps all tokens), not 7"),
+        (_set(["sampling", "max_tokens"], 1e400),
+         "sampling: max_tokens must be a whole number >= 1, not inf"),
+        (_set(["sampling", "hot"], 1), "unknown sampling field 'hot'"),
+        (_set(["messages", 0, "content"], 123), "message 0 has no text content"),
+        (_set(["messages", 1, "mood"], "x"), "message 1 has an unknown field 'mood'"),
+        (_set(["messages", 1, "interrupted"], "yes"), "message 1: 'interrupted' is not bool"),
+        (_set(["messages", 0], "hi"), "message 0 is not an object"),
+        (_set(["tools"], "get_weather"), "'tools' is not a list"),
+    ],
+)  # fmt: skip
+def test_every_missing_or_wrong_field_of_a_chat_file_is_one_line(tiny, tmp_path, edit, problem):
+    path = saved_conversation(tiny, tmp_path / "chat.json")
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    chat = Chat(*tiny, system="Be brief.")
+    before = (list(chat.messages), chat.think, chat.sampling)
+    with pytest.raises(ChatFileError) as info:
+        chat.restore(path)
+    assert str(info.value) == f"{path}: not a smollm3-mlx conversation ({problem})"
+    assert (chat.messages, chat.think, chat.sampling) == before

@@ -231,3 +231,46 @@ def test_help_says_past_reasoning_is_kept_by_default():
     assert r.exit_code == 0
     text = " ".join(r.output.split())
     assert "--keep-thinking" in text and "--drop-thinking" in text and "the default" in text
+
+
+def test_a_mistyped_model_name_is_one_line_saying_no_such_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for command in (["generate", "hello"], ["chat"], ["bench"]):
+        r = CliRunner().invoke(cli.app, [command[0], "-m", "SmolLM3-3B-4bt", *command[1:]])
+        assert r.exit_code == 1, r.output
+        assert r.stderr == (
+            "error: SmolLM3-3B-4bt: no local folder of that name, and not a hub repo id "
+            "(OWNER/NAME)\n"
+        )
+
+
+def test_a_bad_chat_file_is_one_line_and_the_session_goes_on(tmp_path):
+    from checkpoints import make_tiny_checkpoint
+
+    model = make_tiny_checkpoint(tmp_path / "tiny", num_hidden_layers=2)
+    good = tmp_path / "good.json"
+    r = CliRunner().invoke(cli.app, ["chat", "-m", str(model)], input=f"/save {good}\n/exit\n")
+    assert r.exit_code == 0, r.output
+    data = json.loads(good.read_text())
+    bad = {
+        "no-model.json": {k: v for k, v in data.items() if k != "model"},
+        "nan.json": {**data, "sampling": {**data["sampling"], "temperature": float("nan")}},
+        "top-p.json": {**data, "sampling": {**data["sampling"], "top_p": 7}},
+        "cold.json": {**data, "sampling": {**data["sampling"], "temperature": -5}},
+    }
+    for name, content in bad.items():
+        (tmp_path / name).write_text(json.dumps(content))
+    lines = [f"/load {tmp_path / name}" for name in bad] + [f"/load {good}", "/stats", "/exit"]
+    r = CliRunner().invoke(cli.app, ["chat", "-m", str(model)], input="\n".join(lines) + "\n")
+    assert r.exit_code == 0, r.output
+    assert r.stderr.splitlines() == [
+        f"error: {tmp_path / 'no-model.json'}: not a smollm3-mlx conversation ('model' is "
+        "missing or not a string)",
+        f"error: {tmp_path / 'nan.json'}: not a smollm3-mlx conversation (sampling: temperature "
+        "must be a finite number >= 0 (0 is greedy), not nan)",
+        f"error: {tmp_path / 'top-p.json'}: not a smollm3-mlx conversation (sampling: top_p must "
+        "be a number in (0, 1] (1 keeps all tokens), not 7)",
+        f"error: {tmp_path / 'cold.json'}: not a smollm3-mlx conversation (sampling: temperature "
+        "must be a finite number >= 0 (0 is greedy), not -5)",
+    ]
+    assert "loaded 0 messages" in r.stdout and "messages" in r.stdout.split("loaded")[-1]

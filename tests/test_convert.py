@@ -6,12 +6,14 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import time
 import types
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -500,6 +502,9 @@ def test_disk_full_is_one_clear_error_and_nothing_is_written(ckpt, tmp_path):
 def test_upload_pushes_the_finished_folder(ckpt, tmp_path, monkeypatch):
     import huggingface_hub
 
+    use_hub(monkeypatch, None, tmp_path / "hf_home")
+    monkeypatch.setenv("HF_TOKEN", "hf_write")
+
     seen = []
 
     class FakeApi:
@@ -528,6 +533,8 @@ def test_failed_upload_keeps_the_written_folder_and_says_so(ckpt, tmp_path, monk
             raise ConnectionError("no route to host\nsecond line")
 
     monkeypatch.setattr(huggingface_hub, "HfApi", OfflineApi)
+    use_hub(monkeypatch, None, tmp_path / "hf_home")
+    monkeypatch.setenv("HF_TOKEN", "hf_write")
     out = tmp_path / "out"
     with pytest.raises(ConvertError) as e:
         convert(ckpt, out, upload_repo="me/tiny")
@@ -585,8 +592,8 @@ def test_cli_takes_every_option_of_the_issue(tmp_path, monkeypatch):
             "--upload-repo", "me/q8", "--force"]  # fmt: skip
     r = CliRunner().invoke(cli.app, args)
     assert r.exit_code == 0, r.output
-    progress = seen.pop("progress")
-    assert callable(progress)
+    progress, note = seen.pop("progress"), seen.pop("note")
+    assert callable(progress) and callable(note)
     assert seen == dict(
         source="org/model", out=out, bits=8, group_size=32, recipe="uniform", dtype="float16",
         revision="v1", upload_repo="me/q8", force=True,
@@ -657,7 +664,7 @@ def test_ctrl_c_in_the_cli_is_one_line_and_leaves_nothing(ckpt, tmp_path):
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 1, stderr
+    assert proc.returncode == 130, stderr  # as the other commands, and a shell, report Ctrl-C
     assert stderr == f"error: interrupted; nothing was written to {out}\n"
     assert "converted" not in stdout
     assert_nothing_left(tmp_path, out)
@@ -695,7 +702,7 @@ def test_ctrl_c_during_the_hub_download_stops_it_at_once(ckpt, tmp_path, monkeyp
             seconds = time.monotonic() - start
         finally:
             proc.kill()
-    assert proc.returncode == 1, stderr
+    assert proc.returncode == 130, stderr
     assert stderr == f"error: interrupted; nothing was written to {out}\n"
     assert seconds < 5, seconds  # not the ~17 s the rest of the file takes (measured: 0.1 s)
     assert_nothing_left(tmp_path, out)
@@ -731,3 +738,258 @@ def test_publish_variants_converts_each_from_one_download(ckpt, tmp_path, monkey
     assert capsys.readouterr().err == (
         f"error: bf16-8bit: {out} already exists; pass --force to replace it\n"
     )
+
+
+def _slow_convert(ckpt, out, cwd=None):
+    """The CLI converting `ckpt` slowly, in a process of its own; returns once it is writing."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CTRL_C, "convert", str(ckpt), "-o", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+    )  # fmt: skip
+    assert proc.stdout.readline().startswith("block")
+    return proc
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_clean_up_as_ctrl_c_does(ckpt, tmp_path, signum):
+    out = tmp_path / "out"
+    proc = _slow_convert(ckpt, out)
+    try:
+        assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]  # it is writing
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    name = signal.Signals(signum).name
+    assert proc.returncode == 128 + signum, stderr  # as a shell reports a process it ended
+    assert stderr == f"error: stopped by {name}; nothing was written to {out}\n"
+    assert_nothing_left(tmp_path, out)
+
+
+def test_next_run_removes_what_a_killed_conversion_left_and_says_so(ckpt, tmp_path):
+    out = tmp_path / "out"
+    proc = _slow_convert(ckpt, out)
+    proc.kill()  # SIGKILL: nothing can clean up
+    proc.wait()
+    stale = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+    assert len(stale) == 1 and f"-{proc.pid}-" in stale[0].name
+    # An old OUT that a --force run had set aside when it was killed, OUT itself gone: put back.
+    aside = tmp_path / f".kept.old-{proc.pid}-abcdefgh"
+    (aside / "kept").mkdir(parents=True)
+    (aside / "kept" / "config.json").write_text("{}")
+    marker = json.loads((stale[0] / convert_module.MARKER).read_text())
+    (aside / convert_module.MARKER).write_text(json.dumps(marker))
+    # Ours but alive (this process), and a look-alike without our marker: both left alone.
+    live = convert_module._make_temp(tmp_path / "busy", "tmp")
+    (tmp_path / ".other.tmp-1-abcdefgh").mkdir()
+
+    r = CliRunner().invoke(cli.app, ["convert", str(ckpt), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    size = r.stderr.split(f"removed {stale[0]} (")[1].split(")")[0]
+    assert re.fullmatch(r"\d+\.\d\d KB", size), r.stderr
+    assert r.stderr.splitlines() == [
+        f"put back {tmp_path / 'kept'}, set aside by a conversion (process {proc.pid}) that was "
+        "killed",
+        f"removed {stale[0]} ({size}), left by a conversion (process {proc.pid}) that was killed",
+    ]
+    assert (tmp_path / "kept" / "config.json").read_text() == "{}"
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted([".other.tmp-1-abcdefgh", live.name, "kept", "out"])
+    assert not (out / convert_module.MARKER).exists()  # the marker never reaches the output
+
+
+def _refused_before_any_work(monkeypatch):
+    def never(*args):
+        raise AssertionError("the conversion started")
+
+    monkeypatch.setattr(convert_module, "_validate", never)
+    monkeypatch.setattr(convert_module, "_snapshot", never)
+
+
+@pytest.mark.parametrize(
+    "where, message",
+    [
+        ("source", "{out} is the source folder {src}; choose another output"),
+        ("inside", "{out} lies inside the source folder {src}; choose another output"),
+        ("holding", "{out} holds the source folder {src}; choose another output"),
+        ("cwd", "{out} is the current folder; choose a new folder for the output"),
+        (
+            "above cwd",
+            "{out} is a folder holding the current folder; choose a new folder for the output",
+        ),  # fmt: skip
+    ],
+)
+def test_output_that_would_destroy_the_source_or_current_folder_is_refused_first(
+    tmp_path, monkeypatch, where, message
+):
+    src = make_tiny_checkpoint(tmp_path / "models" / "src", dtype="bfloat16")
+    before = sorted(p.name for p in src.iterdir())
+    work = tmp_path / "work" / "here"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    out = {"source": src, "inside": src / "q4", "holding": src.parent, "cwd": Path("."),
+           "above cwd": Path("..")}[where]  # fmt: skip
+    _refused_before_any_work(monkeypatch)
+    r = CliRunner().invoke(cli.app, ["convert", str(src), "-o", str(out), "--force"])
+    assert r.exit_code == 1
+    assert r.stderr == "error: " + message.format(out=out, src=src) + "\n"
+    assert sorted(p.name for p in src.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.name.startswith(".")) == []
+
+
+def test_output_in_the_current_folder_of_a_hub_source_is_refused_before_downloading(
+    ckpt, tmp_path, monkeypatch
+):
+    with HubServer({REPO: ckpt}) as hub:
+        use_hub(monkeypatch, hub.url, tmp_path / "hf_home")
+        monkeypatch.chdir(tmp_path)
+        with pytest.raises(ConvertError, match="^. is the current folder"):
+            convert(REPO, ".", force=True)
+        assert hub.requests == []
+
+
+@pytest.mark.parametrize(
+    "remove, missing",
+    [
+        (["tokenizer.json"], "tokenizer.json; the converted model needs it"),
+        (["tokenizer_config.json"], "tokenizer_config.json; the converted model needs it"),
+        (["generation_config.json"], "generation_config.json; the converted model needs it"),
+        (["chat_template.jinja"], "a chat template (chat_template.jinja); the converted model"),
+    ],
+)
+def test_local_source_without_what_the_output_needs_is_refused(tmp_path, remove, missing):
+    src = make_tiny_checkpoint(tmp_path / "src", dtype="bfloat16")
+    for name in remove:
+        (src / name).unlink()
+    with pytest.raises(ConvertError, match=f"^{re.escape(f'{src} has no {missing}')}"):
+        convert(src, tmp_path / "out")
+    assert_nothing_left(tmp_path, tmp_path / "out")
+
+
+def test_a_template_inside_tokenizer_config_is_enough(tmp_path):
+    src = make_tiny_checkpoint(tmp_path / "src", dtype="bfloat16")
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    config["chat_template"] = (src / "chat_template.jinja").read_text()
+    (src / "tokenizer_config.json").write_text(json.dumps(config))
+    (src / "chat_template.jinja").unlink()
+    from smollm3_mlx import load
+
+    _, tokenizer = load(convert(src, tmp_path / "out").path)
+    assert tokenizer.chat_template == config["chat_template"]
+
+
+def test_unreadable_tokenizer_is_refused_before_converting(tmp_path):
+    src = make_tiny_checkpoint(tmp_path / "src", dtype="bfloat16")
+    (src / "tokenizer.json").write_text('{"not": "a tokenizer"}')
+    with pytest.raises(ConvertError, match=rf"^{re.escape(str(src))}/tokenizer.json: cannot be "):
+        convert(src, tmp_path / "out")
+    assert_nothing_left(tmp_path, tmp_path / "out")
+
+
+def test_hub_repo_without_tokenizer_is_refused_before_downloading_the_weights(
+    tmp_path, monkeypatch
+):
+    src = make_tiny_checkpoint(tmp_path / "src", dtype="bfloat16")
+    (src / "tokenizer.json").unlink()
+    with HubServer({REPO: src}) as hub:
+        use_hub(monkeypatch, hub.url, tmp_path / "hf_home")
+        with pytest.raises(ConvertError, match=f"^{REPO} has no tokenizer.json; the converted"):
+            convert(REPO, tmp_path / "out")
+        assert "model.safetensors" not in hub.fetched(REPO)
+    assert_nothing_left(tmp_path, tmp_path / "out")
+
+
+def test_too_little_disk_space_is_refused_before_writing(ckpt, converted, tmp_path, monkeypatch):
+    import shutil as shutil_module
+
+    made = converted["q4-mixed"].path  # the same conversion: its size is what is needed
+    size = sum(f.stat().st_size for f in made.iterdir())
+    usage = shutil_module.disk_usage(tmp_path)
+    free = {"bytes": size}
+
+    def disk_usage(path):
+        return usage._replace(free=free["bytes"])
+
+    monkeypatch.setattr(shutil_module, "disk_usage", disk_usage)
+    out, written = tmp_path / "out", []
+    need = rf"^not enough disk space for {out}: it needs \d+\.\d\d MB, {tmp_path} has "
+    with monkeypatch.context() as m:
+        m.setattr(convert_module, "_write_shards", lambda *a: written.append(a))
+        with pytest.raises(ConvertError, match=need + r"\d+\.\d\d KB free$"):
+            convert(ckpt, out, shard_size=SHARD_SIZE)
+    assert written == []
+    assert_nothing_left(tmp_path, out)
+    free["bytes"] = size + 2 * convert_module.SPACE_MARGIN
+    assert convert(ckpt, out, shard_size=SHARD_SIZE).path == out
+
+
+@pytest.mark.parametrize(
+    "repo, env, message",
+    [
+        ("tiny", {"HF_TOKEN": "hf_w"}, "upload repo 'tiny' must be USER/NAME or ORG/NAME"),
+        ("me/a/b", {"HF_TOKEN": "hf_w"}, "upload repo 'me/a/b' must be USER/NAME or ORG/NAME"),
+        ("me/bad name", {"HF_TOKEN": "hf_w"}, "upload repo 'me/bad name' is not a valid repo id"),
+        ("me/tiny", {}, "uploading to me/tiny needs a hub token with write access: set HF_TOKEN"),
+        (
+            "me/tiny",
+            {"HF_TOKEN": "hf_w", "HF_HUB_OFFLINE": "1"},
+            "cannot upload to me/tiny: HF_HUB_OFFLINE is set",
+        ),  # fmt: skip
+    ],
+)
+def test_upload_repo_is_checked_before_converting(ckpt, tmp_path, monkeypatch, repo, env, message):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    use_hub(monkeypatch, None, tmp_path / "hf_home", offline="HF_HUB_OFFLINE" in env)
+    if "HF_TOKEN" in env:
+        monkeypatch.setenv("HF_TOKEN", env["HF_TOKEN"])  # use_hub clears it
+    _refused_before_any_work(monkeypatch)
+    with pytest.raises(ConvertError, match=f"^{re.escape(message)}"):
+        convert(ckpt, tmp_path / "out", upload_repo=repo)
+    assert_nothing_left(tmp_path, tmp_path / "out")
+
+
+def test_the_model_cards_commands_run(ckpt, tmp_path):
+    out = tmp_path / "q4"
+    assert CliRunner().invoke(cli.app, ["convert", str(ckpt), "-o", str(out)]).exit_code == 0
+    card = (out / "README.md").read_text()
+    commands = re.findall(r"^(smollm3-mlx .+)$|`(smollm3-mlx [^`]+)`", card, re.MULTILINE)
+    commands = [shlex.split(a or b) for a, b in commands]
+    assert [c[1] for c in commands] == ["convert", "chat"]
+    first = out.rename(tmp_path / "first")
+    for command in commands:  # the convert command makes the same folder again
+        r = CliRunner().invoke(cli.app, command[1:], input="/exit\n")
+        assert r.exit_code == 0, (command, r.output)
+    for f in first.glob("*.safetensors"):
+        assert (out / f.name).read_bytes() == f.read_bytes()
+
+
+@pytest.mark.filterwarnings("ignore:Not enough free disk space")  # huggingface_hub's own, per file
+def test_a_download_the_cache_cannot_hold_is_refused_before_the_weights(
+    ckpt, tmp_path, monkeypatch
+):
+    import shutil as shutil_module
+
+    hf_home, disk_usage = tmp_path / "hf_home", shutil_module.disk_usage
+
+    def full_cache(path):  # the cache's disk is nearly full; the output's is not
+        usage = disk_usage(path)
+        return usage._replace(free=1000) if hf_home in Path(path).parents else usage
+
+    with HubServer({REPO: ckpt}) as hub:
+        use_hub(monkeypatch, hub.url, hf_home)
+        monkeypatch.setattr(shutil_module, "disk_usage", full_cache)
+        size = _size_text((ckpt / "model.safetensors").stat().st_size)
+        with pytest.raises(ConvertError) as e:
+            convert(REPO, tmp_path / "out")
+        assert str(e.value) == (
+            f"not enough disk space to download {REPO}: it needs {size}, "
+            f"{hf_home / 'hub'} has 1.00 KB free"
+        )
+        assert "model.safetensors" not in hub.fetched(REPO)
+    assert_nothing_left(tmp_path, tmp_path / "out")
+
+
+def _size_text(n):
+    return convert_module._size(n)

@@ -283,3 +283,43 @@ def test_public_generate_and_convert_are_the_functions(first):
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO_ROOT
     )
     assert out.stdout.split() == ["True", "True", "True"]
+
+
+def test_a_name_that_is_neither_a_folder_nor_a_repo_id_never_reaches_the_hub(tmp_path, monkeypatch):
+    from hub_server import HubServer, use_hub
+
+    with HubServer({}) as hub:
+        use_hub(monkeypatch, hub.url, tmp_path / "hf")
+        monkeypatch.chdir(tmp_path)
+        for name in ("SmolLM3-3B-4bt", "a/b/c"):
+            with pytest.raises(ModelLoadError) as e:
+                load(name)
+            assert str(e.value) == (
+                f"{name}: no local folder of that name, and not a hub repo id (OWNER/NAME)"
+            )
+        assert hub.requests == []
+
+
+def test_a_repo_id_that_fails_says_there_is_no_such_folder_and_why(tmp_path, monkeypatch):
+    from hub_server import HubServer, use_hub
+
+    monkeypatch.chdir(tmp_path)
+    with HubServer({}) as hub:
+        use_hub(monkeypatch, hub.url, tmp_path / "hf")
+        with pytest.raises(ModelLoadError) as e:
+            load("models/smol")  # meant as a folder here, absent: the hub has no such repo
+    assert str(e.value) == (
+        "models/smol: no local folder of that name, and the hub download failed: "
+        "RepositoryNotFoundError: 404 Client Error: Repository not found (a private or gated "
+        "repo needs HF_TOKEN with access)"
+    )
+    use_hub(monkeypatch, None, tmp_path / "hf", offline=True)
+    with pytest.raises(ModelLoadError) as e:
+        load("HuggingFaceTB/SmolLM3-3B")
+    assert str(e.value) == (
+        "HuggingFaceTB/SmolLM3-3B: no local folder of that name, and the hub download failed: "
+        "not in the Hugging Face cache (HF_HUB_OFFLINE is set)"
+    )
+    use_hub(monkeypatch, "http://127.0.0.1:9", tmp_path / "hf")  # nothing listens: unreachable
+    with pytest.raises(ModelLoadError, match="the hub cannot be reached"):
+        load("HuggingFaceTB/SmolLM3-3B")

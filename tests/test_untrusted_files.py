@@ -1,0 +1,252 @@
+"""Files a user can hand us, whatever their bytes: the loader raises its own one-line error
+type and nothing else (property-based, with Hypothesis)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+from checkpoints import make_tiny_checkpoint
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from smollm3_mlx.loading import ModelLoadError, load_model, read_safetensors_header
+
+FUZZ = settings(
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", 60)),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+scalars = (
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=12)
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("untrusted") / "tiny", num_hidden_layers=2)
+
+
+def a_copy(ckpt: Path) -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="untrusted-"))
+    shutil.copytree(ckpt, folder / "m")
+    return folder / "m"
+
+
+def loads_or_one_line(folder: Path, call=load_model) -> None:
+    try:
+        call(folder)
+    except ModelLoadError as e:
+        assert "\n" not in str(e) and str(e), repr(e)
+    finally:
+        shutil.rmtree(folder.parent, ignore_errors=True)
+
+
+@FUZZ
+@given(data=st.binary(max_size=300))
+def test_any_bytes_as_config_json(ckpt, data):
+    folder = a_copy(ckpt)
+    (folder / "config.json").write_bytes(data)
+    loads_or_one_line(folder)
+
+
+@FUZZ
+@given(value=json_values)
+def test_any_json_document_as_config_json(ckpt, value):
+    folder = a_copy(ckpt)
+    (folder / "config.json").write_text(json.dumps(value))
+    loads_or_one_line(folder)
+
+
+@FUZZ
+@given(data=st.data())
+def test_a_config_with_any_field_changed_or_dropped(ckpt, data):
+    config = json.loads((ckpt / "config.json").read_text())
+    keys = st.sampled_from(sorted(config)) | st.text(max_size=8)
+    for _ in range(data.draw(st.integers(1, 3))):
+        key = data.draw(keys)
+        if data.draw(st.booleans()):
+            config.pop(key, None)
+        else:
+            config[key] = data.draw(json_values | st.integers(-3, 70))
+    folder = a_copy(ckpt)
+    (folder / "config.json").write_text(json.dumps(config))
+    loads_or_one_line(folder)
+
+
+def _tensors(folder: Path) -> tuple[int, bytes, dict]:
+    raw = (folder / "model.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return n, raw[8 + n :], json.loads(raw[8 : 8 + n])
+
+
+def _write(folder: Path, header: bytes, data: bytes) -> None:
+    (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + data)
+
+
+@FUZZ
+@given(header=st.binary(max_size=200), length=st.none() | st.integers(0, 2**64 - 1))
+def test_any_bytes_as_a_safetensors_header(ckpt, header, length):
+    folder = a_copy(ckpt)
+    _, data, _ = _tensors(folder)
+    raw = (length if length is not None else len(header)).to_bytes(8, "little") + header
+    (folder / "model.safetensors").write_bytes(raw + data)
+    loads_or_one_line(folder)
+
+
+@FUZZ
+@given(data=st.data())
+def test_a_safetensors_header_with_any_entry_changed(ckpt, data):
+    folder = a_copy(ckpt)
+    _, tensors, header = _tensors(folder)
+    for _ in range(data.draw(st.integers(1, 3))):
+        name = data.draw(st.sampled_from(sorted(header)))
+        entry = header[name]
+        field = data.draw(st.sampled_from(["dtype", "shape", "data_offsets", None]))
+        value = data.draw(
+            json_values
+            | st.lists(st.integers(-2, 2**40), max_size=3)
+            | st.sampled_from(["F32", "BF16", "I64", "U8", "BOOL", "F8_E4M3"])
+        )
+        if field is None:
+            header[name] = value
+        elif isinstance(entry, dict):
+            entry[field] = value
+    _write(folder, json.dumps(header).encode(), tensors)
+    loads_or_one_line(folder, lambda f: read_safetensors_header(f / "model.safetensors"))
+    folder = a_copy(ckpt)
+    _write(folder, json.dumps(header).encode(), tensors)
+    loads_or_one_line(folder)
+
+
+@FUZZ
+@given(name=st.sampled_from(["tokenizer_config.json", "tokenizer.json"]), data=st.data())
+def test_any_tokenizer_files(ckpt, name, data):
+    from smollm3_mlx import load
+
+    folder = a_copy(ckpt)
+    original = json.loads((folder / name).read_text())
+    content = data.draw(
+        st.binary(max_size=200).map(lambda b: ("bytes", b))
+        | json_values.map(lambda v: ("json", v))
+        | st.tuples(st.sampled_from(sorted(original)), json_values).map(lambda kv: ("field", kv))
+    )
+    kind, value = content
+    if kind == "bytes":
+        (folder / name).write_bytes(value)
+    elif kind == "json":
+        (folder / name).write_text(json.dumps(value))
+    else:
+        (folder / name).write_text(json.dumps({**original, value[0]: value[1]}))
+    loads_or_one_line(folder, load)
+
+
+@FUZZ
+@given(data=st.data())
+def test_any_generation_config(ckpt, data):
+    from smollm3_mlx import load
+
+    folder = a_copy(ckpt)
+    config = json.loads((folder / "generation_config.json").read_text())
+    config["do_sample"] = data.draw(st.booleans())
+    keys = st.sampled_from(["temperature", "top_p", "top_k", "min_p", "repetition_penalty"])
+    for _ in range(data.draw(st.integers(1, 3))):
+        config[data.draw(keys)] = data.draw(json_values)
+    content = data.draw(st.sampled_from(["fields", "bytes"]))
+    if content == "bytes":
+        (folder / "generation_config.json").write_bytes(data.draw(st.binary(max_size=100)))
+    else:
+        (folder / "generation_config.json").write_text(json.dumps(config))
+    loads_or_one_line(folder, load)
+
+
+@pytest.fixture(scope="module")
+def loaded(ckpt):
+    from smollm3_mlx import load
+
+    return load(ckpt)
+
+
+def restores_or_one_line(loaded, content: bytes) -> None:
+    """A chat file is refused in one ChatFileError line, the chat untouched; or it loads, the
+    conversation renders for its next turn, and what `save` then writes loads again."""
+    from smollm3_mlx.chat import Chat, ChatFileError
+
+    folder = Path(tempfile.mkdtemp(prefix="untrusted-chat-"))
+    try:
+        (folder / "chat.json").write_bytes(content)
+        chat = Chat(*loaded, system="Be brief.")
+        before = (list(chat.messages), chat.think, chat.sampling, chat.tools)
+        try:
+            chat.restore(folder / "chat.json")
+        except ChatFileError as e:
+            assert "\n" not in str(e) and str(e)
+            assert (chat.messages, chat.think, chat.sampling, chat.tools) == before
+            return
+        assert chat.render()  # the conversation can go on
+        chat.save(folder / "again.json")
+        Chat(*loaded).restore(folder / "again.json")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@FUZZ
+@given(content=st.binary(max_size=300) | json_values.map(lambda v: json.dumps(v).encode()))
+def test_any_bytes_as_a_chat_file(loaded, content):
+    restores_or_one_line(loaded, content)
+
+
+SAVED = {
+    "format": "smollm3-mlx-chat",
+    "version": 1,
+    "model": "tiny",
+    "think": True,
+    "keep_thinking": True,
+    "sampling": {
+        "temperature": 0.6,
+        "top_p": 0.95,
+        "top_k": 0,
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+        "max_tokens": 4096,
+        "seed": None,
+    },  # fmt: skip
+    "tools": [{"name": "get_weather", "parameters": {"type": "object"}}],
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello", "interrupted": True},
+    ],
+}
+
+
+@FUZZ
+@given(data=st.data())
+def test_a_chat_file_with_any_field_changed_or_dropped(loaded, data):
+    saved = json.loads(json.dumps(SAVED))
+    for _ in range(data.draw(st.integers(1, 3))):
+        where = data.draw(st.sampled_from(["top", "sampling", "message", "tool"]))
+        target = {
+            "top": saved,
+            "sampling": saved.get("sampling"),
+            "message": data.draw(st.sampled_from(saved.get("messages") or [None])),
+            "tool": (saved.get("tools") or [None])[0],
+        }[where]
+        if not isinstance(target, dict):
+            continue
+        key = data.draw(st.sampled_from(sorted(target) or ["x"]) | st.text(max_size=6))
+        if data.draw(st.booleans()):
+            target.pop(key, None)
+        else:
+            target[key] = data.draw(json_values)
+    restores_or_one_line(loaded, json.dumps(saved).encode())
