@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 FORMAT, VERSION = "smollm3-mlx-prompt-cache", "1"
 KINDS = ("model", "tokenizer", "template", "dtype", "kv")  # what a fingerprint compares
-_TOKENIZER_HASHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TOKENIZER_HASHES: weakref.WeakKeyDictionary[Any, tuple[str, str]] = weakref.WeakKeyDictionary()
 
 
 class PromptCacheError(ValueError):
@@ -120,7 +120,7 @@ def fingerprint(
     keep: int | None = None,
 ) -> Fingerprint:
     """The fingerprint of a cache of `model` with these KV settings (`tokenizer`: the model's)."""
-    tokenizer = tokenizer or model.info.tokenizer
+    tokenizer = tokenizer or (model.info.tokenizer if model.info is not None else None)
     if tokenizer is None:
         raise ValueError("no tokenizer: pass the one `load` returned")
     tok, template = _tokenizer_hashes(tokenizer)
@@ -131,7 +131,7 @@ def fingerprint(
 def _crc(a: mx.array) -> int:
     if a.dtype == mx.bfloat16:  # numpy has no bfloat16: checksum the same bytes as uint16
         a = a.view(mx.uint16)
-    return zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B"))
+    return zlib.crc32(np.ascontiguousarray(a).data.cast("B"))
 
 
 def save_prompt_cache(
@@ -243,6 +243,8 @@ def load_prompt_cache(
         raise PromptCacheMismatch(f"{path}: made for another {what}", kinds[0])
     try:
         arrays = mx.load(str(path), format="safetensors")
+        if not isinstance(arrays, dict):
+            raise ValueError("not a table of tensors")
         names = sorted(arrays)
         if json.loads(meta["crc32"]) != [_crc(arrays[n]) for n in names]:
             raise ValueError("checksum")

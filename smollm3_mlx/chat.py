@@ -363,7 +363,8 @@ class Chat:
         with self._turn_lock():
             ids = self.render(add_generation_prompt=False)
             if self.prompt_cache is None:  # all of it is the system block when nothing follows
-                self.prompt_cache = self._new_cache(ids + [self.tokenizer.im_start_id])
+                marker = self.tokenizer.im_start_id  # where the next message would start
+                self.prompt_cache = self._new_cache(ids if marker is None else [*ids, marker])
             _prefill(self.model, self.prompt_cache, ids)
             return self.prompt_cache.offset
 

@@ -163,12 +163,12 @@ def kv_capacity(context: int, prefill_step: int) -> int:
 
 def kv_bytes_per_token(args: ModelArgs, bits: int | None, group_size: int, itemsize: int) -> int:
     """Keys and values of one token in one layer, as KVCache stores them."""
-    hd = args.head_dim
+    hd, n_kv = args.head_dim or 0, args.num_key_value_heads or 0  # set by ModelArgs
     if bits is None:
         per_head = hd * itemsize
     else:  # uint32 codes, then a scale and a bias per group in the compute dtype
         per_head = hd * bits // 32 * 4 + 2 * (hd // group_size) * itemsize
-    return 2 * args.num_key_value_heads * per_head
+    return 2 * n_kv * per_head
 
 
 def activation_bytes(
@@ -180,7 +180,7 @@ def activation_bytes(
     # quantized path hold (heads, L, S) scores and an (L, S) boolean mask.
     scores = 0 if fused_attention else args.num_attention_heads * L * S * itemsize + L * S
     per_token = (
-        PER_HEAD_DIM * args.num_attention_heads * args.head_dim
+        PER_HEAD_DIM * args.num_attention_heads * (args.head_dim or 0)
         + PER_INTERMEDIATE * args.intermediate_size
         + PER_HIDDEN * args.hidden_size
     )
