@@ -130,8 +130,9 @@ def _load(
     kv_group_size: int = 64, check_memory: bool = True,
 ):  # fmt: skip
     """Load `model`, or the default model (converted into the cache on first use)."""
+    from .cache import KVSettings
     from .loading import DEFAULT_REPO, ModelLoadError, load, resolve_model_path
-    from .memory import MemoryBudgetError, check_memory as check, estimate_memory, memory_limits
+    from .memory import MemoryBudgetError, estimate_memory, memory_limits
 
     try:
         if model is None:
@@ -153,15 +154,15 @@ def _load(
             model = str(path)
         with console.status(f"loading {model}"):
             compute, path = None if dtype == "stored" else dtype, resolve_model_path(model)
+            kv = KVSettings(kv_bits, kv_group_size)
+            loaded = load(
+                path, dtype=compute, max_context=max_context, lazy=True,
+                check_memory=check_memory, kv=kv,
+            )  # fmt: skip
             est = estimate_memory(
                 path, max_context=max_context, kv_bits=kv_bits, kv_group_size=kv_group_size,
                 dtype=compute,
             )  # fmt: skip
-            if check_memory:
-                check(est)
-            loaded = load(
-                path, dtype=compute, max_context=max_context, lazy=True, check_memory=False
-            )  # checked above, with the same estimate that sets the limits
         _LIMITS.enter_context(memory_limits(est))
     except (ModelLoadError, MemoryBudgetError, OSError) as e:
         console.error(str(e))
