@@ -6,7 +6,12 @@ untimed run of each so that the weights are in the page cache for all. Then wher
 (imports, building the model, reading the weights, the tokenizer, the chat session) and what
 mlx-lm's imports alone cost.
 
-    python benchmarks/bench_startup.py [--bits 4] [--runs 5]
+    python benchmarks/bench_startup.py [--bits 4] [--runs 5] [--first-token --baseline DIR]
+
+`smollm3-mlx chat` shows its prompt at once and loads in the background, so ready-for-input no
+longer includes the load: --first-token also times Enter (pressed the moment the prompt shows)
+to the end of a one-token answer, for this checkout and, with --baseline, for another source
+tree of smollm3-mlx (e.g. a worktree of the commit before), so that the two can be compared.
 
 The converted folder is the one benchmarks/bench_generate.py builds (and builds it if missing).
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -56,19 +62,47 @@ STEPS = ["import mlx.core", "import smollm3_mlx (cli, chat, ...)", "build model,
          "read the weights (mx.eval)", "tokenizer", "chat session"]  # fmt: skip
 
 
-def ready_time(command: list[str], folder: Path) -> float:
-    """Seconds from spawning `command folder` to its input prompt."""
+def _spawn(command: list[str], folder: Path, source: str | None = None) -> pexpect.spawn:
     env = {**os.environ, "COLUMNS": "120", "TERM": "xterm"}
-    start = time.perf_counter()
-    child = pexpect.spawn(
+    if source:
+        env["PYTHONPATH"] = source
+    return pexpect.spawn(
         command[0], [*command[1:], str(folder)], env=env, encoding="utf-8", timeout=900
     )
+
+
+def _end(child: pexpect.spawn) -> None:
+    child.kill(signal.SIGKILL)  # this child only
+    child.expect(pexpect.EOF)  # waits until it is gone, however loaded the machine
+    child.close()
+
+
+def ready_time(command: list[str], folder: Path) -> float:
+    """Seconds from spawning `command folder` to its input prompt."""
+    start = time.perf_counter()
+    child = _spawn(command, folder)
     try:
         child.expect("›")
-        seconds = time.perf_counter() - start
+        return time.perf_counter() - start
     finally:
-        child.close(force=True)  # this child only
-    return seconds
+        _end(child)
+
+
+def first_token_time(folder: Path, source: str | None = None) -> tuple[float, float]:
+    """(ready for input, Enter to the end of a one-token answer) of `smollm3-mlx chat`, Enter
+    pressed the moment the prompt shows; `source`: the smollm3-mlx source tree to run."""
+    command = [sys.executable, "-m", "smollm3_mlx.cli", "chat", "--no-think", "--max-tokens",
+               "1", "--temp", "0", "--model"]  # fmt: skip
+    start = time.perf_counter()
+    child = _spawn(command, folder, source)
+    try:
+        child.expect("›")
+        ready = time.perf_counter()
+        child.send("Hi.\r")
+        child.expect(r"1 tokens?, ")  # the turn's footer
+        return ready - start, time.perf_counter() - ready
+    finally:
+        _end(child)
 
 
 def wall(code: str, *args: str) -> float:
@@ -77,12 +111,34 @@ def wall(code: str, *args: str) -> float:
     return time.perf_counter() - start
 
 
+def _first_tokens(folder: Path, runs: int, baseline: str | None) -> None:
+    sources = {"this checkout": str(Path(__file__).resolve().parents[1])}
+    if baseline:
+        sources[f"baseline {baseline}"] = str(Path(baseline).resolve())
+    first_token_time(folder, sources["this checkout"])  # untimed
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in sources}
+    for _ in range(runs):
+        for name, source in sources.items():
+            times[name].append(first_token_time(folder, source))
+    print(f"\nEnter pressed as soon as the prompt shows (`chat --no-think --max-tokens 1`, "
+          f"message `Hi.`), median of {runs}:\n")  # fmt: skip
+    print("| smollm3-mlx | ready for input (s) | Enter to answer (s) | start to answer (s) |")
+    print("|---|---:|---:|---:|")
+    for name, t in times.items():
+        ready, enter = statistics.median(r for r, _ in t), statistics.median(e for _, e in t)
+        total = statistics.median(r + e for r, e in t)
+        print(f"| {name} | {ready:.2f} | {enter:.2f} | {total:.2f} |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--first-token", action="store_true", help="also time Enter to a token")
+    parser.add_argument("--folder", type=Path, help="a model folder (default: the random 3B)")
+    parser.add_argument("--baseline", help="another smollm3-mlx source tree, for --first-token")
     args = parser.parse_args()
-    folder = model_folder(args.bits)
+    folder = args.folder or model_folder(args.bits)
 
     print(f"# Startup: smollm3-mlx chat vs mlx_lm.chat\n\n{machine()}")
     print("command: python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]))
@@ -93,7 +149,7 @@ def main() -> int:
         for name, command in COMMANDS.items():
             times[name].append(ready_time(command, folder))
     ours, theirs = (statistics.median(times[n]) for n in COMMANDS)
-    print(f"\nq{args.bits} folder {folder}, median of {args.runs} runs\n")
+    print(f"\nfolder {folder}, median of {args.runs} runs\n")
     print("| command | ready for input (s), median | runs (s) |\n|---|---:|---|")
     for name, runs in times.items():
         print(f"| `{name} --model FOLDER` | {statistics.median(runs):.2f} | "
@@ -107,6 +163,9 @@ def main() -> int:
     )
     print(f"\nPython start: {python:.2f} s; imports beyond it: mlx_lm.chat {imports:.2f} s, "
           f"smollm3_mlx.cli + chat {ours_imports - python:.2f} s")  # fmt: skip
+
+    if args.first_token:
+        _first_tokens(folder, args.runs, args.baseline)
 
     steps = []
     for _ in range(args.runs):

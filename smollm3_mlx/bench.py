@@ -50,6 +50,28 @@ class BenchResult:
     peak_memory: float  # GB: the model's weights plus the most memory the run added
 
 
+@dataclass(frozen=True)
+class RunReport:
+    """One timed run, reported as soon as it ends (so that a long benchmark shows its progress)."""
+
+    done: int  # timed runs finished, this one included
+    total: int
+    runtime: str
+    prefill_tps: float
+    decode_tps: float  # 0.0 when only the prefill was timed
+
+
+def default_sizes(device: mx.Device | None = None) -> tuple[int, int, int]:
+    """(prompt tokens, generated tokens, runs) that take minutes, not hours, on this backend.
+
+    MLX's CPU backend runs the 3B model at about 0.5 tok/s, prefill and decode alike
+    (BENCHMARKS.md): the GPU sizes, 512 + 128 tokens three times, would take about two hours
+    there; 8 + 4 tokens twice take about a minute and a half.
+    """
+    device = device or mx.default_device()
+    return (512, 128, 3) if device.type == mx.gpu else (8, 4, 2)
+
+
 def nbytes(model) -> int:
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
@@ -91,6 +113,7 @@ def bench(
     runs: int = 3,
     seed: int = 0,
     warmup: bool = True,
+    on_run: Callable[[RunReport], None] | None = None,
 ) -> list[BenchResult]:
     """Time each runner `runs` times (alternating, after one untimed warm-up) on a random prompt.
 
@@ -106,6 +129,7 @@ def bench(
         runs: timed runs of each runner; the result holds their medians.
         seed: of the random prompt.
         warmup: first run each runner once, untimed, on one token (first-call allocations).
+        on_run: called after each timed run of a runner (both of its passes) with its numbers.
     """
     prompt = random_prompt(prompt_tokens, seed)
     for runner in runners if warmup else ():
@@ -120,6 +144,10 @@ def bench(
                 peak = max(peak, peak2)
             decode = (n - 1) / (end - prefill) if n > 1 and end > prefill else 0.0
             timings[runner.name].append((prefill, first, decode, n, peak))
+            if on_run:
+                done = sum(map(len, timings.values()))
+                total = runs * len(runners)
+                on_run(RunReport(done, total, runner.name, prompt_tokens / prefill, decode))
     results = []
     for runner in runners:
         prefill, first, decode, n, peak = zip(*timings[runner.name], strict=True)

@@ -36,6 +36,7 @@ from .events import (
 )
 from .generate import GenerationResponse, stream_generate
 from .sample import Sampling
+from .tokenizer import ASSISTANT_TAGS
 from .tools import Tool, as_text, run_tool, tool_schema, tool_schemas
 
 if TYPE_CHECKING:
@@ -98,6 +99,9 @@ class Chat:
             another model, tokenizer, template, dtype or KV settings (window = max_context)
             raises PromptCacheMismatch, or with `prompt_cache_mismatch="recompute"` is ignored
             (the first turn prefills again). A truncated or corrupt file raises PromptCacheError.
+        prompt_progress: called as (prompt ids processed, to process) during each turn's
+            prefill, between forward chunks (a long prefill can show its progress; `cancel`
+            stops it after the current chunk).
 
     Sharing: one loaded model may serve several Chats, driven one at a time. A Chat runs one
     turn at a time: starting a turn while another is being generated (from another thread, or
@@ -131,6 +135,7 @@ class Chat:
         model_name: str | None = None,
         prompt_cache: str | Path | None = None,
         prompt_cache_mismatch: Literal["error", "recompute"] = "error",
+        prompt_progress: Callable[[int, int], None] | None = None,
     ):
         info = model.info
         tokenizer = tokenizer or (info.tokenizer if info is not None else None)
@@ -167,6 +172,7 @@ class Chat:
         _check_whole("kv_start", kv_start, 0)
         check_kv_quantization(model.args.head_dim or 0, kv_bits, kv_group_size)
         self.prompt_lookup = prompt_lookup
+        self.prompt_progress = prompt_progress
         self.kv = KVSettings(kv_bits, kv_group_size, kv_start)
         self.prompt_cache: PromptCache | None = None  # made at the first turn (its kept system)
         self._cancel = threading.Event()
@@ -207,11 +213,29 @@ class Chat:
         """Stop the turn being generated, within one decode step (thread- and signal-safe)."""
         self._cancel.set()
 
-    def render(self, *, add_generation_prompt: bool = True) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(
+    def render(
+        self, *, add_generation_prompt: bool = True, continue_final_message: bool = False
+    ) -> list[int]:
+        """The ids of the conversation as the model reads it (continue_final_message: with the
+        final message left open, as `Tokenizer.apply_chat_template` does)."""
+        return self._render(
             self.messages,
+            add_generation_prompt=add_generation_prompt and not continue_final_message,
+            continue_final_message=continue_final_message,
+        )
+
+    def _render(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(
+            messages,
             tokenize=True,
             add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
             enable_thinking=self.think,
             tools=self.tools,
             assistant_tags=True,
@@ -219,9 +243,27 @@ class Chat:
         assert isinstance(ids, list)
         return ids
 
-    def send(self, text: str) -> Generator[Event, None, None]:
-        """Add a user message and stream the assistant's turn as events, ending with Done."""
-        return self._turn(_user_message(text))
+    def send(self, text: str, *, prefill: str | None = None) -> Generator[Event, None, None]:
+        """Add a user message and stream the assistant's turn as events, ending with Done.
+
+        Args:
+            text: the user's message.
+            prefill: the start of the answer, which the model continues (`{` to begin a JSON
+                object, a phrase to steer it, `<think>` and a first thought): streamed as the
+                turn's first events and part of the answer, as if the model had written it.
+        """
+        return self._turn(*_prefilled(_user_message(text), prefill))
+
+    def continue_answer(self) -> Generator[Event, None, None]:
+        """Continue the last assistant message (one cut off by max_tokens, or cancelled): stream
+        what the model adds to it; the message grows by that, and Done holds the whole answer.
+
+        Raises:
+            ValueError: the last message is not the assistant's.
+        """
+        if not self.messages or self.messages[-1]["role"] != "assistant":
+            raise ValueError("nothing to continue: the last message is not the assistant's")
+        return self._turn([], open_answer=True)
 
     def send_tool_result(self, *results: object) -> Generator[Event, None, None]:
         """Add tool results (strings as they are, anything else as JSON) and continue the turn."""
@@ -237,12 +279,19 @@ class Chat:
         """Run a tool given as a function: its result, or its error, as text for the model."""
         return run_tool(self.functions.get(call.name), call.name, call.arguments)
 
-    async def asend(self, text: str) -> AsyncIterator[Event]:
+    async def asend(self, text: str, *, prefill: str | None = None) -> AsyncIterator[Event]:
         """`send` off the event loop: events arrive as generation goes, the loop stays free.
 
         Cancelling the task (or leaving the loop early) stops generation within one step.
         """
-        async for event in self._off_loop(_user_message(text)):
+        async for event in self._off_loop(*_prefilled(_user_message(text), prefill)):
+            yield event
+
+    async def acontinue_answer(self) -> AsyncIterator[Event]:
+        """`continue_answer` off the event loop."""
+        if not self.messages or self.messages[-1]["role"] != "assistant":
+            raise ValueError("nothing to continue: the last message is not the assistant's")
+        async for event in self._off_loop([], open_answer=True):
             yield event
 
     async def asend_tool_result(self, *results: object) -> AsyncIterator[Event]:
@@ -250,7 +299,9 @@ class Chat:
         async for event in self._off_loop(_tool_messages(results)):
             yield event
 
-    async def _off_loop(self, new: list[dict[str, Any]]) -> AsyncIterator[Event]:
+    async def _off_loop(
+        self, new: list[dict[str, Any]], open_answer: bool = False
+    ) -> AsyncIterator[Event]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event | _End] = asyncio.Queue()
         stop = threading.Event()
@@ -258,7 +309,7 @@ class Chat:
         def pump() -> None:
             end = _End()
             try:
-                for event in self._turn(new, stop):
+                for event in self._turn(new, open_answer, stop):
                     loop.call_soon_threadsafe(queue.put_nowait, event)
             except BaseException as e:  # handed to the awaiting task
                 end = _End(e)
@@ -282,11 +333,14 @@ class Chat:
             worker.join()
 
     def _turn(
-        self, new: list[dict[str, Any]], stop: threading.Event | None = None
+        self,
+        new: list[dict[str, Any]],
+        open_answer: bool = False,
+        stop: threading.Event | None = None,
     ) -> Generator[Event, None, None]:
         with self._turn_lock():
             self._cancel.clear()
-            yield from self._generate(new, stop or self._cancel)
+            yield from self._generate(new, open_answer, stop or self._cancel)
 
     def _turn_lock(self) -> _Held:
         if not self._busy.acquire(blocking=False):
@@ -296,16 +350,19 @@ class Chat:
             )
         return _Held(self._busy)
 
-    def _generate(self, new: list[dict[str, Any]], stop: threading.Event) -> Iterator[Event]:
+    def _generate(
+        self, new: list[dict[str, Any]], open_answer: bool, stop: threading.Event
+    ) -> Iterator[Event]:
+        """One turn; with open_answer, the final message is an answer to continue."""
         self.messages += new
         try:
-            prompt = self.render()
+            prompt = self.render(continue_final_message=open_answer)
+            parser, given = self._answer_parser(prompt, open_answer, bool(new))
         except Exception:
-            del self.messages[-len(new) :]
+            self._undo(len(new))
             raise
         if self.prompt_cache is None:
             self.prompt_cache = self._new_cache(prompt)
-        parser = EventParser(self.tokenizer, prompt)
         generated: list[int] = []  # the end-of-turn id left out
         last, failed = None, None
         start = time.perf_counter()
@@ -317,17 +374,20 @@ class Chat:
             prompt_cache=self.prompt_cache,
             cancel=_Either(stop, self._cancel),
             prompt_lookup=self.prompt_lookup,
+            prompt_progress=self.prompt_progress,
         )
         try:
             for last in responses:
+                yield from given  # a prefill streams once the prompt is read, as an answer would
+                given = []
                 if last.finish_reason is None and last.token is not None:
                     generated.append(last.token)
                     yield from parser.feed(last.token)
         except GeneratorExit:  # the caller closed the stream: a cancel too
-            self._record(len(new), generated, "cancelled")
+            self._record(len(new), generated, "cancelled", open_answer)
             raise
         except BaseException as e:  # an error: the history is left as before the turn
-            del self.messages[-len(new) :]
+            self._undo(len(new))
             if not _out_of_memory(e):
                 raise
             failed = e
@@ -344,7 +404,7 @@ class Chat:
             )
             return
         assert last is not None and last.finish_reason is not None
-        self._record(len(new), generated, last.finish_reason)
+        self._record(len(new), generated, last.finish_reason, open_answer)
         yield from parser.flush()
         self.last = self._stats(last, parser, time.perf_counter() - start)
         yield parser.done(self.last, last.finish_reason)
@@ -425,16 +485,34 @@ class Chat:
             accepted_tokens=r.lookup.accepted,
         )
 
-    def _record(self, n_new: int, generated: list[int], finish: str) -> None:
-        """Add the assistant message (marked if interrupted), or drop a cancelled turn."""
-        if finish == "cancelled" and self.on_cancel == "drop":
+    def _answer_parser(
+        self, prompt: list[int], open_answer: bool, shown: bool
+    ) -> tuple[EventParser, list[Event]]:
+        """The parser of the turn's answer, and the events of the part of it given, not
+        generated: a prefill is streamed (`shown`), a continued answer's start was already."""
+        if not open_answer:
+            return EventParser(self.tokenizer, prompt), []
+        *before, answer = self.messages
+        parser = EventParser(self.tokenizer, self._render(before, add_generation_prompt=True))
+        ids = self.tokenizer.encode(answer["content"], allow_special=ASSISTANT_TAGS)
+        events = [event for i in ids for event in parser.feed(i)]
+        return parser, events if shown else []
+
+    def _undo(self, n_new: int) -> None:
+        if n_new:
             del self.messages[-n_new:]
+
+    def _record(self, n_new: int, generated: list[int], finish: str, open_answer: bool) -> None:
+        """Add the assistant message, or grow the open one (marked if interrupted); or drop a
+        cancelled turn."""
+        if finish == "cancelled" and self.on_cancel == "drop":
+            self._undo(n_new)
             return
-        body = self.tokenizer.decode(generated)
+        message: dict[str, Any] = self.messages.pop() if open_answer else {"role": "assistant"}
+        body = message.get("content", "") + self.tokenizer.decode(generated)
         thinking, answer = split_thinking(body)
-        message: dict[str, Any] = {"role": "assistant", "content": body}
-        if thinking and not self.keep_thinking:
-            message["content"] = answer
+        message["content"] = answer if thinking and not self.keep_thinking else body
+        message.pop("interrupted", None)
         if finish == "cancelled":
             message["interrupted"] = True
         self.messages.append(message)
@@ -547,6 +625,15 @@ def _out_of_memory(e: BaseException) -> bool:
     return isinstance(e, MemoryError) or (
         isinstance(e, RuntimeError) and any(w in text for w in words)
     )
+
+
+def _prefilled(new: list[dict[str, Any]], prefill: str | None) -> tuple[list[dict[str, Any]], bool]:
+    """The turn's new messages, with the answer opened by `prefill` when one is given."""
+    if prefill is None:
+        return new, False
+    if not isinstance(prefill, str):
+        raise TypeError(f"prefill must be a str, not {_kind(prefill)}")
+    return [*new, {"role": "assistant", "content": prefill}], True
 
 
 def _user_message(text: str) -> list[dict[str, Any]]:

@@ -5,17 +5,44 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
+import threading
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from . import console
 from .events import Error
+
+
+def _metavars_only(params: list[Any]) -> list[Any]:
+    """typer's rich help labels every option with its Python type (<bool>, <str>, <int>); show
+    the option's metavar instead, and nothing for a flag or an argument (its name says it)."""
+    for p in params:
+        shown = (
+            None if p.param_type_name == "argument" or getattr(p, "is_flag", False) else p.metavar
+        )
+        p.display_type_rich = lambda ctx, shown=shown: shown
+    return params
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx):
+        return _metavars_only(super().get_params(ctx))
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is not None:
+            command.get_params = lambda ctx, get=command.get_params: _metavars_only(get(ctx))
+        return command
+
 
 app = typer.Typer(
     name="smollm3-mlx",
@@ -23,7 +50,56 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_Group,
 )
+
+
+def _in_range(name: str, low: float, high: float | None = None, *, above: bool = False) -> Callable:
+    """An option callback: a value outside [low, high] (or <= low when `above`) is one line."""
+    if high is not None:
+        wanted = (
+            f"{'more than' if above else 'from'} {low} {'and at most' if above else 'to'} {high}"
+        )
+    else:
+        wanted = f"{'more than' if above else 'at least'} {low}"
+
+    def check(value: float | None) -> float | None:
+        if value is None:
+            return value
+        bad = not math.isfinite(value) or value < low or (above and value == low)
+        if bad or (high is not None and value > high):
+            console.error(f"{name} must be {wanted}, not {value}")
+            raise typer.Exit(2)
+        return value
+
+    return check
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        from . import __version__
+
+        try:
+            mlx = f" (mlx {version('mlx')})"
+        except PackageNotFoundError:
+            mlx = ""
+        console.write(f"smollm3-mlx {__version__}{mlx}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print the version and exit.", is_eager=True, callback=_version
+        ),
+    ] = False,
+) -> None:
+    """Run Hugging Face's SmolLM3-3B on Apple MLX."""
+
 
 DEFAULT_MODEL_NAME = "SmolLM3-3B-4bit"  # HuggingFaceTB/SmolLM3-3B, 4-bit mixed recipe
 
@@ -32,6 +108,7 @@ Model = Annotated[
     typer.Option(
         "--model",
         "-m",
+        metavar="FOLDER|REPO",
         help="Local model folder or hub repo id. Default: the converted model in the cache "
         "(SMOLLM3_MLX_HOME, else ~/.cache/smollm3-mlx), made on first use by downloading "
         "HuggingFaceTB/SmolLM3-3B and converting it to 4-bit.",
@@ -41,21 +118,40 @@ Model = Annotated[
 DType = Annotated[
     str,
     typer.Option(
+        metavar="DTYPE",
         help="Compute dtype: auto (float32 on the CPU, stored dtype on the GPU), "
-        "float32, bfloat16 or float16."
+        "float32, bfloat16 or float16.",
     ),
 ]
-MaxTokens = Annotated[int, typer.Option(help="The most tokens per answer, thinking included.")]
+MaxTokens = Annotated[
+    int,
+    typer.Option(
+        metavar="N",
+        help="The most tokens per answer, thinking included.",
+        callback=_in_range("--max-tokens", 1),
+    ),
+]
 Temperature = Annotated[
     float | None,
     typer.Option(
-        "--temp", help="Sampling temperature (default from generation_config.json; 0 is greedy)."
+        "--temp",
+        metavar="T",
+        help="Sampling temperature (default from generation_config.json; 0 is greedy).",
+        callback=_in_range("--temp", 0),
     ),
 ]
 TopP = Annotated[
-    float | None, typer.Option(help="Nucleus sampling mass (default from generation_config.json).")
+    float | None,
+    typer.Option(
+        metavar="P",
+        help="Nucleus sampling mass (default from generation_config.json; 1 keeps all).",
+        callback=_in_range("--top-p", 0, 1, above=True),
+    ),
 ]
-Seed = Annotated[int | None, typer.Option(help="Random seed.")]
+Seed = Annotated[
+    int | None,
+    typer.Option(metavar="N", help="Random seed.", callback=_in_range("--seed", 0, 2**64 - 1)),
+]
 Think = Annotated[
     bool,
     typer.Option(
@@ -78,31 +174,43 @@ KeepThinking = Annotated[
         "reasoned).",
     ),
 ]
-System = Annotated[str | None, typer.Option(help="A system message.")]
+System = Annotated[str | None, typer.Option(metavar="TEXT", help="A system message.")]
 MaxContext = Annotated[
     int | None,
     typer.Option(
-        help="The longest context in tokens. Default: the trained window (65536). Up to 131072 "
-        "switches on YaRN. chat keeps going past it by dropping the oldest turns (never the "
-        "system block); generate refuses a longer prompt.",
+        metavar="N",
+        help="The longest context in tokens. Default: the window the model was trained on "
+        "(max_position_embeddings in its config.json). Past it, up to twice it (or the YaRN "
+        "factor its config names), switches on YaRN. chat keeps going past it by dropping the "
+        "oldest turns (never the system block); generate refuses a longer prompt.",
         show_default=False,
+        callback=_in_range("--max-context", 1),
     ),
 ]
 KVBits = Annotated[
-    int | None, typer.Option(help="Quantize the KV cache to 4 or 8 bits (less memory).")
+    int | None,
+    typer.Option(metavar="BITS", help="Quantize the KV cache to 4 or 8 bits (less memory)."),
 ]
-KVGroupSize = Annotated[int, typer.Option(help="KV quantization group size: 32, 64 or 128.")]
+KVGroupSize = Annotated[
+    int, typer.Option(metavar="N", help="KV quantization group size: 32, 64 or 128.")
+]
 PromptLookup = Annotated[
     int,
     typer.Option(
+        metavar="N",
+        callback=_in_range("--prompt-lookup", 0),
         help="Prompt-lookup decoding: draft up to N tokens from text already in the context and "
         "check them in one pass; the output is the same. It pays where a pass over a few tokens "
-        "costs about one step (GPUs); on the CPU it does not (BENCHMARKS.md). 0: off."
+        "costs about one step (GPUs); on the CPU it does not (BENCHMARKS.md). 0: off.",
     ),
 ]
 KVStart = Annotated[
     int,
-    typer.Option(help="With --kv-bits: keep the KV cache dense until it holds this many tokens."),
+    typer.Option(
+        metavar="N",
+        help="With --kv-bits: keep the KV cache dense until it holds this many tokens.",
+        callback=_in_range("--kv-start", 0),
+    ),
 ]
 MemoryCheck = Annotated[
     bool,
@@ -125,43 +233,51 @@ _LIMITS = contextlib.ExitStack()  # MLX's memory limits for this process, releas
 atexit.register(_LIMITS.close)
 
 
+def _model_name(model: str | None) -> str:
+    """`model`, or the default model's folder (downloaded and converted on first use)."""
+    if model is not None:
+        return model
+    from .convert import ConvertError, ConvertInterrupted, convert
+    from .loading import DEFAULT_REPO
+
+    path = default_model_dir()
+    if not (path / "config.json").exists():
+        console.note(f"first run: downloading {DEFAULT_REPO} and converting it to 4-bit")
+        console.note(f"into {path}")
+        try:
+            with console.progress("converting") as update:
+                convert(DEFAULT_REPO, path, bits=4, recipe="mixed", progress=update,
+                        note=console.note)  # fmt: skip
+        except ConvertInterrupted as e:
+            console.error(str(e))
+            raise typer.Exit(128 + e.signum) from None
+        except ConvertError as e:
+            console.error(str(e))
+            raise typer.Exit(1) from None
+    return str(path)
+
+
 def _load(
     model: str | None, dtype: str, max_context: int | None = None, kv_bits: int | None = None,
     kv_group_size: int = 64, check_memory: bool = True,
 ):  # fmt: skip
-    """Load `model`, or the default model (converted into the cache on first use)."""
+    """Load `model` (see `_model_name`): (model, tokenizer, name). First refuses a session that
+    would not fit in memory (memory.py), unless check_memory is off; sets MLX's memory limits."""
     from .cache import KVSettings
-    from .loading import DEFAULT_REPO, ModelLoadError, load, resolve_model_path
+    from .loading import ModelLoadError, load
     from .memory import MemoryBudgetError, estimate_memory, memory_limits
 
+    name = _model_name(model)
     try:
-        if model is None:
-            path = default_model_dir()
-            if not (path / "config.json").exists():
-                from .convert import ConvertError, ConvertInterrupted, convert
-
-                console.note(f"first run: downloading {DEFAULT_REPO} and converting it to 4-bit")
-                console.note(f"into {path}")
-                try:
-                    with console.progress("converting") as update:
-                        convert(DEFAULT_REPO, path, bits=4, recipe="mixed", progress=update,
-                                note=console.note)  # fmt: skip
-                except ConvertInterrupted as e:
-                    console.error(str(e))
-                    raise typer.Exit(128 + e.signum) from None
-                except ConvertError as e:
-                    raise ModelLoadError(str(e)) from None
-            model = str(path)
-        with console.status(f"loading {model}"):
-            compute, path = None if dtype == "stored" else dtype, resolve_model_path(model)
+        with console.status(f"loading {name}"):
             kv = KVSettings(kv_bits, kv_group_size)
             loaded = load(
-                path, dtype=compute, max_context=max_context, lazy=True,
+                name, dtype=_dtype(dtype), max_context=max_context, lazy=True,
                 check_memory=check_memory, kv=kv,
             )  # fmt: skip
             est = estimate_memory(
-                path, max_context=max_context, kv_bits=kv_bits, kv_group_size=kv_group_size,
-                dtype=compute,
+                loaded[0].info.path, max_context=max_context, kv_bits=kv_bits,
+                kv_group_size=kv_group_size, dtype=_dtype(dtype),
             )  # fmt: skip
         _LIMITS.enter_context(memory_limits(est))
     except (ModelLoadError, MemoryBudgetError, OSError) as e:
@@ -169,22 +285,102 @@ def _load(
         raise typer.Exit(1) from None
     import mlx.core as mx
 
-    # The weights are read on MLX's own thread while the prompt shows; the first answer waits.
+    # The weights are read on MLX's own thread meanwhile; the first answer waits for them.
     mx.async_eval(loaded[0].parameters())
-    return (*loaded, model)
+    return (*loaded, name)
+
+
+def _dtype(dtype: str) -> str | None:
+    return None if dtype == "stored" else dtype
+
+
+class _Loading:
+    """`chat` loads the model and tokenizer in a thread of its own while its prompt shows, so
+    that a person can type at once; the first answer waits only for what is left.
+
+    What can be checked without the weights (the folder, its config) is checked before the
+    prompt, so that a wrong -m is one line at once, not after the first message. The thread
+    starts once the prompt is drawn: parsing tokenizer.json holds the GIL for a second, which
+    would otherwise hold the prompt back.
+    """
+
+    def __init__(
+        self, model: str | None, dtype: str, max_context: int | None,
+        kv_bits: int | None = None, kv_group_size: int = 64, check_memory: bool = True,
+    ):  # fmt: skip
+        from .loading import ModelLoadError, load_config, model_args, resolve_model_path
+        from .memory import MemoryBudgetError, check_memory as check, estimate_memory, memory_limits
+
+        self.name = _model_name(model)
+        try:  # a hub repo id downloads here, in the open, before the prompt
+            self.path = resolve_model_path(self.name)
+            model_args(load_config(self.path), self.path)
+            est = estimate_memory(
+                self.path, max_context=max_context, kv_bits=kv_bits,
+                kv_group_size=kv_group_size, dtype=_dtype(dtype),
+            )  # fmt: skip
+            if check_memory:  # before the prompt: a session that cannot fit is one line now
+                check(est)
+        except (ModelLoadError, MemoryBudgetError, OSError) as e:
+            console.error(str(e))
+            raise typer.Exit(1) from None
+        _LIMITS.enter_context(memory_limits(est))
+        self.result: tuple | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(
+            target=self._run, args=(_dtype(dtype), max_context), name="smollm3-mlx load"
+        )
+
+    def start(self) -> None:
+        if self.thread.ident is None:
+            self.thread.start()
+
+    def _run(self, dtype: str | None, max_context: int | None) -> None:
+        import mlx.core as mx
+
+        from .loading import load
+
+        try:
+            self.result = load(  # weights too; memory was checked in __init__
+                self.path, dtype=dtype, max_context=max_context, check_memory=False
+            )
+        except BaseException as e:  # handed to the main thread by `wait`
+            self.error = e
+        finally:
+            mx.clear_streams()  # MLX asks it of a thread that ran MLX work, before it ends
+
+    def wait(self) -> tuple:
+        """(model, tokenizer, name) once loaded; a load error is one line and exit 1."""
+        from .loading import ModelLoadError
+
+        self.start()
+        if self.thread.is_alive():
+            with console.status("loading the model"):
+                while self.thread.is_alive():
+                    self.thread.join(0.05)  # short waits: Ctrl-C is seen at once
+        if isinstance(self.error, (ModelLoadError, OSError)):
+            console.error(str(self.error))
+            raise typer.Exit(1) from None
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return (*self.result, self.name)
 
 
 def _session(
     model, dtype, think, system, keep_thinking, max_tokens, temperature, top_p, seed,
-    max_context=None, kv_bits=None, kv_group_size=64, kv_start=0, prompt_lookup=0,
+    max_context=None, kv_bits=None, kv_group_size=64, kv_start=0, prompt_lookup=0, loaded=None,
     memory_check=True, prompt_cache=None,
 ):  # fmt: skip
+    """The Chat for `chat` and `generate`, over the model `loaded` (loaded here when None)."""
     import mlx.core as mx
 
     from .cache_file import PromptCacheError
     from .chat import Chat
 
-    m, tokenizer, name = _load(model, dtype, max_context, kv_bits, kv_group_size, memory_check)
+    m, tokenizer, name = loaded or _load(
+        model, dtype, max_context, kv_bits, kv_group_size, memory_check
+    )
     if seed is not None:
         mx.random.seed(seed)
     try:
@@ -286,13 +482,24 @@ def _stats(chat) -> dict[str, object]:
     return rows
 
 
+def _after_prefill(progress, items):
+    """Pass `items` on, ending the prefill's progress line at the first."""
+    for item in items:
+        progress.stop()
+        yield item
+
+
 def _turn(chat, text: str, view) -> None:
-    """One turn; Ctrl-C stops it (the partial answer is kept) instead of killing the chat."""
+    """One turn; Ctrl-C stops it (the partial answer is kept) instead of killing the chat.
+    A long prefill shows its progress; Ctrl-C stops it after the current forward chunk."""
     previous = signal.signal(signal.SIGINT, lambda *_: chat.cancel())
     try:
-        for event in chat.send(text):
-            view(event)
+        with console.prefill_progress() as progress:
+            chat.prompt_progress = progress
+            for event in _after_prefill(progress, chat.send(text)):
+                view(event)
     finally:
+        chat.prompt_progress = None
         signal.signal(signal.SIGINT, previous)
 
 
@@ -325,36 +532,49 @@ def chat(
 ) -> None:
     """Chat in the terminal; /help lists the commands, Ctrl-C stops an answer, Ctrl-D exits."""
     try:
-        session = _session(
-            model, dtype, think, system, keep_thinking, max_tokens, temperature, top_p, seed,
-            max_context, kv_bits, kv_group_size, kv_start, prompt_lookup, memory_check,
-            prompt_cache,
-        )  # fmt: skip
+        loading = _Loading(model, dtype, max_context, kv_bits, kv_group_size, memory_check)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
-    console.welcome(session.model_name, session.think, session.keep_thinking)
-    while True:
-        try:
-            line = console.ask(session.think)
-        except EOFError:
-            console.info("")
-            break
-        except KeyboardInterrupt:
-            console.info("\n(/exit or Ctrl-D to quit)")
-            continue
-        if not line.strip():
-            continue
-        if line.startswith("/"):
-            if not _command(session, line):
+    try:
+        console.welcome(loading.name, think, keep_thinking)
+        session = None
+        ask = console.chat_reader(on_shown=loading.start)
+        while True:
+            try:
+                line = ask(session.think if session else think)
+            except EOFError:
+                console.info("")
                 break
-            continue
-        _turn(session, line, console.TurnView(hide_thinking=hide_thinking))
+            except KeyboardInterrupt:
+                console.info("\n(/exit or Ctrl-D to quit)")
+                continue
+            if not line.strip():
+                continue
+            if session is None:
+                session = _session(
+                    model, dtype, think, system, keep_thinking, max_tokens, temperature, top_p,
+                    seed, max_context, kv_bits, kv_group_size, kv_start, prompt_lookup,
+                    loading.wait(), prompt_cache=prompt_cache,
+                )  # fmt: skip
+            if line.startswith("/"):
+                if not _command(session, line):
+                    break
+                continue
+            _turn(session, line, console.TurnView(hide_thinking=hide_thinking))
+    except KeyboardInterrupt:  # while waiting for the model
+        raise typer.Exit(130) from None
+    finally:
+        if loading.thread.ident is not None:
+            loading.thread.join()  # never leave a thread inside MLX at exit
 
 
 @app.command()
 def generate(
     prompt: Annotated[
-        str | None, typer.Argument(help="The prompt; read from stdin if absent.")
+        str | None,
+        typer.Argument(
+            metavar="PROMPT", help="The prompt; read from stdin if absent.", show_default=False
+        ),
     ] = None,
     model: Model = None,
     raw: Annotated[
@@ -363,10 +583,20 @@ def generate(
     think: Think = True,
     hide_thinking: HideThinking = False,
     system: System = None,
+    prefill: Annotated[
+        str | None,
+        typer.Option(
+            "--prefill",
+            metavar="TEXT",
+            help="Start the answer with TEXT and let the model continue it ('{' for JSON); "
+            "TEXT is printed as part of the answer.",
+        ),
+    ] = None,
     output_format: Annotated[
         str,
         typer.Option(
             "--format",
+            metavar="text|json",
             help="text: the answer on stdout (thinking on stderr); json: one object with "
             "thinking, answer and stats.",
         ),
@@ -391,53 +621,89 @@ def generate(
         console.error(f"--format must be text or json, not {output_format}")
         raise typer.Exit(2)
     if prompt is None:
-        prompt = sys.stdin.read()
+        try:
+            prompt = console.read_prompt() if sys.stdin.isatty() else sys.stdin.read()
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
     if not raw:
         prompt = prompt.strip()  # `echo question |` ends it with a newline
     if not prompt.strip():
         console.error("the prompt is empty")
         raise typer.Exit(1)
+    if raw and prefill is not None:
+        console.error(
+            "--prefill opens the chat template's answer; with --raw, end the prompt with it"
+        )
+        raise typer.Exit(2)
     try:
         session = _session(
             model, dtype, think, system, True, max_tokens, temperature, top_p, seed,
-            max_context, kv_bits, kv_group_size, kv_start, prompt_lookup, memory_check,
+            max_context, kv_bits, kv_group_size, kv_start, prompt_lookup,
+            memory_check=memory_check,
         )  # fmt: skip
-        _check_context(session, prompt, raw)
-        if raw:
-            _complete(session, prompt, stats, output_format)
-        elif output_format == "json":
-            *_, done = session.send(prompt)
-            if isinstance(done, Error):
-                console.error(done.message)
-                raise typer.Exit(1)
-            result = {"thinking": done.thinking, "answer": done.answer}
-            result |= {"finish_reason": done.finish_reason, "stats": asdict(done.stats)}
-            console.write(json.dumps(result, ensure_ascii=False) + "\n")
-        else:
-            view = console.TurnView(
-                hide_thinking=hide_thinking, thinking_to=console.err, footer=stats
-            )
-            for event in session.send(prompt):
-                view(event)
-                if isinstance(event, Error):
-                    raise typer.Exit(1)
+        _check_context(session, prompt, raw, prefill)
+        with console.prefill_progress() as progress:
+            session.prompt_progress = progress
+            if raw:
+                _complete(session, prompt, stats, output_format)
+            elif output_format == "json":
+                turn = session.send(prompt, prefill=prefill)
+                result = _turn_json(_after_prefill(progress, turn))
+                console.write(json.dumps(result, ensure_ascii=False) + "\n")
+            else:
+                view = console.TurnView(
+                    hide_thinking=hide_thinking, thinking_to=console.err, footer=stats
+                )
+                for event in _after_prefill(progress, session.send(prompt, prefill=prefill)):
+                    view(event)
+                    if isinstance(event, Error):
+                        raise typer.Exit(1)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 
 
-def _check_context(session, prompt: str, raw: bool) -> None:
+def _turn_json(events) -> dict[str, Any]:
+    """One turn as JSON: thinking, answer, the tool calls the model made (and any it wrote
+    malformed), why it ended and its stats."""
+    errors = []
+    for event in events:
+        if type(event).__name__ == "ToolCallError":
+            errors.append({"text": event.text, "error": event.error})
+    done = event
+    if isinstance(done, Error):  # an allocation failure: one line, exit 1
+        console.error(done.message)
+        raise typer.Exit(1)
+    calls = [{"name": c.name, "arguments": c.arguments} for c in done.tool_calls]
+    result = {"thinking": done.thinking, "answer": done.answer, "tool_calls": calls}
+    if errors:
+        result["tool_call_errors"] = errors
+    return result | {"finish_reason": done.finish_reason, "stats": asdict(done.stats)}
+
+
+def _check_context(session, prompt: str, raw: bool, prefill: str | None) -> None:
     """generate answers one prompt: one longer than the context is an error, not a rotation."""
     tok = session.tokenizer
     if raw:
         n = len(tok.encode(prompt, allow_special=True))
     else:
         messages = [*session.messages, {"role": "user", "content": prompt}]
-        n = len(tok.apply_chat_template(messages, tokenize=True, enable_thinking=session.think))
-    limit = session.model.max_context
+        if prefill is not None:
+            messages.append({"role": "assistant", "content": prefill})
+        n = len(
+            tok.apply_chat_template(
+                messages,
+                tokenize=True,
+                enable_thinking=session.think,
+                continue_final_message=prefill is not None,
+            )
+        )
+    from .loading import longest_context
+
+    limit, most = session.model.max_context, longest_context(session.model.args)
     if n >= limit:
         console.error(
-            f"the prompt is {n} tokens, no room left to answer in the context of {limit} "
-            "(raise --max-context, up to 131072)"
+            f"the prompt is {n} tokens, no room left to answer in the context of {limit}"
+            + (f" (raise --max-context; this model allows up to {most})" if most > limit else "")
         )
         raise typer.Exit(1)
 
@@ -447,14 +713,16 @@ def _complete(session, prompt: str, stats: bool, output_format: str) -> None:
     from .generate import stream_generate
 
     last, text = None, ""
-    for last in stream_generate(
+    responses = stream_generate(
         session.model,
         session.tokenizer,
         prompt,
         sampling=session.sampling,
         prompt_cache=PromptCache.new(session.model, kv=session.kv),
         prompt_lookup=session.prompt_lookup,
-    ):
+        prompt_progress=session.prompt_progress,
+    )
+    for last in _after_prefill(session.prompt_progress, responses):
         text += last.text
         if output_format == "text":
             console.write(last.text)
@@ -477,24 +745,29 @@ def convert(
             metavar="SOURCE", help="Hub repo id or local folder of a Hugging Face checkpoint."
         ),
     ] = "HuggingFaceTB/SmolLM3-3B",
-    bits: Annotated[int, typer.Option(help="Bits per weight: 4 or 8.")] = 4,
-    group_size: Annotated[int, typer.Option(help="Weights per scale: 32, 64 or 128.")] = 64,
+    bits: Annotated[int, typer.Option(metavar="BITS", help="Bits per weight: 4 or 8.")] = 4,
+    group_size: Annotated[
+        int, typer.Option(metavar="N", help="Weights per scale: 32, 64 or 128.")
+    ] = 64,
     recipe: Annotated[
         str | None,
         typer.Option(
+            metavar="mixed|uniform",
             help="mixed: the embedding / tied output head at 8 bits (the 4-bit default); "
             "uniform: --bits everywhere (the 8-bit default).",
             show_default=False,
         ),
     ] = None,
     dtype: Annotated[
-        str, typer.Option(help="Of the scales, biases and norms: bfloat16 or float16.")
+        str,
+        typer.Option(metavar="DTYPE", help="Of the scales, biases and norms: bfloat16 or float16."),
     ] = "bfloat16",
     revision: Annotated[
-        str | None, typer.Option(help="Hub revision: branch, tag or commit.")
+        str | None, typer.Option(metavar="REV", help="Hub revision: branch, tag or commit.")
     ] = None,
     upload_repo: Annotated[
-        str | None, typer.Option(help="Then upload the folder to this hub repo (USER/NAME).")
+        str | None,
+        typer.Option(metavar="USER/NAME", help="Then upload the folder to this hub repo."),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
 ) -> None:
@@ -556,7 +829,7 @@ def cache_prompt(
         raise typer.Exit(1) from None
     session = _session(
         model, dtype, think, text.strip(), True, 1, None, None, None,
-        max_context, kv_bits, kv_group_size, kv_start, 0, memory_check,
+        max_context, kv_bits, kv_group_size, kv_start, 0, memory_check=memory_check,
     )  # fmt: skip
     start = time.perf_counter()
     try:
@@ -622,9 +895,30 @@ def estimate(
 def bench(
     model: Model = None,
     dtype: DType = "auto",
-    prompt_tokens: Annotated[int, typer.Option(help="Prompt length (random tokens).")] = 512,
-    generation_tokens: Annotated[int, typer.Option(help="Tokens to generate, greedy.")] = 128,
-    runs: Annotated[int, typer.Option(help="Timed runs; the medians are shown.")] = 3,
+    prompt_tokens: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            help="Prompt length (random tokens). Default: 512 on the GPU, 8 on the CPU.",
+            show_default=False,
+        ),
+    ] = None,
+    generation_tokens: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            help="Tokens to generate, greedy. Default: 128 on the GPU, 4 on the CPU.",
+            show_default=False,
+        ),
+    ] = None,
+    runs: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            help="Timed runs; the medians are shown. Default: 3 on the GPU, 2 on the CPU.",
+            show_default=False,
+        ),
+    ] = None,
     compare_mlx_lm: Annotated[
         bool,
         typer.Option(
@@ -636,8 +930,12 @@ def bench(
     ] = False,
 ) -> None:
     """Measure prefill and decode speed, time to first token and peak memory on your model."""
-    from .bench import bench as measure, mlx_lm_runners, smollm3_runner
+    from .bench import bench as measure, default_sizes, mlx_lm_runners, smollm3_runner
 
+    sizes = default_sizes()
+    prompt_tokens = prompt_tokens if prompt_tokens is not None else sizes[0]
+    generation_tokens = generation_tokens if generation_tokens is not None else sizes[1]
+    runs = runs if runs is not None else sizes[2]
     for name, value in [("prompt-tokens", prompt_tokens), ("generation-tokens", generation_tokens),
                         ("runs", runs)]:  # fmt: skip
         if value < 1:
@@ -660,10 +958,18 @@ def bench(
         ours = getattr(mx, runners[0].dtype, None)  # e.g. "float32"
         with console.status("loading it with mlx-lm"):
             runners += mlx_lm_runners(m.info.path, [None, *([ours] if ours else [])])
-    with console.status(f"timing {runs} runs of {prompt_tokens} + {generation_tokens} tokens"):
-        results = measure(
-            runners, prompt_tokens=prompt_tokens, generation_tokens=generation_tokens, runs=runs
-        )
+    what = f"{prompt_tokens} + {generation_tokens} tokens"
+    try:
+        with console.bench_progress(what, runs * len(runners)) as on_run:
+            results = measure(
+                runners,
+                prompt_tokens=prompt_tokens,
+                generation_tokens=generation_tokens,
+                runs=runs,
+                on_run=on_run,
+            )
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
     console.bench_results(name, results)
 
 

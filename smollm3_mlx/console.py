@@ -8,9 +8,18 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.live import Live
 from rich.markup import escape
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 from .events import AnswerDelta, Done, Error, Event, ThinkingDelta, ToolCall, ToolCallError
 
@@ -69,6 +78,50 @@ def status(message: str) -> Iterator[None]:
         yield
 
 
+class PrefillProgress:
+    """A turn's `prompt_progress`: once the prefill has taken a second, one line on stderr with
+    the prompt tokens done and the rate, redrawn four times a second; gone when it ends (`stop`,
+    at the first token or the end of the turn). Nothing when stderr is not a terminal."""
+
+    DELAY = 1.0  # seconds before the line shows: a short prefill shows nothing
+
+    def __init__(self) -> None:
+        self.live: Live | None = None
+        self.start, self.done, self.total = 0.0, 0, 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.live is None and done == 0 and err.is_terminal:
+            self.start = time.perf_counter()
+            self.live = Live(self, console=err, transient=True, refresh_per_second=4)
+            self.live.start()
+        self.done, self.total = done, total
+
+    def stop(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+
+    def __rich__(self) -> Text:
+        elapsed = time.perf_counter() - self.start
+        if elapsed < self.DELAY:
+            return Text("")
+        rate = f", {self.done / elapsed:.2f} tok/s" if self.done else ""
+        return Text(
+            f"reading the prompt: {self.done} of {self.total} tokens{rate}, {elapsed:.0f} s "
+            "(Ctrl-C stops)",
+            style="dim",
+        )
+
+
+@contextmanager
+def prefill_progress() -> Iterator[PrefillProgress]:
+    show = PrefillProgress()
+    try:
+        yield show
+    finally:
+        show.stop()
+
+
 def welcome(model: str, think: bool, keep_thinking: bool) -> None:
     out.print(
         f"[bold]SmolLM3[/] [dim]{escape(model)}[/]\n"
@@ -82,6 +135,31 @@ def ask(think: bool) -> str:
     """Read one line at the chat prompt (EOFError on Ctrl-D)."""
     mode = "think" if think else "no_think"
     return out.input(f"\n[bold cyan]you[/] [dim]({mode})[/] [bold cyan]›[/] ")
+
+
+def chat_reader(on_shown: Callable[[], None] = lambda: None) -> Callable[[bool], str]:
+    """What reads the chat's messages: the line editor on a terminal (editing keys, history,
+    multi-line paste), plain lines from a pipe or a file. `on_shown` is called once the first
+    prompt is on the screen (at once without the editor)."""
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        on_shown()
+        return ask
+    from .editor import LineEditor
+
+    editor = LineEditor(on_shown=on_shown)
+    return lambda think: editor.ask("you", "think" if think else "no_think")
+
+
+def read_prompt() -> str:
+    """`generate`'s prompt, typed in the terminal (the line editor draws on stderr)."""
+    from .editor import LineEditor
+
+    note("no prompt given: type it here (Enter sends, Esc then Enter starts a new line), "
+         "or pass it as an argument, or pipe it in")  # fmt: skip
+    try:
+        return LineEditor(stderr=True).ask("prompt", "Ctrl-D: none")
+    except EOFError:
+        return ""
 
 
 def info(message: str) -> None:
@@ -196,6 +274,45 @@ def converted(r) -> None:
         out.print(f"[green]uploaded[/] https://huggingface.co/{r.upload_repo}")
 
 
+@contextmanager
+def bench_progress(what: str, total: int) -> Iterator[Callable]:
+    """`bench`'s progress on stderr: run N of M and the time left, and each run's numbers as it
+    ends (in logs too); yields the callback `bench` calls after each run with a RunReport."""
+    start = time.perf_counter()
+    with Progress(
+        SpinnerColumn(), TextColumn("[dim]{task.description}"), console=err, transient=True,
+        disable=not err.is_terminal,
+    ) as bar:  # fmt: skip
+        task = bar.add_task(f"timing {what}: run 1 of {total}")
+
+        def on_run(r) -> None:
+            left = (time.perf_counter() - start) / r.done * (r.total - r.done)
+            decode = f", decode {r.decode_tps:.2f} tok/s" if r.decode_tps else ""
+            eta = f", about {_duration(left)} left" if r.done < r.total else ""
+            bar.console.print(
+                f"[dim]run {r.done} of {r.total}: {escape(r.runtime)} prefill "
+                f"{r.prefill_tps:.1f} tok/s{decode}{eta}[/]"
+            )
+            if r.done < r.total:
+                bar.update(task, description=f"timing {what}: run {r.done + 1} of {r.total}{eta}")
+
+        yield on_run
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def _full_width(renderable) -> None:
+    """On a terminal, fit the screen; in a file or a pipe, never cut a column (`smoll…`)."""
+    if out.is_terminal:
+        out.print(renderable)
+    else:
+        Console(highlight=False, emoji=False, width=10_000, file=sys.stdout).print(renderable)
+
+
 def bench_results(model: str, results) -> None:
     """The table of `smollm3-mlx bench`: one row per runtime, ratios against the first (ours)."""
     ours = results[0]
@@ -214,7 +331,7 @@ def bench_results(model: str, results) -> None:
             f"{ours.prefill_tps / r.prefill_tps:.2f}x" if r.prefill_tps else "-",
             f"{ours.decode_tps / r.decode_tps:.2f}x" if r.decode_tps else "-",
         )
-    out.print(table)
+    _full_width(table)
     out.print(
         f"[dim]{ours.prompt_tokens}-token random prompt, {ours.generation_tokens} tokens greedy, "
         f"median of {ours.runs} runs[/]"

@@ -14,10 +14,14 @@ from typing import Protocol
 import mlx.core as mx
 
 from .cache import Cache, PromptCache
+from .model import Model
 from .sample import DEFAULT_MAX_TOKENS, LogitsProcessor, Sampler, Sampling, greedy
 
 GREEDY = Sampling(temperature=0.0, top_p=1.0)  # for a model `load` did not make
 DEFAULT_PREFILL_STEP = 512
+# On the CPU a chunk of the prompt costs about as much per token as single steps (BENCHMARKS.md),
+# so chunks there are sized to a few tokens of SmolLM3-3B: Ctrl-C acts within seconds.
+CPU_PREFILL_WORK = 4 * 3.04e9  # tokens x parameters per chunk: 4 tokens of the 3B (3.04e9 below)
 
 
 class Cancel(Protocol):
@@ -74,6 +78,20 @@ class Decoder:
             self.tokens = mx.concatenate([self.tokens, ids.astype(self.tokens.dtype)])
 
 
+def default_prefill_step(model) -> int:
+    """Prompt tokens per forward chunk: 512 on a GPU; on the CPU, what makes a chunk short
+    (512 for a model that is not ours, e.g. a wrapper: its size is unknown)."""
+    if mx.default_device().type == mx.gpu or not isinstance(model, Model):
+        return DEFAULT_PREFILL_STEP
+    a = model.args
+    params = a.num_hidden_layers * (4 * a.hidden_size**2 + 3 * a.hidden_size * a.intermediate_size)
+    return max(1, min(DEFAULT_PREFILL_STEP, int(CPU_PREFILL_WORK / params)))
+
+
+class _Cancelled(Exception):
+    """Raised by stream_generate's progress hook between prefill chunks once cancelled."""
+
+
 def start(
     prompt: mx.array,
     model,
@@ -81,7 +99,7 @@ def start(
     sampler: Sampler | None = None,
     logits_processors: Sequence[LogitsProcessor] = (),
     prompt_cache: list[Cache] | None = None,
-    prefill_step_size: int = DEFAULT_PREFILL_STEP,
+    prefill_step_size: int | None = None,
     prompt_progress: Callable[[int, int], None] | None = None,
     max_kv_size: int | None = None,
     keep: int = 0,
@@ -104,6 +122,7 @@ def start(
             quantize_after=quantized_kv_start,
         )  # fmt: skip
     cache = prompt_cache
+    prefill_step_size = prefill_step_size or default_prefill_step(model)
     window = cache[0].window
     if window is not None:  # a prefill chunk must fit beside the kept tokens
         prefill_step_size = min(prefill_step_size, window - cache[0].keep)
@@ -134,7 +153,7 @@ def generate_step(
     sampler: Sampler | None = None,
     logits_processors: Sequence[LogitsProcessor] = (),
     prompt_cache: list[Cache] | None = None,
-    prefill_step_size: int = DEFAULT_PREFILL_STEP,
+    prefill_step_size: int | None = None,
     prompt_progress: Callable[[int, int], None] | None = None,
     max_kv_size: int | None = None,
     keep: int = 0,
@@ -154,7 +173,8 @@ def generate_step(
         logits_processors: (tokens so far, logits) -> logits, applied in order; the tokens
             are `context`, the prompt and the ids generated.
         prompt_cache: per-layer caches, updated in place; a fresh one when None.
-        prefill_step_size: the prompt is processed in chunks of this many tokens.
+        prefill_step_size: the prompt is processed in chunks of this many tokens
+            (`default_prefill_step`: short chunks on the CPU).
         prompt_progress: called as (processed, total) during prefill.
         max_kv_size, keep: for a new cache, rotate within this many tokens, never dropping the
             first `keep` (see `KVCache`).
@@ -284,8 +304,8 @@ def stream_generate(
         stop_strings: generation ends before the first of these appears in the text.
         prompt_cache: reused for the longest prefix it holds of `prompt`, and left holding the
             prompt and the ids generated (multi-turn reuse); a fresh cache when None.
-        cancel: a threading.Event: once set, generation ends after the current token, with
-            "cancelled".
+        cancel: a threading.Event: once set, generation ends after the current token (during
+            the prefill: after the current forward chunk), with "cancelled".
         **kwargs: passed to the step: `generate_step` (prefill_step_size, prompt_progress,
             max_kv_size, ...), or with `prompt_lookup` (and `prompt_lookup_ngram`)
             `lookup.lookup_generate_step`.
@@ -328,6 +348,8 @@ def stream_generate(
             lookup=replace(stats),
         )
 
+    if cancel is not None:  # checked between prefill chunks too
+        kwargs["prompt_progress"] = partial(_check, cancel, kwargs.get("prompt_progress"))
     step: Callable[..., Generator[tuple[int, mx.array], None, None]] = generate_step
     lookup = {k: kwargs.pop(k) for k in ("prompt_lookup", "prompt_lookup_ngram") if k in kwargs}
     if lookup.get("prompt_lookup"):
@@ -361,12 +383,21 @@ def stream_generate(
             if cancel is not None and cancel.is_set():
                 finish = "cancelled"
                 break
+    except _Cancelled:
+        finish = "cancelled"
     finally:  # however it ended (a break, an error, the caller closing the stream)
         steps.close()
         if prompt_cache is not None:
             prompt_cache.settle(ids + generated)
     piece, finish = text.end(finish)
     yield response(piece, token if finish == "length" else None, finish)
+
+
+def _check(cancel: Cancel, progress: Callable[[int, int], None] | None, done: int, total: int):
+    if progress is not None:
+        progress(done, total)
+    if cancel.is_set() and done < total:
+        raise _Cancelled
 
 
 def _fit_context(

@@ -207,6 +207,14 @@ def _config_problem(config: dict[str, Any]) -> str | None:
     return None
 
 
+def longest_context(args: ModelArgs) -> int:
+    """The longest context a model allows: its YaRN factor times the window it was trained on."""
+    scaling = args.rope_scaling
+    if scaling and scaling["rope_type"] == "yarn":
+        return int(scaling["factor"] * scaling["original_max_position_embeddings"])
+    return int(MAX_YARN_FACTOR * args.max_position_embeddings)
+
+
 def context_window(args: ModelArgs, max_context: int | None) -> tuple[int, dict[str, Any] | None]:
     """The context to allow, and the YaRN settings to switch on for it (None: leave RoPE as is).
 
@@ -215,10 +223,7 @@ def context_window(args: ModelArgs, max_context: int | None) -> tuple[int, dict[
     """
     trained = args.max_position_embeddings
     scaling = args.rope_scaling
-    if scaling and scaling["rope_type"] == "yarn":
-        supported = int(scaling["factor"] * scaling["original_max_position_embeddings"])
-    else:
-        supported = int(MAX_YARN_FACTOR * trained)
+    supported = longest_context(args)
     if max_context is None:
         return (supported if scaling else trained), None
     if not 0 < max_context <= supported:
@@ -454,6 +459,8 @@ def load(
         (model, tokenizer); `model.info` holds the folder's path, context window, sampling
         defaults and the tokenizer.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from .tokenizer import Tokenizer
 
     path = resolve_model_path(path_or_repo, revision)
@@ -466,14 +473,18 @@ def load(
             kv_start=kv.start, dtype=dtype,
         )  # fmt: skip
         check(est)
-    model = load_model(path, dtype=dtype, lazy=lazy, max_context=max_context)
-    try:
-        tokenizer = Tokenizer.from_folder(path)
-    except FileNotFoundError as e:
-        raise ModelLoadError(str(e)) from None
-    except Exception as e:  # tokenizers raises bare Exceptions; any bad file ends here, named
-        raise ModelLoadError(
-            f"{path}: its tokenizer files cannot be read ({type(e).__name__}: {_first_line(e)})"
-        ) from None
+    # The tokenizer (parsing tokenizer.json, ~1 s for SmolLM3's) is read beside the weights;
+    # its thread runs no MLX work.
+    with ThreadPoolExecutor(1, thread_name_prefix="smollm3-mlx tokenizer") as pool:
+        reading = pool.submit(Tokenizer.from_folder, path)
+        model = load_model(path, dtype=dtype, lazy=lazy, max_context=max_context)
+        try:
+            tokenizer = reading.result()
+        except FileNotFoundError as e:
+            raise ModelLoadError(str(e)) from None
+        except Exception as e:  # tokenizers raises bare Exceptions; any bad file ends here, named
+            raise ModelLoadError(
+                f"{path}: its tokenizer files cannot be read ({type(e).__name__}: {_first_line(e)})"
+            ) from None
     model.info = replace(model.info, tokenizer=tokenizer)  # so that `Chat(model)` needs no more
     return model, tokenizer

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -79,7 +79,9 @@ class Tokenizer:
         self.im_start_id = self.token_to_id("<|im_start|>")
         self.im_end_id = self.token_to_id("<|im_end|>")
         names = ("bos_token", "eos_token", "unk_token", "pad_token")
-        self._special_vars = {n: _token_text(self.config[n]) for n in names if self.config.get(n)}
+        self._special_vars: dict[str, str] = {
+            n: text for n in names if (text := _token_text(self.config.get(n)))
+        }
         self._template: CompiledTemplate | None = None
 
     @classmethod
@@ -118,14 +120,25 @@ class Tokenizer:
     def token_to_id(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)
 
-    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
+    def encode(self, text: str, *, allow_special: bool | Collection[str] = False) -> list[int]:
         """Encode `text` without adding BOS/EOS.
 
         Args:
             text: The text to encode.
             allow_special: If True, added-token text like `<|im_end|>` or `<think>` becomes its
-                control id; if False (the default) every added token, special or not, is plain text.
+                control id; if False (the default) every added token, special or not, is plain
+                text; a collection of added tokens (ASSISTANT_TAGS): only those.
         """
+        if not isinstance(allow_special, bool):
+            allowed = frozenset(allow_special)
+            ids: list[int] = []
+            pos = 0
+            for m in self._added_re.finditer(text):
+                if m[0] in allowed:
+                    ids += self.encode(text[pos : m.start()])
+                    ids.append(self._added[m[0]])
+                    pos = m.end()
+            return ids + self.encode(text[pos:])
         ids = self.backend.encode(text, add_special_tokens=False).ids
         # Judged on the ids, not the text: a normalizer could make an added token of other text
         if allow_special or self._added_ids.isdisjoint(ids):
@@ -231,6 +244,8 @@ class Tokenizer:
             else add_generation_prompt,
             enable_thinking=enable_thinking,
         )
+        now = self.now()  # one date for both renderings of a tokenized chat
+        inputs["strftime_now"] = lambda fmt: now.strftime(fmt)
         text = compiled.render({**self._special_vars, **inputs})
         if final is not None:
             text = cut_at_continue_tag(text, final)

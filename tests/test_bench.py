@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -95,3 +96,27 @@ def test_bench_without_compare_imports_no_mlx_lm_transformers_or_torch(q4):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_bench_defaults_on_the_cpu_take_minutes_not_hours(q4):
+    r = CliRunner().invoke(cli.app, ["bench", "-m", str(q4)], env=WIDE)
+    assert r.exit_code == 0, r.output
+    assert "8-token random prompt, 4 tokens greedy, median of 2 runs" in r.output
+
+
+def test_bench_in_a_pipe_shows_each_run_as_it_ends_and_the_whole_table(q4):
+    args = ["bench", "-m", str(q4), "--prompt-tokens", "12", "--generation-tokens", "3"]
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
+    r = subprocess.run(
+        [sys.executable, "-m", "smollm3_mlx.cli", *args, "--runs", "2", "--compare-mlx-lm"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    runs = re.findall(r"run (\d) of 6: (.+?) prefill [\d.]+ tok/s, decode [\d.]+ tok/s", r.stderr)
+    assert [int(n) for n, _ in runs] == [1, 2, 3, 4, 5, 6]
+    assert [name for _, name in runs[:3]] == ["smollm3-mlx", "mlx-lm", "mlx-lm float32"]
+    assert len(re.findall(r"about \d+ (s|min|h) left", r.stderr)) == 5  # none after the last
+    assert "…" not in r.stdout  # an 80-column pipe used to cut `smoll…`, `float…`
+    for text in ("smollm3-mlx", "mlx-lm float32", "bfloat16", "ours/this prefill", "1.00x"):
+        assert text in r.stdout

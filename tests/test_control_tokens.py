@@ -203,3 +203,12 @@ def test_template_comparing_its_control_text_with_inputs_is_refused(tok):
     plain = [{"role": "user", "content": "ab"}]
     ids = custom.apply_chat_template(plain, tokenize=True)
     assert ids == [tok.im_start_id, *tok.encode("ab"), tok.im_end_id]
+
+
+def test_a_tokenized_chat_is_rendered_on_one_date():
+    """Both renderings of a tokenized chat read the clock once: a date change between them
+    (midnight) is not a template that edits its inputs."""
+    days = iter(range(1, 28))
+    ticking = Tokenizer.from_folder(REFERENCE_MODEL_DIR, now=lambda: datetime(2025, 1, next(days)))
+    ids = ticking.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=True)
+    assert "Today Date: 01 January 2025" in ticking.decode(ids)

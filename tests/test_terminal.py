@@ -1,0 +1,325 @@
+"""The terminal as a person meets it: the chat's line editor in a pseudo-terminal, help, options."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+
+import pexpect
+import pytest
+from checkpoints import REFERENCE_MODEL_DIR, requires_reference
+from trained_model import QUESTIONS, trained_checkpoint
+from typer.testing import CliRunner
+
+from smollm3_mlx import cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPT = r"›(?:\x1b\[[0-9;]*m)* "
+EDITOR_DONE = "\x1b[?2004l"  # the line editor hands a message over: bracketed paste off
+LEFT, UP, ALT_ENTER = "\x1b[D", "\x1b[A", "\x1b\r"
+PASTE_START, PASTE_END = "\x1b[200~", "\x1b[201~"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return trained_checkpoint(tmp_path_factory)
+
+
+def _env(state):
+    path = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "XDG_STATE_HOME": str(state), "TERM": "xterm",
+            "PROMPT_TOOLKIT_NO_CPR": "1"}  # fmt: skip
+
+
+def _chat(model_dir, state, *args):
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "smollm3_mlx.cli", "chat", "-m", str(model_dir), "--temp", "0", *args],
+        env=_env(state),
+        encoding="utf-8",
+        timeout=120,
+        dimensions=(40, 120),
+    )
+    child.expect(PROMPT)
+    return child
+
+
+def _enter(child, keys):
+    """Type `keys` then Enter; wait until the editor has handed the message to the chat."""
+    child.send(keys + "\r")
+    child.expect_exact(EDITOR_DONE)
+    child.expect(PROMPT)
+
+
+def _saved(child, path):
+    _enter(child, f"/save {path}")
+    return json.loads(path.read_text())
+
+
+def _exit(child):
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+@requires_reference
+def test_line_editor_edits_recalls_history_across_sessions_and_keeps_pastes_whole(
+    model_dir, tmp_path
+):
+    state = tmp_path / "state"
+    child = _chat(model_dir, state, "--max-tokens", "2", "--no-think")
+    # Arrow keys move the cursor (they used to reach the model as ^[[D).
+    _enter(child, "/system Be brif." + LEFT * 2 + "e")
+    assert _saved(child, tmp_path / "a.json")["messages"][0]["content"] == "Be brief."
+    # Esc then Enter (Alt+Enter) starts a new line instead of sending.
+    _enter(child, "/system one" + ALT_ENTER + "two")
+    assert _saved(child, tmp_path / "b.json")["messages"][0]["content"] == "one\ntwo"
+    # A 10,000-character line arrives whole (the terminal's canonical mode cut it at 4095).
+    long = "/system " + "".join(f"{i:05d} " for i in range(1666))[:9992]
+    assert len(long) == 10_000
+    _enter(child, long)
+    assert _saved(child, tmp_path / "c.json")["messages"][0]["content"] == long[len("/system ") :]
+    _enter(child, "/reset")
+    _enter(child, "/system")
+    # A multi-line paste is one message, sent with Enter.
+    pasted = "line one\nline two\nline three"
+    _enter(child, PASTE_START + pasted + PASTE_END)
+    users = [m for m in _saved(child, tmp_path / "d.json")["messages"] if m["role"] == "user"]
+    assert [m["content"] for m in users] == [pasted]
+    _exit(child)
+
+    history = (state / "smollm3-mlx" / "history").read_text()
+    assert (
+        "+line two" in history
+        and oct((state / "smollm3-mlx" / "history").stat().st_mode)[-3:] == "600"
+    )
+    # Up recalls what was typed in the earlier session: "/exit", "/save …d.json", the paste.
+    child = _chat(model_dir, state, "--max-tokens", "2", "--no-think")
+    _enter(child, UP * 3)
+    users = [m for m in _saved(child, tmp_path / "e.json")["messages"] if m["role"] == "user"]
+    assert [m["content"] for m in users] == [pasted]
+    _exit(child)
+
+
+@requires_reference
+def test_generate_without_a_prompt_on_a_terminal_says_what_it_expects(model_dir, tmp_path):
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "smollm3_mlx.cli", "generate", "-m", str(model_dir), "--temp", "0"],
+        env=_env(tmp_path / "state"),
+        encoding="utf-8",
+        timeout=120,
+        dimensions=(40, 120),
+    )
+    child.expect("no prompt given: type it here")
+    child.expect(PROMPT)
+    child.send(QUESTIONS["math"] + "\r")
+    child.expect_exact("2 + 2 = 4.")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+COMMANDS = ["chat", "generate", "convert", "bench"]
+
+
+@pytest.mark.parametrize("command", [[], *([c] for c in COMMANDS)])
+def test_help_shows_what_values_mean_not_python_types(command):
+    r = CliRunner().invoke(cli.app, [*command, "--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert not re.search(r"<(bool|str|int|float|path)>", r.output), r.output
+    if command in (["chat"], ["generate"]):
+        text = " ".join(r.output.split())
+        assert "--max-tokens N" in text and "--model -m FOLDER|REPO" in text
+        assert "131072" not in text and "max_position_embeddings" in text
+
+
+def test_version_prints_the_package_and_mlx_versions():
+    from smollm3_mlx import __version__
+
+    r = CliRunner().invoke(cli.app, ["--version"])
+    assert r.exit_code == 0
+    assert re.fullmatch(rf"smollm3-mlx {re.escape(__version__)} \(mlx [\d.]+\)\n", r.output)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["chat", "--prompt-lookup", "-3"], "--prompt-lookup must be at least 0, not -3"),
+        (["generate", "--seed", "-1", "hi"], "--seed must be from 0 to"),
+        (["generate", "--temp", "-1", "hi"], "--temp must be at least 0, not -1.0"),
+        (["generate", "--temp", "nan", "hi"], "--temp must be at least 0, not nan"),
+        (["generate", "--top-p", "2", "hi"], "--top-p must be more than 0 and at most 1, not 2.0"),
+        (["generate", "--top-p", "0", "hi"], "--top-p must be more than 0"),
+        (["generate", "--max-tokens", "-5", "hi"], "--max-tokens must be at least 1, not -5"),
+        (["chat", "--max-context", "0"], "--max-context must be at least 1, not 0"),
+        (["chat", "--kv-start", "-1"], "--kv-start must be at least 0, not -1"),
+    ],
+)
+def test_numeric_options_out_of_range_are_one_line_before_loading(args, message):
+    r = CliRunner().invoke(cli.app, [*args, "-m", "/nonexistent/model"])
+    assert r.exit_code == 2
+    assert r.output.count("\n") == 1 and message in r.output, r.output
+
+
+@requires_reference
+def test_generate_json_includes_the_tool_call_and_the_thinking(model_dir):
+    r = subprocess.run(
+        [sys.executable, "-m", "smollm3_mlx.cli", "generate", "-m", str(model_dir), "--temp", "0",
+         "--format", "json", QUESTIONS["weather"]],
+        capture_output=True, text=True, env=_env(model_dir.parent / "state"), timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["answer"] == "" and data["thinking"] == "I should call the weather tool."
+    assert data["tool_calls"] == [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+    assert "tool_call_errors" not in data and data["finish_reason"] == "stop"
+
+
+@requires_reference
+def test_chat_prompt_shows_while_the_model_loads_and_the_first_answer_waits_for_it(
+    model_dir, monkeypatch
+):
+    from smollm3_mlx import console, loading
+
+    asked, real_load, real_reader = threading.Event(), loading.load, console.chat_reader
+    order = []
+
+    def slow_load(*args, **kwargs):
+        order.append("prompt shown before the load" if asked.wait(60) else "load first")
+        return real_load(*args, **kwargs)  # in the loading thread: its arrays serve the turn
+
+    def reader(**kwargs):
+        ask = real_reader(**kwargs)
+
+        def first(think):
+            asked.set()
+            return ask(think)
+
+        return first
+
+    monkeypatch.setattr(loading, "load", slow_load)
+    monkeypatch.setattr(console, "chat_reader", reader)
+    r = CliRunner().invoke(
+        cli.app, ["chat", "-m", str(model_dir), "--temp", "0"], input=QUESTIONS["math"] + "\n"
+    )
+    assert r.exit_code == 0, r.output
+    assert order == ["prompt shown before the load"]
+    assert "2 + 2 = 4." in r.output
+
+
+@requires_reference
+def test_chat_with_a_wrong_folder_fails_before_the_prompt_and_a_broken_one_at_the_first_message(
+    model_dir, tmp_path
+):
+    r = CliRunner().invoke(cli.app, ["chat", "-m", str(tmp_path)], input="hi\n")
+    assert r.exit_code == 1 and "›" not in r.output
+    assert r.output.count("\n") == 1 and "no config.json" in r.output
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in model_dir.iterdir():
+        if f.name != "tokenizer.json":
+            (broken / f.name).symlink_to(f)
+    r = CliRunner().invoke(cli.app, ["chat", "-m", str(broken)], input="hi\n")
+    assert r.exit_code == 1 and "›" in r.output
+    assert "error:" in r.output and "tokenizer.json" in r.output
+
+
+# A slow model: 0.2 s per prefill chunk of 4 tokens (a tiny model's own chunk would be the whole
+# prompt); each chunk is counted in a file, so that a test sees how many ran after Ctrl-C.
+SLOW_PREFILL = """
+import importlib, sys, time
+from smollm3_mlx import cli, model
+
+importlib.import_module("smollm3_mlx.generate").default_prefill_step = lambda m: 4
+forward, counts = model.Model.__call__, sys.argv[1]
+
+def slow(self, inputs, cache=None):
+    if inputs.shape[1] > 1:
+        with open(counts, "a") as f:
+            f.write("chunk\\n")
+        time.sleep(0.2)
+    return forward(self, inputs, cache=cache)
+
+model.Model.__call__ = slow
+sys.argv = ["smollm3-mlx", *sys.argv[2:]]
+cli.app()
+"""
+
+
+def _slow(model_dir, tmp_path, *args):
+    chunks = tmp_path / "chunks"
+    child = pexpect.spawn(
+        sys.executable,
+        ["-c", SLOW_PREFILL, str(chunks), *args, "-m", str(model_dir), "--temp", "0"],
+        env=_env(tmp_path / "state"),
+        encoding="utf-8",
+        timeout=120,
+        dimensions=(40, 160),
+    )
+    return child, lambda: len(chunks.read_text().splitlines()) if chunks.exists() else 0
+
+
+@requires_reference
+@pytest.mark.parametrize("command", ["chat", "generate"])
+def test_a_long_prefill_shows_its_progress_and_ctrl_c_stops_it_within_a_chunk(
+    model_dir, tmp_path, command
+):
+    child, chunks = _slow(
+        model_dir, tmp_path, command, *([QUESTIONS["math"]] * (command != "chat"))
+    )
+    if command == "chat":
+        child.expect(PROMPT)
+        child.send(QUESTIONS["math"] + "\r")
+    child.expect(r"reading the prompt: (\d+) of (\d+) tokens, [\d.]+ tok/s, \d+ s \(Ctrl-C stops\)")
+    total = int(child.match.group(2))
+    seen = chunks()
+    child.sendintr()
+    if command == "chat":
+        child.expect("interrupted")
+        child.expect(PROMPT)
+        ran = chunks()
+        _exit(child)
+    else:
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 130
+        ran = chunks()
+    assert total > 200 and seen <= ran <= seen + 1  # counted as they start: perhaps one more
+    assert ran < total // 4 - 1
+
+
+@requires_reference
+def test_prefill_chunks_are_a_few_tokens_of_the_3b_on_the_cpu_and_512_on_a_gpu(monkeypatch):
+    import mlx.core as mx
+
+    from smollm3_mlx.generate import default_prefill_step
+    from smollm3_mlx.model import Model, ModelArgs
+
+    config = json.loads((REFERENCE_MODEL_DIR / "config.json").read_text())
+    big = Model(ModelArgs.from_dict(config))  # SmolLM3-3B's shapes; lazy, nothing is allocated
+    tiny = Model(ModelArgs.from_dict({**config, "num_hidden_layers": 2, "hidden_size": 64,
+                                      "intermediate_size": 256, "num_attention_heads": 4,
+                                      "num_key_value_heads": 2, "vocab_size": 512,
+                                      "no_rope_layers": [1, 0]}))  # fmt: skip
+    wrapper = lambda inputs, cache=None: big(inputs, cache=cache)  # noqa: E731
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.cpu))
+    assert [default_prefill_step(m) for m in (big, tiny, wrapper)] == [4, 512, 512]
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
+    assert default_prefill_step(big) == 512
+
+
+@requires_reference
+def test_a_prompt_too_long_names_the_longest_context_this_model_allows(model_dir):
+    config = json.loads((model_dir / "config.json").read_text())
+    most = 2 * config["max_position_embeddings"]
+    r = CliRunner().invoke(
+        cli.app, ["generate", "-m", str(model_dir), "--max-context", "40", QUESTIONS["hi"]]
+    )
+    assert r.exit_code == 1 and "131072" not in r.output
+    assert f"(raise --max-context; this model allows up to {most})" in r.output
