@@ -532,6 +532,14 @@ def chat(
 ) -> None:
     """Chat in the terminal; /help lists the commands, Ctrl-C stops an answer, Ctrl-D exits."""
     try:
+        if prompt_cache is not None:  # a bad file is one line before the prompt, not after
+            from .cache_file import PromptCacheError, read_metadata
+
+            try:
+                read_metadata(prompt_cache)
+            except PromptCacheError as e:
+                console.error(str(e))
+                raise typer.Exit(1) from None
         loading = _Loading(model, dtype, max_context, kv_bits, kv_group_size, memory_check)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
