@@ -36,6 +36,7 @@ _LAZY = {
     "ToolCall": "events",
     "ToolCallDelta": "events",
     "ToolCallError": "events",
+    "Error": "events",
     "Done": "events",
     "EventParser": "events",
     "tool_schema": "tools",
@@ -45,6 +46,11 @@ _LAZY = {
     "make_answer_constraint": "constrain",
     "make_think_budget": "constrain",
     "convert": "convert",
+    "estimate_memory": "memory",
+    "MemoryBudgetError": "memory",
+    "MemoryEstimate": "memory",
+    "PromptCacheError": "cache_file",
+    "PromptCacheMismatch": "cache_file",
 }
 
 __all__ = [*_LAZY, "__version__"]
@@ -53,6 +59,10 @@ if TYPE_CHECKING:
     from .cache import (
         KVSettings as KVSettings,
         PromptCache as PromptCache,
+    )
+    from .cache_file import (
+        PromptCacheError as PromptCacheError,
+        PromptCacheMismatch as PromptCacheMismatch,
     )
     from .chat import (
         Chat as Chat,
@@ -72,6 +82,7 @@ if TYPE_CHECKING:
     from .events import (
         AnswerDelta as AnswerDelta,
         Done as Done,
+        Error as Error,
         Event as Event,
         EventParser as EventParser,
         ThinkingDelta as ThinkingDelta,
@@ -91,6 +102,11 @@ if TYPE_CHECKING:
         ModelLoadError as ModelLoadError,
         load as load,
         load_model as load_model,
+    )
+    from .memory import (
+        MemoryBudgetError as MemoryBudgetError,
+        MemoryEstimate as MemoryEstimate,
+        estimate_memory as estimate_memory,
     )
     from .sample import (
         Sampling as Sampling,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import mlx.core as mx
@@ -254,6 +254,30 @@ class KVCache:
             return 0
         return sum(x.nbytes for x in self._slice(self.keys + self.values, 0, self.offset))
 
+    def export(self) -> tuple[list[mx.array], dict[str, int]]:
+        """What it holds (keys then values, 1 or 3 arrays each, up to `offset`), and counters."""
+        arrays = (
+            [] if self.keys is None else [*self._slice(self.keys + self.values, 0, self.offset)]
+        )
+        meta = {"offset": self.offset, "dropped": self.dropped, "quantized": int(self.quantized)}
+        return arrays, meta
+
+    def load_exported(self, arrays: Sequence[mx.array], meta: dict[str, int]) -> None:
+        """Take what `export` gave, into a cache made with the same settings.
+
+        Raises:
+            ValueError: arrays or counters that do not fit these settings.
+        """
+        quantized, offset = bool(meta["quantized"]), int(meta["offset"])
+        per_side = (3 if quantized else 1) if offset else 0
+        if len(arrays) != 2 * per_side or (quantized and not self.bits) or offset < 0:
+            raise ValueError("layer arrays do not match the KV cache settings")
+        if any(a.ndim != 4 or a.shape[2] != offset for a in arrays):
+            raise ValueError(f"layer arrays do not hold {offset} positions")
+        self.quantized, self.offset, self.dropped = quantized, offset, int(meta["dropped"])
+        self.keys = tuple(arrays[:per_side]) if offset else None
+        self.values = tuple(arrays[per_side:]) if offset else None
+
 
 def trim_prompt_cache(cache: list[Cache], n: int) -> int:
     """Drop the last `n` tokens from every layer's cache; returns how many were dropped."""
@@ -322,6 +346,40 @@ class PromptCache:
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.layers)
+
+    def export(self) -> tuple[dict[str, mx.array], dict[str, Any]]:
+        """Named arrays (the ids and every layer's keys and values) and the settings and counters
+        that go with them: all `restore` needs, for a file."""
+        arrays = {"ids": mx.array(self.ids, dtype=mx.int32)}
+        layers = []
+        for i, c in enumerate(self.layers):
+            held, meta = c.export()
+            arrays.update({f"layers.{i}.{j}": a for j, a in enumerate(held)})
+            layers.append({**meta, "arrays": len(held)})
+        settings = {"window": self.window, "keep": self.keep, "kv": asdict(self.kv)}
+        return arrays, {**settings, "layers": layers}
+
+    @classmethod
+    def restore(
+        cls, model: Model, arrays: dict[str, mx.array], meta: dict[str, Any]
+    ) -> PromptCache:
+        """The cache `export` described, on `model`: same ids, offset, dropped span and storage.
+
+        Raises:
+            ValueError: arrays and settings that do not describe a cache of this model.
+        """
+        kv = KVSettings(**meta["kv"])
+        pc = cls.new(model, window=meta["window"], keep=meta["keep"], kv=kv)
+        if len(meta["layers"]) != len(pc.layers):
+            raise ValueError(f"{len(meta['layers'])} layers, the model has {len(pc.layers)}")
+        for i, (c, m) in enumerate(zip(pc.layers, meta["layers"], strict=True)):
+            c.load_exported([arrays[f"layers.{i}.{j}"] for j in range(m["arrays"])], m)
+        pc.ids = arrays["ids"].tolist()
+        if len({(c.offset, c.dropped) for c in pc.layers}) > 1:
+            raise ValueError("the layers hold different positions")
+        if len(pc.ids) != pc.offset + pc.dropped:
+            raise ValueError(f"{len(pc.ids)} ids for {pc.offset + pc.dropped} cached positions")
+        return pc
 
     def room(self, n: int) -> int:
         """How many of `n` new ids fit before a layer would drop or quantize what it holds."""

@@ -30,6 +30,7 @@ from .constrain import (
 from .events import (
     AnswerDelta,
     Done,
+    Error,
     Event,
     EventParser,
     ThinkingDelta,
@@ -55,6 +56,7 @@ __all__ = [  # the events and Sampling stay importable from here, where they use
     "ChatBusyError",
     "ChatFileError",
     "Done",
+    "Error",
     "Event",
     "Sampling",
     "ThinkingDelta",
@@ -108,6 +110,11 @@ class Chat:
         tool_choice: "auto" (the model may call an offered tool; once it opens `<tool_call>`
             the call is held to {"name": an offered tool, "arguments": its parameters}),
             "none" (it cannot call), "required" (the answer is calls) or a tool's name.
+        prompt_cache: a file from `save_prompt_cache` (or `smollm3-mlx cache-prompt`): its cache
+            is reused, and its conversation restored unless `system` is given. One made for
+            another model, tokenizer, template, dtype or KV settings (window = max_context)
+            raises PromptCacheMismatch, or with `prompt_cache_mismatch="recompute"` is ignored
+            (the first turn prefills again). A truncated or corrupt file raises PromptCacheError.
         prompt_progress: called as (prompt ids processed, to process) during each turn's
             prefill, between forward chunks (a long prefill can show its progress; `cancel`
             stops it after the current chunk).
@@ -145,6 +152,8 @@ class Chat:
         think_budget: int | None = None,
         handoff: str = DEFAULT_HANDOFF,
         tool_choice: ToolChoice = "auto",
+        prompt_cache: str | Path | None = None,
+        prompt_cache_mismatch: Literal["error", "recompute"] = "error",
         prompt_progress: Callable[[int, int], None] | None = None,
     ):
         info = model.info
@@ -188,6 +197,8 @@ class Chat:
         if think_budget is not None and (not isinstance(think_budget, int) or think_budget < 0):
             raise ValueError(f"think_budget must be a whole number >= 0, not {think_budget!r}")
         self.think_budget, self.handoff, self.tool_choice = think_budget, handoff, tool_choice
+        if prompt_cache is not None:
+            self._open_prompt_cache(prompt_cache, prompt_cache_mismatch, keep_system=bool(system))
 
     @property
     def system(self) -> str | None:
@@ -411,7 +422,7 @@ class Chat:
         if self.prompt_cache is None:
             self.prompt_cache = self._new_cache(prompt)
         generated: list[int] = []  # the end-of-turn id left out
-        last = None
+        last, failed = None, None
         start = time.perf_counter()
         responses = stream_generate(
             self.model,
@@ -438,11 +449,23 @@ class Chat:
         except GeneratorExit:  # the caller closed the stream: a cancel too
             self._record(len(new), generated, "cancelled", open_answer)
             raise
-        except BaseException:  # an error: the history is left as before the turn
+        except BaseException as e:  # an error: the history is left as before the turn
             self._undo(len(new))
-            raise
+            if not _out_of_memory(e):
+                raise
+            failed = e
         finally:
             responses.close()  # the prompt cache settles, however the turn ended
+        if failed is not None:
+            # Arrays of the failed step may be half-computed: the next turn prefills afresh.
+            self.prompt_cache = None
+            mx.clear_cache()
+            first = str(failed).strip().split("\n")[0] or type(failed).__name__
+            yield Error(
+                f"out of memory during the turn ({first}); the conversation is as before it. "
+                "Try --kv-bits 4, a smaller --max-context or a shorter prompt"
+            )
+            return
         assert last is not None and last.finish_reason is not None
         self._record(len(new), generated, last.finish_reason, open_answer)
         yield from parser.flush()
@@ -480,6 +503,55 @@ class Chat:
         keep = starts[1] if len(starts) > 1 else 0  # the system block, up to the first turn
         keep = min(keep, window // 2) if window else keep
         return PromptCache.new(self.model, window=window, keep=keep, kv=self.kv)
+
+    def prefill(self) -> int:
+        """Prefill the conversation as it stands (a long system prompt, say) into the prompt
+        cache without a turn; returns how many tokens the cache holds."""
+        with self._turn_lock():
+            ids = self.render(add_generation_prompt=False)
+            if self.prompt_cache is None:  # all of it is the system block when nothing follows
+                marker = self.tokenizer.im_start_id  # where the next message would start
+                self.prompt_cache = self._new_cache(ids if marker is None else [*ids, marker])
+            _prefill(self.model, self.prompt_cache, ids)
+            return self.prompt_cache.offset
+
+    def save_prompt_cache(self, path: str | Path) -> Path:
+        """Write the prompt cache and the conversation it stands for to `path` (safetensors,
+        atomically); `Chat(model, prompt_cache=path)` takes up from it. Prefills first if no
+        turn has run yet."""
+        from .cache_file import fingerprint, save_prompt_cache
+
+        if self.prompt_cache is None:
+            self.prefill()
+        with self._turn_lock():
+            pc = self.prompt_cache
+            assert pc is not None
+            fp = fingerprint(self.model, self.tokenizer, kv=pc.kv, window=pc.window, keep=pc.keep)
+            conversation = {"messages": self.messages, "think": self.think, "tools": self.tools}
+            return save_prompt_cache(path, pc, fp, extra={"chat": json.dumps(conversation)})
+
+    def _open_prompt_cache(self, path: str | Path, mismatch: str, *, keep_system: bool) -> None:
+        from .cache_file import PromptCacheError, fingerprint, load_prompt_cache, read_metadata
+
+        if mismatch not in ("error", "recompute"):
+            raise ValueError(
+                f"prompt_cache_mismatch must be 'error' or 'recompute', not {mismatch!r}"
+            )
+        expect = fingerprint(self.model, self.tokenizer, kv=self.kv, window=self.max_context)
+        self.prompt_cache = load_prompt_cache(
+            path, self.model, expect=expect, recompute=mismatch == "recompute"
+        )  # None on a mismatch, where asked: the first turn prefills the conversation again
+        try:
+            saved = json.loads(read_metadata(path).get("chat", "{}"))
+            messages, think = saved.get("messages", []), saved.get("think")
+        except (json.JSONDecodeError, AttributeError):
+            raise PromptCacheError(f"{path}: corrupt conversation metadata") from None
+        if keep_system:  # the given system message wins; the cache still serves what matches
+            return
+        self.messages = list(messages)
+        self.think = self.think if think is None else bool(think)
+        if saved.get("tools") is not None and self.tools is None:
+            self.tools = saved["tools"]
 
     @staticmethod
     def _stats(r: GenerationResponse, parser: EventParser, seconds: float) -> TurnStats:
@@ -630,6 +702,27 @@ class _Held:
 
     def __exit__(self, *exc: object) -> None:
         self.lock.release()
+
+
+def _prefill(model: Model, pc: PromptCache, ids: list[int], step: int = 512) -> None:
+    """Put `ids` in `pc`, reusing what it holds, in chunks that fit its window."""
+    done = pc.reuse(ids)
+    if pc.window:
+        step = min(step, pc.window - pc.keep)
+    for i in range(done, len(ids), step):
+        model(mx.array(ids[i : i + step])[None], cache=pc.layers)
+        mx.eval([c.state for c in pc.layers])
+    pc.settle(ids)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """An allocation failure: MemoryError, or MLX's RuntimeError ("[metal::malloc] Attempting to
+    allocate ...", "Insufficient Memory", "out of memory")."""
+    text = str(e).lower()
+    words = ("malloc", "allocate", "out of memory", "insufficient memory", "outofmemory")
+    return isinstance(e, MemoryError) or (
+        isinstance(e, RuntimeError) and any(w in text for w in words)
+    )
 
 
 def _prefilled(new: list[dict[str, Any]], prefill: str | None) -> tuple[list[dict[str, Any]], bool]:

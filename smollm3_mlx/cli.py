@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import math
 import os
@@ -17,6 +19,7 @@ import typer
 from typer.core import TyperGroup
 
 from . import console
+from .events import Error
 
 
 def _metavars_only(params: list[Any]) -> list[Any]:
@@ -219,6 +222,14 @@ ThinkBudget = Annotated[
         "as the model closes it) and answer.",
     ),
 ]
+MemoryCheck = Annotated[
+    bool,
+    typer.Option(
+        "--memory-check/--no-memory-check",
+        help="Before loading, refuse a session that would need more memory than the machine "
+        "offers (smollm3-mlx estimate shows the numbers).",
+    ),
+]
 
 
 def default_model_dir() -> Path:
@@ -226,6 +237,10 @@ def default_model_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME", "~/.cache"), "smollm3-mlx"
     )
     return Path(home).expanduser() / DEFAULT_MODEL_NAME
+
+
+_LIMITS = contextlib.ExitStack()  # MLX's memory limits for this process, released at exit
+atexit.register(_LIMITS.close)
 
 
 def _model_name(model: str | None) -> str:
@@ -252,15 +267,30 @@ def _model_name(model: str | None) -> str:
     return str(path)
 
 
-def _load(model: str | None, dtype: str, max_context: int | None = None):
-    """Load `model` (see `_model_name`): (model, tokenizer, name)."""
+def _load(
+    model: str | None, dtype: str, max_context: int | None = None, kv_bits: int | None = None,
+    kv_group_size: int = 64, check_memory: bool = True,
+):  # fmt: skip
+    """Load `model` (see `_model_name`): (model, tokenizer, name). First refuses a session that
+    would not fit in memory (memory.py), unless check_memory is off; sets MLX's memory limits."""
+    from .cache import KVSettings
     from .loading import ModelLoadError, load
+    from .memory import MemoryBudgetError, estimate_memory, memory_limits
 
     name = _model_name(model)
     try:
         with console.status(f"loading {name}"):
-            loaded = load(name, dtype=_dtype(dtype), max_context=max_context, lazy=True)
-    except (ModelLoadError, OSError) as e:
+            kv = KVSettings(kv_bits, kv_group_size)
+            loaded = load(
+                name, dtype=_dtype(dtype), max_context=max_context, lazy=True,
+                check_memory=check_memory, kv=kv,
+            )  # fmt: skip
+            est = estimate_memory(
+                loaded[0].info.path, max_context=max_context, kv_bits=kv_bits,
+                kv_group_size=kv_group_size, dtype=_dtype(dtype),
+            )  # fmt: skip
+        _LIMITS.enter_context(memory_limits(est))
+    except (ModelLoadError, MemoryBudgetError, OSError) as e:
         console.error(str(e))
         raise typer.Exit(1) from None
     import mlx.core as mx
@@ -284,16 +314,27 @@ class _Loading:
     would otherwise hold the prompt back.
     """
 
-    def __init__(self, model: str | None, dtype: str, max_context: int | None):
+    def __init__(
+        self, model: str | None, dtype: str, max_context: int | None,
+        kv_bits: int | None = None, kv_group_size: int = 64, check_memory: bool = True,
+    ):  # fmt: skip
         from .loading import ModelLoadError, load_config, model_args, resolve_model_path
+        from .memory import MemoryBudgetError, check_memory as check, estimate_memory, memory_limits
 
         self.name = _model_name(model)
         try:  # a hub repo id downloads here, in the open, before the prompt
             self.path = resolve_model_path(self.name)
             model_args(load_config(self.path), self.path)
-        except (ModelLoadError, OSError) as e:
+            est = estimate_memory(
+                self.path, max_context=max_context, kv_bits=kv_bits,
+                kv_group_size=kv_group_size, dtype=_dtype(dtype),
+            )  # fmt: skip
+            if check_memory:  # before the prompt: a session that cannot fit is one line now
+                check(est)
+        except (ModelLoadError, MemoryBudgetError, OSError) as e:
             console.error(str(e))
             raise typer.Exit(1) from None
+        _LIMITS.enter_context(memory_limits(est))
         self.result: tuple | None = None
         self.error: BaseException | None = None
         self.thread = threading.Thread(
@@ -310,7 +351,9 @@ class _Loading:
         from .loading import load
 
         try:
-            self.result = load(self.path, dtype=dtype, max_context=max_context)  # weights too
+            self.result = load(  # weights too; memory was checked in __init__
+                self.path, dtype=dtype, max_context=max_context, check_memory=False
+            )
         except BaseException as e:  # handed to the main thread by `wait`
             self.error = e
         finally:
@@ -337,15 +380,18 @@ class _Loading:
 def _session(
     model, dtype, think, system, keep_thinking, max_tokens, temperature, top_p, seed,
     max_context=None, kv_bits=None, kv_group_size=64, kv_start=0, prompt_lookup=0, loaded=None,
-    think_budget=None,
+    think_budget=None, memory_check=True, prompt_cache=None,
 ):  # fmt: skip
     """The Chat for `chat` and `generate`, over the model `loaded` (loaded here when None)."""
     import mlx.core as mx
 
+    from .cache_file import PromptCacheError
     from .chat import Chat
     from .sample import Sampling
 
-    m, tokenizer, name = loaded or _load(model, dtype, max_context)
+    m, tokenizer, name = loaded or _load(
+        model, dtype, max_context, kv_bits, kv_group_size, memory_check
+    )
     if seed is not None:
         mx.random.seed(seed)
     # The options given, over generation_config.json's defaults
@@ -355,8 +401,9 @@ def _session(
             m, tokenizer, think=think, system=system, keep_thinking=keep_thinking,
             sampling=sampling, model_name=name, kv_bits=kv_bits, kv_group_size=kv_group_size,
             kv_start=kv_start, prompt_lookup=prompt_lookup, think_budget=think_budget,
+            prompt_cache=prompt_cache,
         )  # fmt: skip
-    except ValueError as e:
+    except (ValueError, PromptCacheError) as e:
         console.error(str(e))
         raise typer.Exit(1) from None
 
@@ -369,6 +416,7 @@ COMMANDS = {
     "/reset": "start over (the system message stays)",
     "/save FILE": "save the conversation as JSON",
     "/load FILE": "load a saved conversation",
+    "/save_cache FILE": "save the prompt cache (chat --prompt-cache FILE takes up from it)",
     "/stats": "session statistics",
     "/exit": "quit (or Ctrl-D)",
     "Ctrl-C": "while it thinks: answer now; while it answers: stop the turn",
@@ -409,9 +457,14 @@ def _command(chat, line: str) -> bool:
             f"loaded {len(chat.messages)} messages, thinking {'on' if chat.think else 'off'}"
             + (f" (saved with {data['model']})" if data["model"] != chat.model_name else "")
         )
+    elif name == "/save_cache" and arg:
+        try:
+            console.saved(chat.save_prompt_cache(arg))
+        except OSError as e:
+            console.error(f"{arg}: {e.strerror or e}")
     elif name == "/stats":
         console.session_stats(_stats(chat))
-    elif name in ("/save", "/load"):
+    elif name in ("/save", "/load", "/save_cache"):
         console.error(f"usage: {name} FILE")
     else:
         console.error(f"unknown command {name}; /help lists them")
@@ -479,11 +532,28 @@ def chat(
     kv_start: KVStart = 0,
     prompt_lookup: PromptLookup = 0,
     think_budget: ThinkBudget = None,
+    memory_check: MemoryCheck = True,
+    prompt_cache: Annotated[
+        Path | None,
+        typer.Option(
+            help="A prompt-cache file (smollm3-mlx cache-prompt): its system prompt is not "
+            "prefilled again; its conversation is restored unless --system is given.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Chat in the terminal; /help lists the commands, Ctrl-C answers now while the model thinks
     and stops the answer while it answers, Ctrl-D exits."""
     try:
-        loading = _Loading(model, dtype, max_context)
+        if prompt_cache is not None:  # a bad file is one line before the prompt, not after
+            from .cache_file import PromptCacheError, read_metadata
+
+            try:
+                read_metadata(prompt_cache)
+            except PromptCacheError as e:
+                console.error(str(e))
+                raise typer.Exit(1) from None
+        loading = _Loading(model, dtype, max_context, kv_bits, kv_group_size, memory_check)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     try:
@@ -505,7 +575,7 @@ def chat(
                 session = _session(
                     model, dtype, think, system, keep_thinking, max_tokens, temperature, top_p,
                     seed, max_context, kv_bits, kv_group_size, kv_start, prompt_lookup,
-                    loading.wait(), think_budget=think_budget,
+                    loading.wait(), think_budget=think_budget, prompt_cache=prompt_cache,
                 )  # fmt: skip
             if line.startswith("/"):
                 if not _command(session, line):
@@ -575,6 +645,7 @@ def generate(
             "free). Exit 1 if max-tokens cuts it before it is complete.",
         ),
     ] = None,
+    memory_check: MemoryCheck = True,
 ) -> None:
     """Answer one prompt with the chat template (or complete it with --raw) and exit."""
     if output_format not in ("text", "json"):
@@ -603,6 +674,7 @@ def generate(
             model, dtype, think, system, True, max_tokens, temperature, top_p, seed,
             max_context, kv_bits, kv_group_size, kv_start, prompt_lookup,
             think_budget=think_budget,
+            memory_check=memory_check,
         )  # fmt: skip
         _check_context(session, prompt, raw, prefill)
         with console.prefill_progress() as progress:
@@ -646,6 +718,8 @@ def _answer(session, prompt, progress, output_format, hide_thinking, stats, sche
     view = console.TurnView(hide_thinking=hide_thinking, thinking_to=console.err, footer=stats)
     for event in events:
         view(event)
+        if isinstance(event, Error):  # an allocation failure, shown by the view: exit 1
+            raise typer.Exit(1)
     return event.parsed
 
 
@@ -657,6 +731,9 @@ def _turn_json(events, parsed: bool = False) -> dict[str, Any]:
         if type(event).__name__ == "ToolCallError":
             errors.append({"text": event.text, "error": event.error})
     done = event
+    if isinstance(done, Error):  # an allocation failure: one line, exit 1
+        console.error(done.message)
+        raise typer.Exit(1)
     calls = [{"name": c.name, "arguments": c.arguments} for c in done.tool_calls]
     result = {"thinking": done.thinking, "answer": done.answer, "tool_calls": calls}
     if errors:
@@ -883,6 +960,100 @@ def serve(
         console.info("server stopped")
         raise typer.Exit(130) from None
     console.info("server stopped")
+
+
+@app.command("cache-prompt")
+def cache_prompt(
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="CACHE", help="The file to write.")],
+    system: Annotated[
+        Path, typer.Option(metavar="FILE", help="The system prompt, read from this file.")
+    ],
+    document: Annotated[
+        Path | None,
+        typer.Option(metavar="FILE", help="A document, appended to the system prompt."),
+    ] = None,
+    model: Model = None,
+    think: Think = True,
+    dtype: DType = "auto",
+    max_context: MaxContext = None,
+    kv_bits: KVBits = None,
+    kv_group_size: KVGroupSize = 64,
+    kv_start: KVStart = 0,
+    memory_check: MemoryCheck = True,
+) -> None:
+    """Prefill a long system prompt (and document) once into a file that chat --prompt-cache
+    loads instead: use the same --model, --dtype, --max-context and --kv-* options there."""
+    import time
+
+    try:
+        text = system.read_text(encoding="utf-8")
+        if document is not None:
+            text += "\n\n" + document.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        console.error(f"cannot read the prompt: {e}")
+        raise typer.Exit(1) from None
+    session = _session(
+        model, dtype, think, text.strip(), True, 1, None, None, None,
+        max_context, kv_bits, kv_group_size, kv_start, 0, memory_check=memory_check,
+    )  # fmt: skip
+    start = time.perf_counter()
+    try:
+        with console.status(
+            f"prefilling {len(session.render(add_generation_prompt=False))} tokens"
+        ):
+            n = session.prefill()
+        path = session.save_prompt_cache(out)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    except OSError as e:
+        console.error(f"{out}: {e.strerror or e}")
+        raise typer.Exit(1) from None
+    size = path.stat().st_size
+    console.info(
+        f"cached {n} tokens ({size / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s: {path}"
+    )
+
+
+@app.command()
+def estimate(
+    model: Model = None,
+    dtype: DType = "auto",
+    max_context: MaxContext = None,
+    kv_bits: KVBits = None,
+    kv_group_size: KVGroupSize = 64,
+    kv_start: KVStart = 0,
+    prefill_step: Annotated[int, typer.Option(help="Prompt tokens per prefill chunk.")] = 512,
+    bits: Annotated[
+        int | None,
+        typer.Option(
+            help="Estimate the weights `convert --bits` would write from this folder (one with "
+            "only a config.json works too).",
+            show_default=False,
+        ),
+    ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(help="gpu or cpu (default: where MLX computes here).", show_default=False),
+    ] = None,
+) -> None:
+    """Show the memory a chat session needs (weights, KV cache, activations) and what is free."""
+    from .loading import ModelLoadError, resolve_model_path
+    from .memory import available_memory, estimate_memory
+
+    if device not in (None, "gpu", "cpu"):
+        console.error(f"--device must be gpu or cpu, not {device}")
+        raise typer.Exit(2)
+    try:
+        path = resolve_model_path(model) if model else default_model_dir()
+        est = estimate_memory(
+            path, max_context=max_context, kv_bits=kv_bits, kv_group_size=kv_group_size,
+            kv_start=kv_start, prefill_step=prefill_step,
+            dtype=None if dtype == "stored" else dtype, bits=bits, device=device,
+        )  # fmt: skip
+    except (ModelLoadError, ValueError, OSError) as e:
+        console.error(str(e))
+        raise typer.Exit(1) from None
+    console.memory_estimate(est, available_memory())
 
 
 @app.command()

@@ -21,7 +21,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from .events import AnswerDelta, Done, Event, ThinkingDelta, ToolCall, ToolCallError
+from .events import AnswerDelta, Done, Error, Event, ThinkingDelta, ToolCall, ToolCallError
 
 out = Console(highlight=False, soft_wrap=True, emoji=False)  # model text: no :emoji: codes
 err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
@@ -250,6 +250,10 @@ class TurnView:
                 self.side.print(f"\n[magenta]tool call[/] {escape(event.name)}({escape(args)})")
             case ToolCallError():
                 self.side.print(f"\n[yellow]malformed tool call[/] ({escape(event.error)})")
+            case Error():
+                self._end_thinking()
+                self.target.print()
+                error(event.message)
             case Done():
                 self._end_thinking()
                 self.target.print()
@@ -339,3 +343,15 @@ def bench_results(model: str, results) -> None:
         f"[dim]{ours.prompt_tokens}-token random prompt, {ours.generation_tokens} tokens greedy, "
         f"median of {ours.runs} runs[/]"
     )
+
+
+def memory_estimate(est, available: tuple[int, str]) -> None:
+    table = Table(box=None, show_header=False, pad_edge=False)
+    for name, n, what in est.rows():
+        style = "bold" if name == "total" else None
+        table.add_row(name, f"{n / 1e9:6.2f} GB", f"[dim]{what}[/]", style=style)
+    out.print(table)
+    budget, source = available
+    if budget:
+        fits = "[green]fits[/]" if est.total <= budget else "[red]does not fit[/]"
+        out.print(f"available {budget / 1e9:.2f} GB ({source}): {fits}")

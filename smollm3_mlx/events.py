@@ -81,7 +81,19 @@ class Done:
     parsed: Any = None  # the value of an answer held to a response format, once complete
 
 
-Event = ThinkingDelta | AnswerDelta | ToolCallDelta | ToolCall | ToolCallError | Done
+@dataclass(frozen=True)
+class Error:
+    """A turn that failed and ends here, in place of Done: the conversation is as before it.
+
+    kind "memory": an allocation failed (MLX's "[metal::malloc] ..." or MemoryError); the prompt
+    cache was dropped (the next turn prefills again) and the process goes on.
+    """
+
+    message: str
+    kind: str = "memory"
+
+
+Event = ThinkingDelta | AnswerDelta | ToolCallDelta | ToolCall | ToolCallError | Done | Error
 # The start of a call as SmolLM3 writes it (and a constraint holds it): name, then arguments.
 _CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*(?=\S)')
 

@@ -16,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .cache import KVSettings
 from .model import Model, ModelArgs
 from .sample import Sampling
 
@@ -551,6 +552,8 @@ def load(
     revision: str | None = None,
     lazy: bool = False,
     max_context: int | None = None,
+    check_memory: bool = True,
+    kv: KVSettings | None = None,
 ) -> tuple[Model, Tokenizer]:
     """Load a SmolLM3 model and its tokenizer from a folder or a hub repo id.
 
@@ -560,6 +563,10 @@ def load(
         revision: the hub revision, for a repo id.
         lazy: leave the weights unevaluated until first use.
         max_context: the longest context to allow (YaRN past 64K, up to 128K).
+        check_memory: before reading any weight, estimate what a session at `max_context`
+            needs (weights, a KV cache with the settings `kv`, activations) and raise
+            `memory.MemoryBudgetError` when the machine offers less (see `memory.py`).
+        kv: the KV cache settings the session will use, for the memory check (default dense).
 
     Returns:
         (model, tokenizer); `model.info` holds the folder's path, context window, sampling
@@ -570,6 +577,15 @@ def load(
     from .tokenizer import Tokenizer
 
     path = resolve_model_path(path_or_repo, revision)
+    if check_memory:
+        from .memory import check_memory as check, estimate_memory
+
+        kv = kv or KVSettings()
+        est = estimate_memory(
+            path, max_context=max_context, kv_bits=kv.bits, kv_group_size=kv.group_size,
+            kv_start=kv.start, dtype=dtype,
+        )  # fmt: skip
+        check(est)
     # The tokenizer (parsing tokenizer.json, ~1 s for SmolLM3's) is read beside the weights;
     # its thread runs no MLX work.
     with ThreadPoolExecutor(1, thread_name_prefix="smollm3-mlx tokenizer") as pool:

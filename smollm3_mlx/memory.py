@@ -1,0 +1,353 @@
+"""Memory guardrails: what a session will need, what the machine offers, and MLX's limits.
+
+The estimate has three parts, computed before any weight is read:
+- weights as they will sit in memory: the safetensors headers' tensors, floating ones at the
+  compute dtype (the CPU computes in float32, so a bfloat16 checkpoint doubles there);
+- the KV cache at the requested context, as `cache.KVCache` stores it: capacity grown in steps of
+  `KVCache.step`, dense in the compute dtype, or packed uint32 codes plus scales and biases;
+- activations of one prefill chunk at the end of the context (the largest one), fitted to peaks
+  measured with `mx.get_peak_memory` (tests/test_memory.py measures them again).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from .model import ModelArgs
+
+GB = 1e9
+DEFAULT_PREFILL_STEP = 512  # generate.DEFAULT_PREFILL_STEP, without importing generation here
+KV_STEP = 256  # cache.KVCache.step: the cache grows by whole steps
+# Activation temporaries per token of a prefill chunk, in compute-dtype elements, beyond the
+# attention scores: fitted to MLX 0.32 CPU peaks on tiny and full-size layer stacks (see
+# tests/test_memory.py); queries and attention outputs per head, the MLP's gate and up
+# projections, and the residual stream with its norms and projections.
+PER_HEAD_DIM, PER_INTERMEDIATE, PER_HIDDEN = 6.5, 2, 7
+SAFETENSORS_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "U64": 8, "I32": 4, "U32": 4,
+    "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+FLOATS = {"F64", "F32", "F16", "BF16"}
+
+
+class MemoryBudgetError(RuntimeError):
+    """The session would need more memory than the machine offers; one line with the numbers."""
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes a session needs, by part, and the settings they were computed for."""
+
+    weights: int
+    kv_cache: int
+    activations: int
+    context: int
+    kv_bits: int | None
+    kv_group_size: int
+    prefill_step: int
+    dtype: str  # the compute dtype
+    device: str  # "gpu" or "cpu"
+    args: ModelArgs = field(repr=False, compare=False, default_factory=ModelArgs)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.activations
+
+    def rows(self) -> list[tuple[str, int, str]]:
+        """(part, bytes, what it is computed for), for printing."""
+        kv = f"{self.kv_bits}-bit, group {self.kv_group_size}" if self.kv_bits else self.dtype
+        return [
+            ("weights", self.weights, f"as loaded ({self.dtype} compute)"),
+            ("KV cache", self.kv_cache, f"{self.context} tokens, {kv}"),
+            ("activations", self.activations, f"prefill chunk of {self.prefill_step} tokens"),
+            ("total", self.total, f"on the {self.device}"),
+        ]
+
+
+def _device_info() -> dict[str, Any]:
+    info = getattr(mx, "device_info", None) or mx.metal.device_info  # the older name
+    try:
+        return dict(info())
+    except (RuntimeError, ValueError):  # no such device on this build
+        return {}
+
+
+def _on_gpu() -> bool:
+    return mx.default_device() == mx.gpu and mx.metal.is_available()
+
+
+def available_memory() -> tuple[int, str]:
+    """(bytes the machine offers this process, where the number comes from)."""
+    if _on_gpu():
+        size = _device_info().get("max_recommended_working_set_size")
+        if size:
+            return int(size), "MLX's recommended working set"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, "available RAM"
+    except OSError:
+        pass
+    for pages in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):  # macOS has only the total
+        try:
+            return os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE"), "RAM"
+        except (ValueError, OSError, AttributeError):
+            continue
+    return 0, "unknown"
+
+
+def weights_bytes(files: list[Path], itemsize: int | None, *, tied: bool = True) -> int:
+    """Bytes the weights take once loaded: stored sizes, floating tensors cast to `itemsize`."""
+    from .loading import read_safetensors_header
+
+    total = 0
+    for f in files:
+        for name, t in read_safetensors_header(f).items():
+            if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
+                continue  # dropped by Model.sanitize
+            n = math.prod(t["shape"])
+            cast = itemsize is not None and t["dtype"] in FLOATS
+            total += n * (itemsize if cast else SAFETENSORS_BYTES.get(t["dtype"], 4))
+    return total
+
+
+def planned_weights_bytes(
+    args: ModelArgs, bits: int | None, group_size: int = 64, recipe: str | None = None,
+    itemsize: int = 2,
+) -> int:  # fmt: skip
+    """Bytes of the weights `smollm3-mlx convert` would write (None: unquantized), from the
+    lazy model's own parameter layout: nothing is allocated."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from .model import Model
+
+    model = Model(replace(args, quantization=None))
+    if bits is not None:
+        recipe = recipe or ("mixed" if bits == 4 else "uniform")
+
+        def predicate(p: str, m: nn.Module) -> bool | dict:  # convert._quantized_layout's
+            if not hasattr(m, "to_quantized") or m.weight.shape[-1] % group_size:
+                return False
+            if recipe == "mixed" and p in ("model.embed_tokens", "lm_head"):
+                return {"group_size": group_size, "bits": 8}
+            return True
+
+        nn.quantize(model, group_size, bits, class_predicate=predicate)
+    return sum(
+        v.nbytes if v.dtype == mx.uint32 else v.size * itemsize
+        for _, v in tree_flatten(model.parameters())
+    )
+
+
+def kv_capacity(context: int, prefill_step: int) -> int:
+    """Tokens of room a cache holding `context` tokens has grown to, as KVCache grows."""
+    capacity, done = 0, 0
+    while done < context:  # prefill chunks, then the last prompt token and the decoded ones
+        n = min(prefill_step, context - done - 1) if context - done > 1 else 1
+        if done + n > capacity:
+            capacity += (n + KV_STEP - 1) // KV_STEP * KV_STEP
+        done += n
+        if n == 1:  # one at a time from here: whole steps up to the context
+            return max(capacity, (context + KV_STEP - 1) // KV_STEP * KV_STEP)
+    return capacity
+
+
+def kv_bytes_per_token(args: ModelArgs, bits: int | None, group_size: int, itemsize: int) -> int:
+    """Keys and values of one token in one layer, as KVCache stores them."""
+    hd, n_kv = args.head_dim or 0, args.num_key_value_heads or 0  # set by ModelArgs
+    if bits is None:
+        per_head = hd * itemsize
+    else:  # uint32 codes, then a scale and a bias per group in the compute dtype
+        per_head = hd * bits // 32 * 4 + 2 * (hd // group_size) * itemsize
+    return 2 * n_kv * per_head
+
+
+def activation_bytes(
+    args: ModelArgs, context: int, prefill_step: int, itemsize: int, *, fused_attention: bool
+) -> int:
+    """The largest prefill chunk's temporaries: the last chunk, attending to the whole context."""
+    L, S = max(1, min(prefill_step, context - 1)), context
+    # MLX's fused attention kernel (the GPU, dense keys) never holds the scores; the CPU and the
+    # quantized path hold (heads, L, S) scores and an (L, S) boolean mask.
+    scores = 0 if fused_attention else args.num_attention_heads * L * S * itemsize + L * S
+    per_token = (
+        PER_HEAD_DIM * args.num_attention_heads * (args.head_dim or 0)
+        + PER_INTERMEDIATE * args.intermediate_size
+        + PER_HIDDEN * args.hidden_size
+    )
+    logits = 3 * args.vocab_size * itemsize  # the last token's logits, log-softmax, sample
+    return int(scores + L * per_token * itemsize + logits)
+
+
+def estimate(
+    args: ModelArgs,
+    weights: int,
+    *,
+    context: int,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    kv_start: int = 0,
+    prefill_step: int = DEFAULT_PREFILL_STEP,
+    dtype: mx.Dtype = mx.bfloat16,
+    device: str | None = None,
+) -> MemoryEstimate:
+    """The memory a session of `args` with `weights` bytes needs at `context` tokens."""
+    device = device or ("gpu" if _on_gpu() else "cpu")
+    itemsize = dtype.size
+    bits = kv_bits if kv_bits and context > kv_start else None  # dense until kv_start tokens
+    layer = kv_capacity(context, prefill_step) * kv_bytes_per_token(
+        args, bits, kv_group_size, itemsize
+    )
+    fused = device == "gpu" and bits is None
+    # While the cache grows, one layer's old and new buffers are alive together.
+    act = activation_bytes(args, context, prefill_step, itemsize, fused_attention=fused) + layer
+    return MemoryEstimate(
+        weights=weights,
+        kv_cache=layer * args.num_hidden_layers,
+        activations=act,
+        context=context,
+        kv_bits=bits,
+        kv_group_size=kv_group_size,
+        prefill_step=prefill_step,
+        dtype=str(dtype).removeprefix("mlx.core."),
+        device=device,
+        args=args,
+    )
+
+
+def estimate_memory(
+    path: str | Path,
+    *,
+    max_context: int | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    kv_start: int = 0,
+    prefill_step: int = DEFAULT_PREFILL_STEP,
+    dtype: str | mx.Dtype | None = "auto",
+    bits: int | None = None,
+    device: str | None = None,
+) -> MemoryEstimate:
+    """Estimate a session on a model folder without loading it.
+
+    Args:
+        path: a model folder (config.json and safetensors weights).
+        max_context: the context the session may reach; default: what `load` allows.
+        kv_bits, kv_group_size, kv_start: KV cache quantization, as for `Chat`.
+        prefill_step: tokens per prefill chunk.
+        dtype: the compute dtype, as for `load` ("auto": float32 on the CPU, else as stored).
+        bits: for a folder with a config but no weights (the reference folder): estimate the
+            weights `smollm3-mlx convert --bits` would write (None: the bfloat16 checkpoint).
+        device: "gpu" or "cpu"; default: where MLX computes now.
+    """
+    from . import loading
+
+    path = Path(path)
+    config = loading.load_config(path)
+    args = loading.model_args(config, path)
+    context, _ = loading.context_window(args, max_context)
+    compute = loading.default_dtype() if dtype == "auto" else dtype
+    if isinstance(compute, str):
+        if compute not in loading.DTYPES:
+            raise loading.ModelLoadError(
+                f"dtype {compute!r} is not one of auto, {', '.join(loading.DTYPES)}"
+            )
+        compute = loading.DTYPES[compute]
+    stored_name = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+    stored = loading.DTYPES.get(stored_name, mx.bfloat16)
+    itemsize = compute.size if compute is not None else None
+    has_weights = any(path.glob("*.safetensors"))
+    if bits is not None or not has_weights:
+        weights = planned_weights_bytes(args, bits, itemsize=itemsize or stored.size)
+    else:
+        weights = weights_bytes(loading.weight_files(path), itemsize, tied=args.tie_word_embeddings)
+    kv_dtype = compute or (mx.bfloat16 if args.quantization else stored)
+    return estimate(
+        args, weights, context=context, kv_bits=kv_bits, kv_group_size=kv_group_size,
+        kv_start=kv_start, prefill_step=prefill_step, dtype=kv_dtype, device=device,
+    )  # fmt: skip
+
+
+def _largest_context(est: MemoryEstimate, budget: int) -> int:
+    """The longest context (a multiple of 1024) whose estimate fits `budget`, or 0."""
+    lo, hi = 0, est.context // 1024
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _redo(est, context=mid * 1024).total <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * 1024
+
+
+def _redo(est: MemoryEstimate, **changes: Any) -> MemoryEstimate:
+    settings = dict(
+        context=est.context, kv_bits=est.kv_bits, kv_group_size=est.kv_group_size,
+        prefill_step=est.prefill_step, dtype=getattr(mx, est.dtype), device=est.device,
+    )  # fmt: skip
+    weights = changes.pop("weights", est.weights)
+    return estimate(est.args, weights, **{**settings, **changes})
+
+
+def cheapest_fix(est: MemoryEstimate, budget: int) -> str:
+    """The one change that brings the estimate under `budget`, cheapest in quality first."""
+    options: list[tuple[str, MemoryEstimate]] = []
+    for bits in (8, 4):
+        if est.kv_bits is None or est.kv_bits > bits:
+            options.append((f"--kv-bits {bits}", _redo(est, kv_bits=bits)))
+    if not est.args.quantization:
+        w4 = planned_weights_bytes(est.args, 4, itemsize=getattr(mx, est.dtype).size)
+        options.append(("the 4-bit model (smollm3-mlx convert)", _redo(est, weights=w4)))
+    for fix, new in options:
+        if new.total <= budget:
+            return f"{fix} (needs {new.total / GB:.1f} GB)"
+    for kv_bits in (est.kv_bits, 4):
+        smaller = replace(est, kv_bits=kv_bits)
+        context = _largest_context(smaller, budget)
+        if context:
+            kv = "--kv-bits 4 and " if kv_bits != est.kv_bits else ""
+            return f"{kv}--max-context {context}"
+    return "a smaller model or a machine with more memory"
+
+
+def check_memory(est: MemoryEstimate, available: tuple[int, str] | None = None) -> None:
+    """Raise MemoryBudgetError (one line: the numbers and the cheapest fix) when `est` exceeds
+    what the machine offers."""
+    budget, source = available or available_memory()
+    if budget <= 0 or est.total <= budget:  # unknown: nothing to compare with
+        return
+    parts = ", ".join(f"{name} {n / GB:.1f}" for name, n, _ in est.rows()[:3])
+    raise MemoryBudgetError(
+        f"this session needs about {est.total / GB:.1f} GB ({parts}) but {budget / GB:.1f} GB "
+        f"is available ({source}); try {cheapest_fix(est, budget)}, "
+        "or override with --no-memory-check (check_memory=False)"
+    )
+
+
+@contextmanager
+def memory_limits(est: MemoryEstimate) -> Iterator[None]:
+    """Set MLX's wired and cache limits for this session on Apple Silicon; restore them on exit.
+
+    The wired limit covers what the session needs (not all of the recommended working set, which
+    can starve macOS), the buffer cache what one prefill chunk allocates. No-op on the CPU.
+    """
+    size = _device_info().get("max_recommended_working_set_size") if _on_gpu() else None
+    if not size:
+        yield
+        return
+    old_wired = mx.set_wired_limit(min(est.weights + est.kv_cache, int(size)))
+    old_cache = mx.set_cache_limit(max(est.activations, 256 * 2**20))
+    try:
+        yield
+    finally:
+        mx.synchronize()  # no kernel may run while the wired limit changes
+        mx.set_wired_limit(old_wired)
+        mx.set_cache_limit(old_cache)
