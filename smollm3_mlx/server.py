@@ -227,6 +227,9 @@ class _Api:
 
     def _processors(self, wanted: dict[str, Any], tools) -> list[Any]:
         """The request's constraints as logits processors (the grammar is compiled here)."""
+        asked = wanted["response_format"] or wanted["tool_choice"] != "auto"
+        if not (tools or asked or wanted["thinking_token_budget"] is not None):
+            return []  # nothing to hold: the grammar engine is not even loaded
         from .constrain import ConstraintError, make_answer_constraint, make_think_budget
 
         try:

@@ -293,6 +293,8 @@ def test_structured_output_forced_tool_calls_and_thinking_budget_hold(srv):
     assert r.usage.completion_tokens_details.reasoning_tokens <= 3
     bad = post(srv, chat_body(response_format={"type": "json_schema", "json_schema": {}}))
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+    no_tools = post(srv, chat_body(tool_choice="required"))
+    assert no_tools.status_code == 400 and "needs tools" in no_tools.json()["error"]["message"]
 
 
 def test_completions_endpoint_continues_raw_text(srv):
