@@ -235,24 +235,16 @@ def tools(request: ChatRequest) -> list[dict[str, Any]] | None:
     return [t.function.model_dump(exclude_none=True) for t in request.tools]
 
 
-def constraint(request: ChatRequest) -> None:
-    """The one place tool_choice, response_format and thinking_token_budget will become logits
-    processors (constrained decoding, a thinking budget).
-
-    Until that lands (smollm3_mlx/constrain.py), forcing a tool or a format is refused rather
-    than ignored: a client that asks for guaranteed JSON must not get free text.
-    """
-    if request.tool_choice not in (None, "auto", "none"):
-        raise RequestError(
-            "tool_choice other than auto or none is not supported yet", "tool_choice"
-        )
-    fmt = (request.response_format or {}).get("type", "text")
-    if fmt != "text":
-        raise RequestError(
-            f"response_format {fmt!r} is not supported yet (only text)", "response_format"
-        )
-    if request.thinking_token_budget is not None:
-        raise RequestError("thinking_token_budget is not supported yet", "thinking_token_budget")
+def constraint(request: ChatRequest) -> dict[str, Any]:
+    """What constrained decoding must hold (constrain.py makes the processors): the answer's
+    format, the tool choice and the thinking budget, as `make_answer_constraint` and
+    `make_think_budget` take them."""
+    fmt = request.response_format
+    if fmt is not None and fmt.get("type", "text") == "text":
+        fmt = None
+    choice = request.tool_choice if request.tool_choice not in (None, "none") else "auto"
+    return {"response_format": fmt, "tool_choice": choice,
+            "thinking_token_budget": request.thinking_token_budget}  # fmt: skip
 
 
 def template_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:

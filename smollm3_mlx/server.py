@@ -172,13 +172,14 @@ class _Api:
         self.guard(request)
         r = parse(ChatRequest, await self.body(request))
         settings = request_settings(r, self.served)
-        constraint(r)
+        wanted = constraint(r)
         messages, think, tools = template_messages(r.messages), thinking(r), request_tools(r)
         prompt = await anyio.to_thread.run_sync(lambda: self._render(messages, think, tools))
+        processors = await anyio.to_thread.run_sync(lambda: self._processors(wanted, tools))
         check_context(len(prompt), settings.max_tokens, self.engine.context)
         reply = Reply(self.tokenizer, prompt, stop=settings.stop,
                       top_logprobs=settings.top_logprobs)  # fmt: skip
-        job, items = self._submit(prompt, settings)
+        job, items = self._submit(prompt, settings, processors)
         meta = {"id": new_id("chatcmpl-"), "created": now(), "model": r.model}
         if r.stream:
             usage = r.stream_options is not None and r.stream_options.include_usage
@@ -224,7 +225,26 @@ class _Api:
         assert isinstance(ids, list)
         return ids
 
-    def _submit(self, prompt: list[int], s: Settings) -> tuple[Job, asyncio.Queue[Item]]:
+    def _processors(self, wanted: dict[str, Any], tools) -> list[Any]:
+        """The request's constraints as logits processors (the grammar is compiled here)."""
+        asked = wanted["response_format"] or wanted["tool_choice"] != "auto"
+        if not (tools or asked or wanted["thinking_token_budget"] is not None):
+            return []  # nothing to hold: the grammar engine is not even loaded
+        from .constrain import ConstraintError, make_answer_constraint, make_think_budget
+
+        try:
+            answer = make_answer_constraint(
+                self.tokenizer, wanted["response_format"], tools=tools,
+                tool_choice=wanted["tool_choice"],
+            )  # fmt: skip
+            budget = make_think_budget(self.tokenizer, wanted["thinking_token_budget"])
+        except ConstraintError as e:
+            raise RequestError(str(e), "response_format") from None
+        return [p for p in (budget, answer) if p is not None]
+
+    def _submit(
+        self, prompt: list[int], s: Settings, processors: Sequence[Any] = ()
+    ) -> tuple[Job, asyncio.Queue[Item]]:
         loop = asyncio.get_running_loop()
         items: asyncio.Queue[Item] = asyncio.Queue()
 
@@ -238,7 +258,7 @@ class _Api:
             sampling = Sampling.from_model(self.engine.model, **s.sampling, seed=s.seed)
         except ValueError as e:
             raise RequestError(str(e)) from None
-        job = Job(prompt, s.max_tokens, sampling, s.top_logprobs, emit=emit)
+        job = Job(prompt, s.max_tokens, sampling, s.top_logprobs, processors, emit=emit)
         try:
             self.engine.submit(job)
         except Busy as e:
