@@ -42,10 +42,11 @@ def loaded(model_dir):
 
 
 @contextmanager
-def running(loaded, *, queue_size=4, cache_bytes=256 * 1024**2, **options):
+def running(loaded, *, queue_size=4, cache_bytes=256 * 1024**2, cache_dir=None, **options):
     """A real server (uvicorn, loopback, a free port) in a thread, its engine exposed."""
     model, tokenizer = loaded
-    engine = Engine(model, tokenizer, queue_size=queue_size, cache_bytes=cache_bytes)
+    engine = Engine(model, tokenizer, queue_size=queue_size, cache_bytes=cache_bytes,
+                    cache_dir=cache_dir)  # fmt: skip
     app = make_app(engine, model_name=MODEL, **options)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
@@ -228,6 +229,28 @@ def test_follow_up_prefills_only_its_new_tokens_and_two_conversations_stay_warm(
     assert rb2.usage.prompt_tokens_details.cached_tokens == expect_b
     assert ra2.choices[0].message.content == answer("hi")
     assert rb2.choices[0].message.content == answer("math")
+
+
+def test_cache_dir_keeps_prompt_caches_across_restarts_and_drops_a_corrupt_file(loaded, tmp_path):
+    system = {"role": "system", "content": "Answer briefly and kindly. " * 80}
+    first = [system, user("math")]
+    follow_up = [*first, {"role": "assistant", "content": answer("math")}, user("hi")]
+    with running(loaded, cache_dir=tmp_path) as s:
+        r = ask(s, first, max_tokens=30, extra_body=no_think())
+        assert r.usage.prompt_tokens > 256 and r.usage.prompt_tokens_details.cached_tokens == 0
+        wait_idle(s.engine, 0)
+    saved = list(tmp_path.glob("*.safetensors"))
+    assert len(saved) == 1
+    (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with running(loaded, cache_dir=tmp_path) as s:  # a fresh server, memory empty
+        assert not (tmp_path / "broken.safetensors").exists()
+        warm = ask(s, follow_up, max_tokens=30, extra_body=no_think())
+    with running(loaded) as s:
+        cold = ask(s, follow_up, max_tokens=30, extra_body=no_think())
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    cached = warm.usage.prompt_tokens_details.cached_tokens
+    assert 256 < cached < warm.usage.prompt_tokens
+    assert warm.choices[0].message.content == cold.choices[0].message.content
 
 
 def test_prompt_cache_lru_moves_follow_ups_copies_branches_and_stays_in_budget():
