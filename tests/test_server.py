@@ -465,8 +465,8 @@ def test_non_loopback_host_needs_a_key_or_an_explicit_open_flag():
 
 
 def sing(**fields):
-    return chat_body(messages=[user("sing")], temperature=0, max_tokens=1500, stream=True,
-                     **fields)  # fmt: skip
+    return chat_body(**{"messages": [user("sing")], "temperature": 0, "max_tokens": 1500,
+                        "stream": True, **fields})  # fmt: skip
 
 
 def test_full_queue_gets_429_with_retry_after(loaded):
@@ -578,7 +578,10 @@ def test_serve_refuses_an_open_non_loopback_host_before_loading():
 
 def test_serve_prints_ready_answers_and_stops_cleanly_on_ctrl_c(model_dir):
     proc = subprocess.Popen(
-        smollm3("serve", "--model", str(model_dir), "--port", "0", "--model-name", MODEL),
+        # Twice the trained context (YaRN), so that the song, ~3800 tokens long, cannot end
+        # before Ctrl-C reaches it, even on a loaded machine (it still sings past 2048).
+        smollm3("serve", "--model", str(model_dir), "--port", "0", "--model-name", MODEL,
+                "--max-context", "4096"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -588,7 +591,8 @@ def test_serve_prints_ready_answers_and_stops_cleanly_on_ctrl_c(model_dir):
         s = SimpleNamespace(url=url.removesuffix("/v1"))
         assert [m.id for m in client(s).models.list()] == [MODEL]
         with httpx.Client(timeout=30) as http:
-            with http.stream("POST", url + "/chat/completions", json=sing()) as song:
+            body = sing(max_tokens=3800)
+            with http.stream("POST", url + "/chat/completions", json=body) as song:
                 lines = song.iter_lines()
                 next(lines)  # an answer in progress
                 proc.send_signal(signal.SIGINT)
