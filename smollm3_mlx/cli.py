@@ -514,13 +514,24 @@ def serve(
         str,
         typer.Option(help="Memory for prompt caches kept across requests (LRU), e.g. 2G, 512M."),
     ] = "2G",
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="DIR",
+            help="Keep prompt caches in this folder across restarts.",
+            show_default=False,
+        ),
+    ] = None,
+    cache_dir_bytes: Annotated[
+        str, typer.Option(help="Disk budget for --cache-dir (least recently used go), e.g. 8G.")
+    ] = "8G",
     queue: Annotated[
         int, typer.Option(help="Requests that may wait while one runs; beyond, 429.")
     ] = 8,
     dtype: DType = "auto",
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (needs smollm3-mlx[server])."""
-    budget = _bytes(cache_bytes)
+    budget, dir_budget = _bytes(cache_bytes), _bytes(cache_dir_bytes)
     if queue < 0:
         console.error(f"--queue must be at least 0, not {queue}")
         raise typer.Exit(2)
@@ -546,7 +557,8 @@ def serve(
         run_server(
             m, tokenizer, model_name=name, host=host, port=port, api_key=api_key,
             cors_origins=cors_origin or (), queue_size=queue, cache_bytes=budget,
-            kv_bits=kv_bits, on_ready=lambda url: console.serving(url, name, api_key is not None),
+            kv_bits=kv_bits, cache_dir=cache_dir, cache_dir_bytes=dir_budget,
+            on_ready=lambda url: console.serving(url, name, api_key is not None),
         )  # fmt: skip
     except OSError as e:  # the port is taken, the address is not ours, ...
         console.error(f"cannot serve on {host}:{port}: {e}")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from .cache import KVSettings, PromptCache
+from .cache_dir import DEFAULT_DIR_BYTES, CacheDir
 from .generate import stream_generate
 from .sample import Sampling
 
@@ -156,6 +157,8 @@ class Engine:
         queue_size: how many requests may wait while one runs; more get `Busy`.
         cache_bytes: the prompt-cache LRU's budget.
         kv_bits: quantize the KV cache to 4 or 8 bits (None: dense).
+        cache_dir: a folder where prompt caches persist across restarts (None: memory only).
+        cache_dir_bytes: that folder's budget.
     """
 
     def __init__(
@@ -166,11 +169,16 @@ class Engine:
         queue_size: int = DEFAULT_QUEUE,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         kv_bits: int | None = None,
+        cache_dir=None,
+        cache_dir_bytes: int = DEFAULT_DIR_BYTES,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.context: int = model.max_context
         self.kv = KVSettings(bits=kv_bits)
         self.lru = PromptCacheLRU(cache_bytes)
+        self.disk = None if cache_dir is None else CacheDir(
+            cache_dir, model, tokenizer, kv=self.kv, max_bytes=cache_dir_bytes
+        )  # fmt: skip
         self.records: deque[Record] = deque(maxlen=64)
         self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max(queue_size, 0) or 1)
         self._queue_size = queue_size
@@ -248,7 +256,10 @@ class Engine:
 
     def _generate(self, job: Job) -> None:
         prompt = job.prompt
-        cache = self.lru.take(prompt) or PromptCache.new(self.model, kv=self.kv)
+        cache = self.lru.take(prompt)
+        if cache is None and self.disk is not None:
+            cache = self.disk.take(prompt)
+        cache = cache or PromptCache.new(self.model, kv=self.kv)
         room = self.context - len(prompt)
         max_tokens = room if job.max_tokens is None else min(job.max_tokens, room)
         recorder = _Logprobs() if job.top_logprobs is not None else None
@@ -267,6 +278,8 @@ class Engine:
                 job.emit(_token(r.token, recorder, job.top_logprobs))
         finally:
             responses.close()  # the cache settles, however the request ended
+            if self.disk is not None:
+                self.disk.put(cache)
             self.lru.put(cache)
         seconds = time.perf_counter() - start
         self.records.append(Record(len(prompt), cached, generated, reason, seconds))

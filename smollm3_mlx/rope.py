@@ -76,6 +76,8 @@ class RoPE(nn.Module):
         self.attention_factor = attention_factor
         # mx.fast.rope takes periods (1 / inverse frequency); keep them out of the parameters.
         self._freqs = None if inv_freq is None else 1.0 / inv_freq
+        if self._freqs is not None:  # computed now: a lazy array would belong to this thread's
+            mx.eval(self._freqs)  # stream, and fail on another (a server's worker thread)
 
     def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
         if self.attention_factor != 1.0:

@@ -436,6 +436,8 @@ def serve(
     queue_size: int = 8,
     cache_bytes: int = 2 * 1024**3,
     kv_bits: int | None = None,
+    cache_dir: str | None = None,
+    cache_dir_bytes: int = 8 * 1024**3,
     max_body: int = DEFAULT_MAX_BODY,
     on_ready: Callable[[str], None] = print,
 ) -> None:
@@ -443,7 +445,8 @@ def serve(
     import uvicorn
 
     engine = Engine(model, tokenizer, queue_size=queue_size, cache_bytes=cache_bytes,
-                    kv_bits=kv_bits)  # fmt: skip
+                    kv_bits=kv_bits, cache_dir=cache_dir,
+                    cache_dir_bytes=cache_dir_bytes)  # fmt: skip
     app = make_app(engine, model_name=model_name, api_key=api_key, cors_origins=cors_origins,
                    loopback=is_loopback(host), max_body=max_body)  # fmt: skip
 

@@ -1,6 +1,7 @@
 """Long context: YaRN through max_context, the rotating cache, the quantized cache."""
 
 import json
+import threading
 
 import mlx.core as mx
 import numpy as np
@@ -55,6 +56,27 @@ def test_max_context_switches_on_yarn_matching_transformers(tmp_path):
     got = np.array(ours(mx.array([IDS[:64]]))[0])
     ref = hf_logits(ref_path, IDS[:64])
     assert np.abs(got - ref)[32:].max() <= 1e-4
+
+
+def test_a_model_with_yarn_runs_on_a_thread_other_than_the_one_that_loaded_it(ckpt):
+    # As the server's worker thread does (MLX streams are per thread; a lazy array built while
+    # loading would belong to the loading thread's stream).
+    model = load_model(ckpt, max_context=64)
+    out: list = []
+
+    def run():
+        try:
+            out.append(np.array(model(mx.array([IDS[:40]]))))
+        except Exception as e:
+            out.append(e)
+        finally:
+            mx.clear_streams()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert isinstance(out[0], np.ndarray), out[0]
+    assert np.allclose(out[0], np.array(model(mx.array([IDS[:40]]))), atol=1e-5)
 
 
 def test_max_context_within_the_trained_window_leaves_rope_alone(ckpt):

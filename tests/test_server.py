@@ -42,10 +42,11 @@ def loaded(model_dir):
 
 
 @contextmanager
-def running(loaded, *, queue_size=4, cache_bytes=256 * 1024**2, **options):
+def running(loaded, *, queue_size=4, cache_bytes=256 * 1024**2, cache_dir=None, **options):
     """A real server (uvicorn, loopback, a free port) in a thread, its engine exposed."""
     model, tokenizer = loaded
-    engine = Engine(model, tokenizer, queue_size=queue_size, cache_bytes=cache_bytes)
+    engine = Engine(model, tokenizer, queue_size=queue_size, cache_bytes=cache_bytes,
+                    cache_dir=cache_dir)  # fmt: skip
     app = make_app(engine, model_name=MODEL, **options)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
@@ -228,6 +229,28 @@ def test_follow_up_prefills_only_its_new_tokens_and_two_conversations_stay_warm(
     assert rb2.usage.prompt_tokens_details.cached_tokens == expect_b
     assert ra2.choices[0].message.content == answer("hi")
     assert rb2.choices[0].message.content == answer("math")
+
+
+def test_cache_dir_keeps_prompt_caches_across_restarts_and_drops_a_corrupt_file(loaded, tmp_path):
+    system = {"role": "system", "content": "Answer briefly and kindly. " * 80}
+    first = [system, user("math")]
+    follow_up = [*first, {"role": "assistant", "content": answer("math")}, user("hi")]
+    with running(loaded, cache_dir=tmp_path) as s:
+        r = ask(s, first, max_tokens=30, extra_body=no_think())
+        assert r.usage.prompt_tokens > 256 and r.usage.prompt_tokens_details.cached_tokens == 0
+        wait_idle(s.engine, 0)
+    saved = list(tmp_path.glob("*.safetensors"))
+    assert len(saved) == 1
+    (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with running(loaded, cache_dir=tmp_path) as s:  # a fresh server, memory empty
+        assert not (tmp_path / "broken.safetensors").exists()
+        warm = ask(s, follow_up, max_tokens=30, extra_body=no_think())
+    with running(loaded) as s:
+        cold = ask(s, follow_up, max_tokens=30, extra_body=no_think())
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    cached = warm.usage.prompt_tokens_details.cached_tokens
+    assert 256 < cached < warm.usage.prompt_tokens
+    assert warm.choices[0].message.content == cold.choices[0].message.content
 
 
 def test_prompt_cache_lru_moves_follow_ups_copies_branches_and_stays_in_budget():
@@ -442,8 +465,8 @@ def test_non_loopback_host_needs_a_key_or_an_explicit_open_flag():
 
 
 def sing(**fields):
-    return chat_body(messages=[user("sing")], temperature=0, max_tokens=1500, stream=True,
-                     **fields)  # fmt: skip
+    return chat_body(**{"messages": [user("sing")], "temperature": 0, "max_tokens": 1500,
+                        "stream": True, **fields})  # fmt: skip
 
 
 def test_full_queue_gets_429_with_retry_after(loaded):
@@ -555,7 +578,10 @@ def test_serve_refuses_an_open_non_loopback_host_before_loading():
 
 def test_serve_prints_ready_answers_and_stops_cleanly_on_ctrl_c(model_dir):
     proc = subprocess.Popen(
-        smollm3("serve", "--model", str(model_dir), "--port", "0", "--model-name", MODEL),
+        # Twice the trained context (YaRN), so that the song, ~3800 tokens long, cannot end
+        # before Ctrl-C reaches it, even on a loaded machine (it still sings past 2048).
+        smollm3("serve", "--model", str(model_dir), "--port", "0", "--model-name", MODEL,
+                "--max-context", "4096"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -565,7 +591,8 @@ def test_serve_prints_ready_answers_and_stops_cleanly_on_ctrl_c(model_dir):
         s = SimpleNamespace(url=url.removesuffix("/v1"))
         assert [m.id for m in client(s).models.list()] == [MODEL]
         with httpx.Client(timeout=30) as http:
-            with http.stream("POST", url + "/chat/completions", json=sing()) as song:
+            body = sing(max_tokens=3800)
+            with http.stream("POST", url + "/chat/completions", json=body) as song:
                 lines = song.iter_lines()
                 next(lines)  # an answer in progress
                 proc.send_signal(signal.SIGINT)

@@ -1,0 +1,139 @@
+"""The server's `--cache-dir`: prompt caches kept on disk across restarts, within a byte budget.
+
+Each file is a `PromptCache` saved by cache_file.py, named by its fingerprint and ids, with its ids
+also in its metadata so that the folder is indexed from the headers alone. A file made for another
+model or other KV settings is left alone and never used; a corrupt one is deleted. Used on the
+engine's worker thread only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from .cache import KVSettings, PromptCache
+from .cache_file import (
+    Fingerprint,
+    PromptCacheError,
+    cache_file_name,
+    file_fingerprint,
+    fingerprint,
+    load_prompt_cache,
+    prune_cache_dir,
+    read_metadata,
+    save_prompt_cache,
+)
+
+DEFAULT_DIR_BYTES = 8 * 1024**3
+MIN_TOKENS = 256  # a shorter prompt prefills faster than a file is written and read
+
+
+class CacheDir:
+    """Prompt caches in `folder` (created if missing), at most `max_bytes` of them.
+
+    Args:
+        folder: the directory; files of other models or settings may share it.
+        model, tokenizer: the engine's.
+        kv: the engine's KV settings (a cache of other settings is never used).
+        max_bytes: the folder's budget; the least recently used files go first.
+        min_tokens: the fewest ids worth a file.
+    """
+
+    def __init__(self, folder, model, tokenizer, *, kv: KVSettings | None = None,
+                 max_bytes: int = DEFAULT_DIR_BYTES, min_tokens: int = MIN_TOKENS):  # fmt: skip
+        self.folder = Path(folder).expanduser()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.model, self.max_bytes, self.min_tokens = model, max_bytes, min_tokens
+        fresh = PromptCache.new(model, kv=kv or KVSettings())
+        self.fp: Fingerprint = fingerprint(
+            model, tokenizer, kv=fresh.kv, window=fresh.window, keep=fresh.keep
+        )
+        self.index: dict[Path, list[int]] = {}
+        for path in sorted(self.folder.glob("*.safetensors")):
+            if not path.name.startswith("."):
+                self._add(path)
+
+    def _add(self, path: Path) -> None:
+        try:
+            meta = read_metadata(path)
+            found = file_fingerprint(meta)
+        except PromptCacheError:
+            path.unlink(missing_ok=True)  # truncated or corrupt: of no use to anyone
+            return
+        except (KeyError, TypeError, ValueError):
+            path.unlink(missing_ok=True)
+            return
+        if self.fp.differences(found) or "ids" not in meta:
+            return  # another model's or settings' (or not a server's): not ours to use
+        try:
+            ids = json.loads(meta["ids"])
+        except ValueError:
+            path.unlink(missing_ok=True)
+            return
+        if isinstance(ids, list) and all(isinstance(i, int) for i in ids):
+            self.index[path] = ids
+
+    def take(self, prompt: Sequence[int]) -> PromptCache | None:
+        """The cache of the file sharing the longest prefix with `prompt` (at least
+        `min_tokens`), or None. A file that fails to load is forgotten (deleted if corrupt)."""
+        while True:
+            best, n = None, 0
+            for path, ids in self.index.items():
+                k = _common_prefix(ids, prompt)
+                if k > n:
+                    best, n = path, k
+            if best is None or n < self.min_tokens:
+                return None
+            ids = self.index.pop(best)
+            try:
+                cache = load_prompt_cache(best, self.model, expect=self.fp, recompute=True)
+            except PromptCacheError:
+                best.unlink(missing_ok=True)
+                continue
+            if cache is None or cache.ids != ids:  # made for something else after all
+                continue
+            self.index[best] = ids
+            _touch(best)
+            return cache
+
+    def put(self, cache: PromptCache) -> None:
+        """Save `cache` unless it is short or already on disk; drop the files it extends and
+        then the least recently used ones beyond the budget."""
+        ids = list(cache.ids)
+        if len(ids) < self.min_tokens or (cache.kv, cache.window, cache.keep) != (
+            self.fp.kv, self.fp.window, self.fp.keep,
+        ):  # fmt: skip
+            return
+        path = self.folder / cache_file_name(self.fp, ids)
+        if path in self.index and path.exists():
+            _touch(path)
+            return
+        try:
+            save_prompt_cache(path, cache, self.fp, extra={"ids": json.dumps(ids)})
+        except OSError:
+            return  # a full disk costs a prefill later, never the request
+        for other, held in list(self.index.items()):
+            if len(held) <= len(ids) and ids[: len(held)] == held:
+                other.unlink(missing_ok=True)
+                del self.index[other]
+        self.index[path] = ids
+        for gone in prune_cache_dir(self.folder, self.max_bytes):
+            self.index.pop(gone, None)
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
