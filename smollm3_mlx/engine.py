@@ -241,6 +241,8 @@ class Engine:
                     job.emit(Finished("cancelled"))
                     continue
                 self._current = job
+                if self._closed:  # close() ran between the get and the line above: it missed us
+                    job.cancel.set()
                 start = time.perf_counter()
                 try:
                     self._generate(job)

@@ -22,7 +22,7 @@ import uvicorn
 from checkpoints import requires_reference
 from trained_model import QUESTIONS, THOUGHTS, TOOL_RESULT, TOOLS, answer, trained_checkpoint
 
-from smollm3_mlx.engine import Engine, PromptCacheLRU
+from smollm3_mlx.engine import Engine, Finished, Job, PromptCacheLRU
 from smollm3_mlx.loading import load
 from smollm3_mlx.server import exposure_problem, make_app
 
@@ -616,3 +616,37 @@ def test_the_http_stack_is_imported_only_by_serve():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_job_taken_from_the_queue_as_the_server_closes_is_cancelled(loaded):
+    """close() between the worker's queue.get() and its taking the job as current must still
+    cancel it (Ctrl-C once let such an answer run to its end, ~30 s on a song)."""
+    model, tokenizer = loaded
+    engine = Engine(model, tokenizer, queue_size=4, cache_bytes=0)
+    take = engine._jobs.get
+
+    def get_then_close(*args, **kwargs):
+        job = take(*args, **kwargs)
+        if job is not None:
+            engine.close()  # as the server's shutdown does, in that window
+        return job
+
+    engine._jobs.get = get_then_close
+    items, done = [], threading.Event()
+
+    def emit(item):
+        items.append(item)
+        if type(item).__name__ in ("Finished", "Failed"):
+            done.set()
+
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTIONS["sing"]}], tokenize=True
+    )
+    engine.start()
+    try:
+        engine.submit(Job(prompt=prompt, max_tokens=1500, emit=emit))
+        assert done.wait(timeout=120)
+    finally:
+        engine.stop()
+    assert items[-1] == Finished("cancelled")
+    assert sum(type(i).__name__ == "Token" for i in items) <= 1  # it stopped at once
