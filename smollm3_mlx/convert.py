@@ -46,7 +46,7 @@ from .loading import (
     Progress,
     check_tensors,
     download_bar,
-    first_line,
+    error_line,
     hub_error,
     load_config,
     load_model,
@@ -245,7 +245,7 @@ def _one_line_error(e: BaseException, out: Path) -> ConvertError | None:
         return ConvertInterrupted(f"interrupted; nothing was written to {out}")
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
         return ConvertError(f"disk full writing {out} ({e.strerror}); nothing was written")
-    return ConvertError(f"conversion to {out} failed: {first_line(e)}")
+    return ConvertError(f"conversion to {out} failed: {error_line(e)}")
 
 
 def _check_out(out: Path, source: Path | None) -> None:
@@ -284,7 +284,7 @@ def _check_needed_files(path: Path, source: str, hint: str = "") -> None:
     try:
         Tokenizer.from_folder(path)
     except Exception as e:  # tokenizers raises its own Exception subclass for a bad file
-        raise ConvertError(f"{path / 'tokenizer.json'}: cannot be read ({first_line(e)})") from e
+        raise ConvertError(f"{path / 'tokenizer.json'}: cannot be read ({error_line(e)})") from e
 
 
 def _check_upload_repo(repo: str) -> None:
@@ -664,4 +664,4 @@ def _upload(folder: Path, repo: str) -> None:
         api.upload_folder(folder_path=folder, repo_id=repo, repo_type="model")
     except (Exception, KeyboardInterrupt) as e:
         raise ConvertError(f"{folder} was written, but the upload to {repo} failed: "
-                           f"{first_line(e)}") from e  # fmt: skip
+                           f"{error_line(e)}") from e  # fmt: skip
