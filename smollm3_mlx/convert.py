@@ -50,6 +50,7 @@ from .loading import (
     hub_error,
     load_config,
     load_model,
+    local_source,
     model_args,
     read_safetensors_header,
     snapshot,
@@ -353,15 +354,14 @@ def _data_bytes(header: bytes) -> int:
 
 
 def _local_source(source: str, revision: str | None) -> Path | None:
-    """The folder `source` names; None when it is a hub repo id."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        if revision:
-            raise ConvertError(f"{path} is a local folder; --revision applies to hub repos only")
-        return path
-    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise ConvertError(f"{path}: not a model folder")
-    return None
+    """The folder `source` names; None when it is a hub repo id (OWNER/NAME or a bare NAME)."""
+    try:
+        local = local_source(source, revision)
+    except ModelLoadError as e:
+        raise ConvertError(str(e)) from None
+    if local is None and source.count("/") > 1:
+        raise ConvertError(f"{Path(source).expanduser()}: not a model folder")
+    return local
 
 
 def _fetch(source: str, revision: str | None, progress: Progress | None) -> tuple[Path, str]:

@@ -122,13 +122,9 @@ def resolve_model_path(
         ModelLoadError: not a folder nor a repo id, a revision for a folder, a failed download.
     """
     source = str(path_or_repo)
-    path = Path(source).expanduser()
-    if path.is_dir():
-        if revision:
-            raise ModelLoadError(f"{path} is a local folder; --revision applies to hub repos only")
-        return path
-    if path.exists() or source.startswith((".", "/", "~")):
-        raise ModelLoadError(f"{path}: not a model folder")
+    local = local_source(source, revision)
+    if local is not None:
+        return local
     if source.count("/") != 1:  # every SmolLM3 repo lives under an owner: "typo" is a typo
         raise ModelLoadError(
             f"{source}: no local folder of that name, and not a hub repo id (OWNER/NAME)"
@@ -139,6 +135,23 @@ def resolve_model_path(
         raise ModelLoadError(
             f"{source}: no local folder of that name, and the hub download failed: {hub_error(e)}"
         ) from e
+
+
+def local_source(source: str, revision: str | None) -> Path | None:
+    """The folder `source` names; None when it may be a hub repo id.
+
+    Raises:
+        ModelLoadError: a revision for a folder, or a path (it exists, or starts with . / ~)
+            that is no folder.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if revision:
+            raise ModelLoadError(f"{path} is a local folder; --revision applies to hub repos only")
+        return path
+    if path.exists() or source.startswith((".", "/", "~")):
+        raise ModelLoadError(f"{path}: not a model folder")
+    return None
 
 
 def snapshot(
