@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import json
 import math
-import os
-import signal
 import sys
-import threading
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from typer.core import TyperGroup
 
-from . import console
-from .events import Error
+from . import console, launch
+from .launch import DEFAULT_MODEL_NAME, default_model_dir, load_model as _load
 
 
 def _metavars_only(params: list[Any]) -> list[Any]:
@@ -100,8 +94,6 @@ def main(
 ) -> None:
     """Run Hugging Face's SmolLM3-3B on Apple MLX."""
 
-
-DEFAULT_MODEL_NAME = "SmolLM3-3B-4bit"  # HuggingFaceTB/SmolLM3-3B, 4-bit mixed recipe
 
 Model = Annotated[
     str | None,
@@ -232,288 +224,6 @@ MemoryCheck = Annotated[
 ]
 
 
-def default_model_dir() -> Path:
-    home = os.environ.get("SMOLLM3_MLX_HOME") or Path(
-        os.environ.get("XDG_CACHE_HOME", "~/.cache"), "smollm3-mlx"
-    )
-    return Path(home).expanduser() / DEFAULT_MODEL_NAME
-
-
-_LIMITS = contextlib.ExitStack()  # MLX's memory limits for this process, released at exit
-atexit.register(_LIMITS.close)
-
-
-def _model_name(model: str | None) -> str:
-    """`model`, or the default model's folder (downloaded and converted on first use)."""
-    if model is not None:
-        return model
-    from .convert import ConvertError, ConvertInterrupted, convert
-    from .loading import DEFAULT_REPO
-
-    path = default_model_dir()
-    if not (path / "config.json").exists():
-        console.note(f"first run: downloading {DEFAULT_REPO} and converting it to 4-bit")
-        console.note(f"into {path}")
-        try:
-            with console.progress("converting") as update:
-                convert(DEFAULT_REPO, path, bits=4, recipe="mixed", progress=update,
-                        note=console.note)  # fmt: skip
-        except ConvertInterrupted as e:
-            console.error(str(e))
-            raise typer.Exit(128 + e.signum) from None
-        except ConvertError as e:
-            console.error(str(e))
-            raise typer.Exit(1) from None
-    return str(path)
-
-
-def _load(
-    model: str | None, dtype: str, max_context: int | None = None, kv_bits: int | None = None,
-    kv_group_size: int = 64, check_memory: bool = True,
-):  # fmt: skip
-    """Load `model` (see `_model_name`): (model, tokenizer, name). First refuses a session that
-    would not fit in memory (memory.py), unless check_memory is off; sets MLX's memory limits."""
-    from .cache import KVSettings
-    from .loading import ModelLoadError, load
-    from .memory import MemoryBudgetError, estimate_memory, memory_limits
-
-    name = _model_name(model)
-    try:
-        with console.status(f"loading {name}"):
-            kv = KVSettings(kv_bits, kv_group_size)
-            loaded = load(
-                name, dtype=_dtype(dtype), max_context=max_context, lazy=True,
-                check_memory=check_memory, kv=kv,
-            )  # fmt: skip
-            est = estimate_memory(
-                loaded[0].info.path, max_context=max_context, kv_bits=kv_bits,
-                kv_group_size=kv_group_size, dtype=_dtype(dtype),
-            )  # fmt: skip
-        _LIMITS.enter_context(memory_limits(est))
-    except (ModelLoadError, MemoryBudgetError, OSError) as e:
-        console.error(str(e))
-        raise typer.Exit(1) from None
-    import mlx.core as mx
-
-    # The weights are read on MLX's own thread meanwhile; the first answer waits for them.
-    mx.async_eval(loaded[0].parameters())
-    return (*loaded, name)
-
-
-def _dtype(dtype: str) -> str | None:
-    return None if dtype == "stored" else dtype
-
-
-class _Loading:
-    """`chat` loads the model and tokenizer in a thread of its own while its prompt shows, so
-    that a person can type at once; the first answer waits only for what is left.
-
-    What can be checked without the weights (the folder, its config) is checked before the
-    prompt, so that a wrong -m is one line at once, not after the first message. The thread
-    starts once the prompt is drawn: parsing tokenizer.json holds the GIL for a second, which
-    would otherwise hold the prompt back.
-    """
-
-    def __init__(
-        self, model: str | None, dtype: str, max_context: int | None,
-        kv_bits: int | None = None, kv_group_size: int = 64, check_memory: bool = True,
-    ):  # fmt: skip
-        from .loading import ModelLoadError, load_config, model_args, resolve_model_path
-        from .memory import MemoryBudgetError, check_memory as check, estimate_memory, memory_limits
-
-        self.name = _model_name(model)
-        try:  # a hub repo id downloads here, in the open, before the prompt
-            self.path = resolve_model_path(self.name)
-            model_args(load_config(self.path), self.path)
-            est = estimate_memory(
-                self.path, max_context=max_context, kv_bits=kv_bits,
-                kv_group_size=kv_group_size, dtype=_dtype(dtype),
-            )  # fmt: skip
-            if check_memory:  # before the prompt: a session that cannot fit is one line now
-                check(est)
-        except (ModelLoadError, MemoryBudgetError, OSError) as e:
-            console.error(str(e))
-            raise typer.Exit(1) from None
-        _LIMITS.enter_context(memory_limits(est))
-        self.result: tuple | None = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(
-            target=self._run, args=(_dtype(dtype), max_context), name="smollm3-mlx load"
-        )
-
-    def start(self) -> None:
-        if self.thread.ident is None:
-            self.thread.start()
-
-    def _run(self, dtype: str | None, max_context: int | None) -> None:
-        import mlx.core as mx
-
-        from .loading import load
-
-        try:
-            self.result = load(  # weights too; memory was checked in __init__
-                self.path, dtype=dtype, max_context=max_context, check_memory=False
-            )
-        except BaseException as e:  # handed to the main thread by `wait`
-            self.error = e
-        finally:
-            mx.clear_streams()  # MLX asks it of a thread that ran MLX work, before it ends
-
-    def wait(self) -> tuple:
-        """(model, tokenizer, name) once loaded; a load error is one line and exit 1."""
-        from .loading import ModelLoadError
-
-        self.start()
-        if self.thread.is_alive():
-            with console.status("loading the model"):
-                while self.thread.is_alive():
-                    self.thread.join(0.05)  # short waits: Ctrl-C is seen at once
-        if isinstance(self.error, (ModelLoadError, OSError)):
-            console.error(str(self.error))
-            raise typer.Exit(1) from None
-        if self.error is not None:
-            raise self.error
-        assert self.result is not None
-        return (*self.result, self.name)
-
-
-def _session(
-    model, dtype, think, system, keep_thinking, max_tokens, temperature, top_p, seed,
-    max_context=None, kv_bits=None, kv_group_size=64, kv_start=0, prompt_lookup=0, loaded=None,
-    think_budget=None, memory_check=True, prompt_cache=None,
-):  # fmt: skip
-    """The Chat for `chat` and `generate`, over the model `loaded` (loaded here when None)."""
-    import mlx.core as mx
-
-    from .cache_file import PromptCacheError
-    from .chat import Chat
-    from .sample import Sampling
-
-    m, tokenizer, name = loaded or _load(
-        model, dtype, max_context, kv_bits, kv_group_size, memory_check
-    )
-    if seed is not None:
-        mx.random.seed(seed)
-    # The options given, over generation_config.json's defaults
-    sampling = Sampling.from_model(m, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
-    try:
-        return Chat(
-            m, tokenizer, think=think, system=system, keep_thinking=keep_thinking,
-            sampling=sampling, model_name=name, kv_bits=kv_bits, kv_group_size=kv_group_size,
-            kv_start=kv_start, prompt_lookup=prompt_lookup, think_budget=think_budget,
-            prompt_cache=prompt_cache,
-        )  # fmt: skip
-    except (ValueError, PromptCacheError) as e:
-        console.error(str(e))
-        raise typer.Exit(1) from None
-
-
-COMMANDS = {
-    "/help": "this list",
-    "/think": "think before answering, from the next turn on",
-    "/no_think": "answer directly, from the next turn on",
-    "/system TEXT": "set the system message (no TEXT: clear it)",
-    "/reset": "start over (the system message stays)",
-    "/save FILE": "save the conversation as JSON",
-    "/load FILE": "load a saved conversation",
-    "/save_cache FILE": "save the prompt cache (chat --prompt-cache FILE takes up from it)",
-    "/stats": "session statistics",
-    "/exit": "quit (or Ctrl-D)",
-    "Ctrl-C": "while it thinks: answer now; while it answers: stop the turn",
-}
-
-
-def _command(chat, line: str) -> bool:
-    """Run a /command; False means exit."""
-    from .chat import ChatFileError
-
-    name, _, arg = line.strip().partition(" ")
-    arg = arg.strip()
-    if name in ("/exit", "/quit", "/bye"):
-        return False
-    if name == "/help":
-        console.help_commands(COMMANDS)
-    elif name in ("/think", "/no_think"):
-        chat.think = name == "/think"
-        console.info(f"thinking {'on' if chat.think else 'off'} from the next turn")
-    elif name == "/system":
-        chat.system = arg or None
-        console.info(f"system message {'set' if arg else 'cleared'}")
-    elif name == "/reset":
-        chat.reset()
-        console.info("conversation cleared")
-    elif name == "/save" and arg:
-        try:
-            console.saved(chat.save(arg))
-        except OSError as e:
-            console.error(f"{arg}: {e.strerror or e}")
-    elif name == "/load" and arg:
-        try:
-            data = chat.restore(arg)
-        except ChatFileError as e:
-            console.error(str(e))
-            return True
-        console.info(
-            f"loaded {len(chat.messages)} messages, thinking {'on' if chat.think else 'off'}"
-            + (f" (saved with {data['model']})" if data["model"] != chat.model_name else "")
-        )
-    elif name == "/save_cache" and arg:
-        try:
-            console.saved(chat.save_prompt_cache(arg))
-        except OSError as e:
-            console.error(f"{arg}: {e.strerror or e}")
-    elif name == "/stats":
-        console.session_stats(_stats(chat))
-    elif name in ("/save", "/load", "/save_cache"):
-        console.error(f"usage: {name} FILE")
-    else:
-        console.error(f"unknown command {name}; /help lists them")
-    return True
-
-
-def _stats(chat) -> dict[str, object]:
-    s = chat.sampling
-    rows: dict[str, object] = {
-        "model": chat.model_name,
-        "thinking": "on" if chat.think else "off",
-        "past reasoning": "kept" if chat.keep_thinking else "dropped",
-        "messages": len(chat.messages),
-        "cached tokens": chat.cached_tokens,
-        "sampling": f"temperature {s.temperature}, top-p {s.top_p}, max tokens {s.max_tokens}",
-    }
-    if chat.last is not None:
-        rows["last turn"] = console.turn_summary(chat.last)
-    return rows
-
-
-def _interrupt(chat) -> None:
-    """Ctrl-C during a turn: while the model thinks, answer now; else (or a second time while
-    the thinking closes) stop the turn, keeping the partial answer."""
-    if not chat.stop_thinking():
-        chat.cancel()
-
-
-def _after_prefill(progress, items):
-    """Pass `items` on, ending the prefill's progress line at the first."""
-    for item in items:
-        progress.stop()
-        yield item
-
-
-def _turn(chat, text: str, view) -> None:
-    """One turn; Ctrl-C answers now or stops it (see _interrupt) instead of killing the chat.
-    A long prefill shows its progress; Ctrl-C stops it after the current forward chunk."""
-    previous = signal.signal(signal.SIGINT, lambda *_: _interrupt(chat))
-    try:
-        with console.prefill_progress() as progress:
-            chat.prompt_progress = progress
-            for event in _after_prefill(progress, chat.send(text)):
-                view(event)
-    finally:
-        chat.prompt_progress = None
-        signal.signal(signal.SIGINT, previous)
-
-
 @app.command()
 def chat(
     model: Model = None,
@@ -544,6 +254,8 @@ def chat(
 ) -> None:
     """Chat in the terminal; /help lists the commands, Ctrl-C answers now while the model thinks
     and stops the answer while it answers, Ctrl-D exits."""
+    from .repl import Loading, run
+
     try:
         if prompt_cache is not None:  # a bad file is one line before the prompt, not after
             from .cache_file import PromptCacheError, read_metadata
@@ -553,40 +265,18 @@ def chat(
             except PromptCacheError as e:
                 console.error(str(e))
                 raise typer.Exit(1) from None
-        loading = _Loading(model, dtype, max_context, kv_bits, kv_group_size, memory_check)
+        loading = Loading(model, dtype, max_context, kv_bits, kv_group_size, memory_check)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
-    try:
-        console.welcome(loading.name, think, keep_thinking)
-        session = None
-        ask = console.chat_reader(on_shown=loading.start)
-        while True:
-            try:
-                line = ask(session.think if session else think)
-            except EOFError:
-                console.info("")
-                break
-            except KeyboardInterrupt:
-                console.info("\n(/exit or Ctrl-D to quit)")
-                continue
-            if not line.strip():
-                continue
-            if session is None:
-                session = _session(
-                    model, dtype, think, system, keep_thinking, max_tokens, temperature, top_p,
-                    seed, max_context, kv_bits, kv_group_size, kv_start, prompt_lookup,
-                    loading.wait(), think_budget=think_budget, prompt_cache=prompt_cache,
-                )  # fmt: skip
-            if line.startswith("/"):
-                if not _command(session, line):
-                    break
-                continue
-            _turn(session, line, console.TurnView(hide_thinking=hide_thinking))
-    except KeyboardInterrupt:  # while waiting for the model
-        raise typer.Exit(130) from None
-    finally:
-        if loading.thread.ident is not None:
-            loading.thread.join()  # never leave a thread inside MLX at exit
+
+    def open_chat(loaded):
+        return launch.open_chat(
+            model, dtype, think, system, keep_thinking, max_tokens, temperature, top_p,
+            seed, max_context, kv_bits, kv_group_size, kv_start, prompt_lookup,
+            loaded, think_budget=think_budget, prompt_cache=prompt_cache,
+        )  # fmt: skip
+
+    run(loading, open_chat, think=think, keep_thinking=keep_thinking, hide_thinking=hide_thinking)
 
 
 @app.command()
@@ -668,21 +358,22 @@ def generate(
         )
         raise typer.Exit(2)
     from .constrain import ConstraintError
+    from .oneshot import answer, check_context, complete
 
     try:
-        session = _session(
+        session = launch.open_chat(
             model, dtype, think, system, True, max_tokens, temperature, top_p, seed,
             max_context, kv_bits, kv_group_size, kv_start, prompt_lookup,
             think_budget=think_budget,
             memory_check=memory_check,
         )  # fmt: skip
-        _check_context(session, prompt, raw, prefill)
+        check_context(session, prompt, raw, prefill)
         with console.prefill_progress() as progress:
             session.prompt_progress = progress
             if raw:
-                parsed = _complete(session, prompt, stats, output_format, schema)
+                parsed = complete(session, prompt, stats, output_format, schema)
             else:
-                parsed = _answer(
+                parsed = answer(
                     session, prompt, progress, output_format, hide_thinking, stats, schema, prefill
                 )
     except KeyboardInterrupt:
@@ -705,102 +396,6 @@ def _read_schema(path: Path) -> dict:
         console.error(f"{path}: a JSON schema is an object, not {type(schema).__name__}")
         raise typer.Exit(1)
     return schema
-
-
-def _answer(session, prompt, progress, output_format, hide_thinking, stats, schema, prefill):
-    """One turn through the chat template, printed; the parsed value (with a schema)."""
-    turn = session.send(prompt, prefill=prefill, response_format=schema)
-    events = _after_prefill(progress, turn)
-    if output_format == "json":
-        result = _turn_json(events, parsed=schema is not None)
-        console.write(json.dumps(result, ensure_ascii=False) + "\n")
-        return result.get("parsed")
-    view = console.TurnView(hide_thinking=hide_thinking, thinking_to=console.err, footer=stats)
-    for event in events:
-        view(event)
-        if isinstance(event, Error):  # an allocation failure, shown by the view: exit 1
-            raise typer.Exit(1)
-    return event.parsed
-
-
-def _turn_json(events, parsed: bool = False) -> dict[str, Any]:
-    """One turn as JSON: thinking, answer, the tool calls the model made (and any it wrote
-    malformed), the parsed value (with `parsed`), why it ended and its stats."""
-    errors = []
-    for event in events:
-        if type(event).__name__ == "ToolCallError":
-            errors.append({"text": event.text, "error": event.error})
-    done = event
-    if isinstance(done, Error):  # an allocation failure: one line, exit 1
-        console.error(done.message)
-        raise typer.Exit(1)
-    calls = [{"name": c.name, "arguments": c.arguments} for c in done.tool_calls]
-    result = {"thinking": done.thinking, "answer": done.answer, "tool_calls": calls}
-    if errors:
-        result["tool_call_errors"] = errors
-    if parsed:
-        result["parsed"] = done.parsed
-    return result | {"finish_reason": done.finish_reason, "stats": asdict(done.stats)}
-
-
-def _check_context(session, prompt: str, raw: bool, prefill: str | None) -> None:
-    """generate answers one prompt: one longer than the context is an error, not a rotation."""
-    tok = session.tokenizer
-    if raw:
-        n = len(tok.encode(prompt, allow_special=True))
-    else:
-        messages = [*session.messages, {"role": "user", "content": prompt}]
-        if prefill is not None:
-            messages.append({"role": "assistant", "content": prefill})
-        n = len(
-            tok.apply_chat_template(
-                messages,
-                tokenize=True,
-                enable_thinking=session.think,
-                continue_final_message=prefill is not None,
-            )
-        )
-    from .loading import longest_context
-
-    limit, most = session.model.max_context, longest_context(session.model.args)
-    if n >= limit:
-        console.error(
-            f"the prompt is {n} tokens, no room left to answer in the context of {limit}"
-            + (f" (raise --max-context; this model allows up to {most})" if most > limit else "")
-        )
-        raise typer.Exit(1)
-
-
-def _complete(session, prompt: str, stats: bool, output_format: str, schema=None):
-    from .cache import PromptCache
-    from .generate import stream_generate
-
-    last, text = None, ""
-    responses = stream_generate(
-        session.model,
-        session.tokenizer,
-        prompt,
-        sampling=session.sampling,
-        prompt_cache=PromptCache.new(session.model, kv=session.kv),
-        prompt_lookup=session.prompt_lookup,
-        prompt_progress=session.prompt_progress,
-        response_format=schema,
-    )
-    for last in _after_prefill(session.prompt_progress, responses):
-        text += last.text
-        if output_format == "text":
-            console.write(last.text)
-    if output_format == "json":
-        result = {"text": text, "finish_reason": last.finish_reason, "stats": asdict(last)}
-        del result["stats"]["text"], result["stats"]["token"], result["stats"]["parsed"]
-        if schema is not None:
-            result["parsed"] = last.parsed
-        console.write(json.dumps(result, ensure_ascii=False) + "\n")
-        return last.parsed
-    console.write("\n")
-    if stats and last is not None:
-        console.stats(last)
-    return last.parsed if last is not None else None
 
 
 @app.command()
@@ -992,7 +587,7 @@ def cache_prompt(
     except (OSError, UnicodeDecodeError) as e:
         console.error(f"cannot read the prompt: {e}")
         raise typer.Exit(1) from None
-    session = _session(
+    session = launch.open_chat(
         model, dtype, think, text.strip(), True, 1, None, None, None,
         max_context, kv_bits, kv_group_size, kv_start, 0, memory_check=memory_check,
     )  # fmt: skip

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -127,6 +127,13 @@ def prefill_progress() -> Iterator[PrefillProgress]:
         yield show
     finally:
         show.stop()
+
+
+def after_prefill(progress: PrefillProgress, items: Iterable) -> Iterator:
+    """Pass `items` on, ending the prefill's progress line at the first."""
+    for item in items:
+        progress.stop()
+        yield item
 
 
 def welcome(model: str, think: bool, keep_thinking: bool) -> None:

@@ -20,8 +20,8 @@ from smollm3_mlx import (
     ToolCallDelta,
     load,
 )
-from smollm3_mlx.cli import _interrupt
 from smollm3_mlx.constrain import DEFAULT_HANDOFF
+from smollm3_mlx.repl import interrupt
 
 pytestmark = requires_reference
 GREEDY = Sampling(temperature=0.0, top_p=1.0)
@@ -113,14 +113,14 @@ def test_stop_thinking_answers_now_and_ctrl_c_in_the_answer_stops_the_turn(model
     chat = Chat(model, sampling=GREEDY, think=False)
     for event in chat.send(QUESTIONS["sing"]):
         if isinstance(event, AnswerDelta) and event.text.strip():
-            _interrupt(chat)
+            interrupt(chat)
         done = event
     assert done.finish_reason == "cancelled" and chat.messages[-1]["interrupted"]
     chat = Chat(model, sampling=GREEDY)
     pressed = False
     for event in chat.send(QUESTIONS["math"]):
         if isinstance(event, ThinkingDelta) and not pressed:
-            _interrupt(chat)
+            interrupt(chat)
             pressed = True
         done = event
     assert done.finish_reason == "stop" and done.thinking.endswith(DEFAULT_HANDOFF.strip())

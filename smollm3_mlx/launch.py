@@ -1,0 +1,118 @@
+"""What a command starts from: the model it names (the default one converted on first use),
+loaded with its memory checked and limited, and the Chat over it; errors are one line."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+from pathlib import Path
+
+import typer
+
+from . import console
+
+DEFAULT_MODEL_NAME = "SmolLM3-3B-4bit"  # HuggingFaceTB/SmolLM3-3B, 4-bit mixed recipe
+
+
+def default_model_dir() -> Path:
+    home = os.environ.get("SMOLLM3_MLX_HOME") or Path(
+        os.environ.get("XDG_CACHE_HOME", "~/.cache"), "smollm3-mlx"
+    )
+    return Path(home).expanduser() / DEFAULT_MODEL_NAME
+
+
+LIMITS = contextlib.ExitStack()  # MLX's memory limits for this process, released at exit
+atexit.register(LIMITS.close)
+
+
+def model_name(model: str | None) -> str:
+    """`model`, or the default model's folder (downloaded and converted on first use)."""
+    if model is not None:
+        return model
+    from .convert import ConvertError, ConvertInterrupted, convert
+    from .loading import DEFAULT_REPO
+
+    path = default_model_dir()
+    if not (path / "config.json").exists():
+        console.note(f"first run: downloading {DEFAULT_REPO} and converting it to 4-bit")
+        console.note(f"into {path}")
+        try:
+            with console.progress("converting") as update:
+                convert(DEFAULT_REPO, path, bits=4, recipe="mixed", progress=update,
+                        note=console.note)  # fmt: skip
+        except ConvertInterrupted as e:
+            console.error(str(e))
+            raise typer.Exit(128 + e.signum) from None
+        except ConvertError as e:
+            console.error(str(e))
+            raise typer.Exit(1) from None
+    return str(path)
+
+
+def load_model(
+    model: str | None, dtype: str, max_context: int | None = None, kv_bits: int | None = None,
+    kv_group_size: int = 64, check_memory: bool = True,
+):  # fmt: skip
+    """Load `model` (see `model_name`): (model, tokenizer, name). First refuses a session that
+    would not fit in memory (memory.py), unless check_memory is off; sets MLX's memory limits."""
+    from .cache import KVSettings
+    from .loading import ModelLoadError, load
+    from .memory import MemoryBudgetError, estimate_memory, memory_limits
+
+    name = model_name(model)
+    try:
+        with console.status(f"loading {name}"):
+            kv = KVSettings(kv_bits, kv_group_size)
+            loaded = load(
+                name, dtype=compute_dtype(dtype), max_context=max_context, lazy=True,
+                check_memory=check_memory, kv=kv,
+            )  # fmt: skip
+            est = estimate_memory(
+                loaded[0].info.path, max_context=max_context, kv_bits=kv_bits,
+                kv_group_size=kv_group_size, dtype=compute_dtype(dtype),
+            )  # fmt: skip
+        LIMITS.enter_context(memory_limits(est))
+    except (ModelLoadError, MemoryBudgetError, OSError) as e:
+        console.error(str(e))
+        raise typer.Exit(1) from None
+    import mlx.core as mx
+
+    # The weights are read on MLX's own thread meanwhile; the first answer waits for them.
+    mx.async_eval(loaded[0].parameters())
+    return (*loaded, name)
+
+
+def compute_dtype(dtype: str) -> str | None:
+    return None if dtype == "stored" else dtype
+
+
+def open_chat(
+    model, dtype, think, system, keep_thinking, max_tokens, temperature, top_p, seed,
+    max_context=None, kv_bits=None, kv_group_size=64, kv_start=0, prompt_lookup=0, loaded=None,
+    think_budget=None, memory_check=True, prompt_cache=None,
+):  # fmt: skip
+    """The Chat for `chat` and `generate`, over the model `loaded` (loaded here when None)."""
+    import mlx.core as mx
+
+    from .cache_file import PromptCacheError
+    from .chat import Chat
+    from .sample import Sampling
+
+    m, tokenizer, name = loaded or load_model(
+        model, dtype, max_context, kv_bits, kv_group_size, memory_check
+    )
+    if seed is not None:
+        mx.random.seed(seed)
+    # The options given, over generation_config.json's defaults
+    sampling = Sampling.from_model(m, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
+    try:
+        return Chat(
+            m, tokenizer, think=think, system=system, keep_thinking=keep_thinking,
+            sampling=sampling, model_name=name, kv_bits=kv_bits, kv_group_size=kv_group_size,
+            kv_start=kv_start, prompt_lookup=prompt_lookup, think_budget=think_budget,
+            prompt_cache=prompt_cache,
+        )  # fmt: skip
+    except (ValueError, PromptCacheError) as e:
+        console.error(str(e))
+        raise typer.Exit(1) from None
