@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import weakref
 import zlib
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import KVSettings, PromptCache
+from .files import atomic_path
 
 if TYPE_CHECKING:
     from .model import Model
@@ -156,22 +156,8 @@ def save_prompt_cache(
         "cache": json.dumps(meta), "crc32": json.dumps([_crc(arrays[n]) for n in names]),
     }  # fmt: skip
     path = Path(path).expanduser()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.safetensors")
-    try:
+    with atomic_path(path, suffix=".tmp.safetensors") as tmp:
         mx.save_safetensors(str(tmp), arrays, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    try:  # the rename itself, durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
     return path
 
 

@@ -41,7 +41,7 @@ from .events import (
     split_thinking,
 )
 from .files import write_atomic
-from .generate import GenerationResponse, stream_generate
+from .generate import GenerationResponse, prefill_cache, stream_generate
 from .sample import Sampling
 from .tokenizer import ASSISTANT_TAGS
 from .tools import Tool, as_text, run_tool, tool_schema, tool_schemas
@@ -512,7 +512,7 @@ class Chat:
             if self.prompt_cache is None:  # all of it is the system block when nothing follows
                 marker = self.tokenizer.im_start_id  # where the next message would start
                 self.prompt_cache = self._new_cache(ids if marker is None else [*ids, marker])
-            _prefill(self.model, self.prompt_cache, ids)
+            prefill_cache(self.model, self.prompt_cache, ids)
             return self.prompt_cache.offset
 
     def save_prompt_cache(self, path: str | Path) -> Path:
@@ -702,17 +702,6 @@ class _Held:
 
     def __exit__(self, *exc: object) -> None:
         self.lock.release()
-
-
-def _prefill(model: Model, pc: PromptCache, ids: list[int], step: int = 512) -> None:
-    """Put `ids` in `pc`, reusing what it holds, in chunks that fit its window."""
-    done = pc.reuse(ids)
-    if pc.window:
-        step = min(step, pc.window - pc.keep)
-    for i in range(done, len(ids), step):
-        model(mx.array(ids[i : i + step])[None], cache=pc.layers)
-        mx.eval([c.state for c in pc.layers])
-    pc.settle(ids)
 
 
 def _out_of_memory(e: BaseException) -> bool:

@@ -46,10 +46,11 @@ from .loading import (
     Progress,
     check_tensors,
     download_bar,
-    first_line,
+    error_line,
     hub_error,
     load_config,
     load_model,
+    local_source,
     model_args,
     read_safetensors_header,
     snapshot,
@@ -245,7 +246,7 @@ def _one_line_error(e: BaseException, out: Path) -> ConvertError | None:
         return ConvertInterrupted(f"interrupted; nothing was written to {out}")
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
         return ConvertError(f"disk full writing {out} ({e.strerror}); nothing was written")
-    return ConvertError(f"conversion to {out} failed: {first_line(e)}")
+    return ConvertError(f"conversion to {out} failed: {error_line(e)}")
 
 
 def _check_out(out: Path, source: Path | None) -> None:
@@ -284,7 +285,7 @@ def _check_needed_files(path: Path, source: str, hint: str = "") -> None:
     try:
         Tokenizer.from_folder(path)
     except Exception as e:  # tokenizers raises its own Exception subclass for a bad file
-        raise ConvertError(f"{path / 'tokenizer.json'}: cannot be read ({first_line(e)})") from e
+        raise ConvertError(f"{path / 'tokenizer.json'}: cannot be read ({error_line(e)})") from e
 
 
 def _check_upload_repo(repo: str) -> None:
@@ -353,15 +354,14 @@ def _data_bytes(header: bytes) -> int:
 
 
 def _local_source(source: str, revision: str | None) -> Path | None:
-    """The folder `source` names; None when it is a hub repo id."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        if revision:
-            raise ConvertError(f"{path} is a local folder; --revision applies to hub repos only")
-        return path
-    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise ConvertError(f"{path}: not a model folder")
-    return None
+    """The folder `source` names; None when it is a hub repo id (OWNER/NAME or a bare NAME)."""
+    try:
+        local = local_source(source, revision)
+    except ModelLoadError as e:
+        raise ConvertError(str(e)) from None
+    if local is None and source.count("/") > 1:
+        raise ConvertError(f"{Path(source).expanduser()}: not a model folder")
+    return local
 
 
 def _fetch(source: str, revision: str | None, progress: Progress | None) -> tuple[Path, str]:
@@ -664,4 +664,4 @@ def _upload(folder: Path, repo: str) -> None:
         api.upload_folder(folder_path=folder, repo_id=repo, repo_type="model")
     except (Exception, KeyboardInterrupt) as e:
         raise ConvertError(f"{folder} was written, but the upload to {repo} failed: "
-                           f"{first_line(e)}") from e  # fmt: skip
+                           f"{error_line(e)}") from e  # fmt: skip

@@ -56,12 +56,21 @@ def signals_as_interrupt() -> Iterator[None]:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Replace `path` with `data` in one rename, so that a failure leaves the old file whole."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary file beside `path` for a writer that takes a file name; when the block ends
+    without error it is synced and renamed over `path`, else removed (the old file stays whole).
+    `suffix` ends the temporary name (mx.save_safetensors appends ".safetensors" otherwise)."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
     tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         mode = path.stat().st_mode & 0o777 if path.exists() else 0o644  # mkstemp's is 0o600
         tmp.chmod(mode)

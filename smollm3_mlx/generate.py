@@ -145,25 +145,48 @@ def prefill(
             o.max_kv_size, o.keep, bits=o.kv_bits, group_size=o.kv_group_size,
             quantize_after=o.quantized_kv_start,
         )  # fmt: skip
-    step_size = o.prefill_step_size or default_prefill_step(model)
-    if cache[0].window is not None:  # a prefill chunk must fit beside the kept tokens
-        step_size = min(step_size, cache[0].window - cache[0].keep)
     tokens = prompt
     if o.context:  # processors see every id so far, the cached ones included
         tokens = mx.concatenate([mx.array(list(o.context), dtype=prompt.dtype), prompt])
     stats = o.lookup_stats if o.lookup_stats is not None else LookupStats()
     decoder = Decoder(model, cache, o.sampler or greedy, o.logits_processors, tokens, stats)
     progress = o.prompt_progress or (lambda *_: None)
-    total, done = prompt.size, 0
+    total = prompt.size
     progress(0, total)
-    # Prefill all but the last token in chunks, evaluating the cache to bound memory.
-    while total - done > 1:
-        n = min(step_size, total - done - 1)
+    step_size = o.prefill_step_size or default_prefill_step(model)
+    _run_chunks(
+        model, cache, prompt, total - 1, step_size, progress
+    )  # the last id goes to decoding
+    return decoder, prompt[total - 1 :], lambda: progress(total, total)
+
+
+def prefill_cache(model, pc: PromptCache, ids: list[int], *, step_size: int | None = None) -> None:
+    """Put `ids` in `pc` without generating: reuse what it holds, run the rest in chunks, settle."""
+    done = pc.reuse(ids)
+    rest = mx.array(ids[done:])
+    _run_chunks(model, pc.layers, rest, rest.size, step_size or default_prefill_step(model))
+    pc.settle(ids)
+
+
+def _run_chunks(
+    model,
+    cache: list[Cache],
+    prompt: mx.array,
+    stop: int,
+    step_size: int,
+    progress: Callable[[int, int], None] = lambda *_: None,
+) -> None:
+    """Run `prompt[:stop]` through the model in chunks, evaluating the cache after each to bound
+    memory; `progress` gets (processed, prompt.size)."""
+    if cache[0].window is not None:  # a prefill chunk must fit beside the kept tokens
+        step_size = min(step_size, cache[0].window - cache[0].keep)
+    done = 0
+    while done < stop:
+        n = min(step_size, stop - done)
         model(prompt[done : done + n][None], cache=cache)
         mx.eval([c.state for c in cache])
         done += n
-        progress(done, total)
-    return decoder, prompt[done:], lambda: progress(total, total)
+        progress(done, prompt.size)
 
 
 def generate_step(

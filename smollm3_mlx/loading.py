@@ -82,7 +82,7 @@ def _read_json(file: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise ModelLoadError(f"{file}: not valid JSON (not UTF-8 text)") from None
     except (json.JSONDecodeError, RecursionError) as e:
-        raise ModelLoadError(f"{file}: not valid JSON ({_first_line(e)})") from None
+        raise ModelLoadError(f"{file}: not valid JSON ({_message_line(e)})") from None
     except OSError as e:
         raise ModelLoadError(f"{file}: cannot be read ({e.strerror or e})") from None
     if not isinstance(value, dict):
@@ -90,7 +90,8 @@ def _read_json(file: Path) -> dict[str, Any]:
     return value
 
 
-def _first_line(e: BaseException) -> str:
+def _message_line(e: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when the message is empty."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
@@ -121,13 +122,9 @@ def resolve_model_path(
         ModelLoadError: not a folder nor a repo id, a revision for a folder, a failed download.
     """
     source = str(path_or_repo)
-    path = Path(source).expanduser()
-    if path.is_dir():
-        if revision:
-            raise ModelLoadError(f"{path} is a local folder; --revision applies to hub repos only")
-        return path
-    if path.exists() or source.startswith((".", "/", "~")):
-        raise ModelLoadError(f"{path}: not a model folder")
+    local = local_source(source, revision)
+    if local is not None:
+        return local
     if source.count("/") != 1:  # every SmolLM3 repo lives under an owner: "typo" is a typo
         raise ModelLoadError(
             f"{source}: no local folder of that name, and not a hub repo id (OWNER/NAME)"
@@ -138,6 +135,23 @@ def resolve_model_path(
         raise ModelLoadError(
             f"{source}: no local folder of that name, and the hub download failed: {hub_error(e)}"
         ) from e
+
+
+def local_source(source: str, revision: str | None) -> Path | None:
+    """The folder `source` names; None when it may be a hub repo id.
+
+    Raises:
+        ModelLoadError: a revision for a folder, or a path (it exists, or starts with . / ~)
+            that is no folder.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if revision:
+            raise ModelLoadError(f"{path} is a local folder; --revision applies to hub repos only")
+        return path
+    if path.exists() or source.startswith((".", "/", "~")):
+        raise ModelLoadError(f"{path}: not a model folder")
+    return None
 
 
 def snapshot(
@@ -231,10 +245,10 @@ def hub_error(e: Exception) -> str:
     return text
 
 
-def first_line(e: BaseException) -> str:
-    """An exception as one line: its type and the first line of its message."""
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+def error_line(e: BaseException) -> str:
+    """An exception as one line: its type, then the first line of its message when it has one."""
+    name = type(e).__name__
+    return f"{name}: {_message_line(e)}" if str(e).strip() else name
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -266,7 +280,7 @@ def model_args(config: dict[str, Any], path: Path | None = None) -> ModelArgs:
     try:
         return ModelArgs.from_dict(config)
     except (TypeError, ValueError, ArithmeticError, KeyError, IndexError) as e:
-        raise ModelLoadError(f"{where}{_first_line(e)}") from None
+        raise ModelLoadError(f"{where}{_message_line(e)}") from None
 
 
 def _config_problem(config: dict[str, Any]) -> str | None:
@@ -486,7 +500,7 @@ def _build(path: Path, config: dict[str, Any], max_context: int | None, stored: 
     except ModelLoadError:
         raise
     except (TypeError, ValueError, ArithmeticError, KeyError, IndexError) as e:
-        raise ModelLoadError(f"{file}: cannot build the model ({_first_line(e)})") from None
+        raise ModelLoadError(f"{file}: cannot build the model ({_message_line(e)})") from None
     model.info = ModelInfo(path=path, max_context=window, sampling=sampling_defaults(path))
     return model
 
@@ -528,7 +542,7 @@ def load_model(
         try:
             weights.update(mx.load(str(f)))
         except (RuntimeError, ValueError) as e:
-            raise ModelLoadError(f"{f}: cannot be read ({_first_line(e)})") from None
+            raise ModelLoadError(f"{f}: cannot be read ({_message_line(e)})") from None
     model.load_weights(list(model.sanitize(weights).items()), strict=True)
 
     if dtype is not None:
@@ -597,7 +611,7 @@ def load(
             raise ModelLoadError(str(e)) from None
         except Exception as e:  # tokenizers raises bare Exceptions; any bad file ends here, named
             raise ModelLoadError(
-                f"{path}: its tokenizer files cannot be read ({type(e).__name__}: {_first_line(e)})"
+                f"{path}: its tokenizer files cannot be read ({error_line(e)})"
             ) from None
     model.info = replace(model.info, tokenizer=tokenizer)  # so that `Chat(model)` needs no more
     return model, tokenizer

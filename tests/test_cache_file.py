@@ -66,6 +66,19 @@ def test_a_restored_chat_answers_token_for_token_like_the_chat_that_saved_it(tra
     assert done.stats.cached_tokens > len(tokenizer.encode(SYSTEM))  # not prefilled again
 
 
+def test_a_chat_prefilled_before_its_first_turn_answers_like_one_that_was_not(trained):
+    _, model, tokenizer = trained
+    primed = Chat(model, system=SYSTEM, temperature=0.0, max_tokens=40)
+    held = primed.prefill()
+    assert held == len(primed.render(add_generation_prompt=False))
+    ours, done = _turn(primed, QUESTIONS["math"])
+    theirs, _ = _turn(Chat(model, system=SYSTEM, temperature=0.0, max_tokens=40), QUESTIONS["math"])
+    assert tokenizer.encode(ours, allow_special=True) == tokenizer.encode(
+        theirs, allow_special=True
+    )
+    assert done.stats.cached_tokens == held  # the system block was not prefilled again
+
+
 def test_the_file_is_the_cache_bytes_and_ids_as_a_tensor(saved):
     path, chat = saved
     arrays = mx.load(str(path), format="safetensors")
