@@ -295,6 +295,16 @@ class KVSettings:
     start: int = 0
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many ids `a` and `b` share from the start."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class PromptCache:
     """Per-layer caches plus the token ids they stand for, reusable across turns or requests.
 
@@ -391,11 +401,7 @@ class PromptCache:
         At least one id is always left to prefill (its logits start the answer). A change past
         the dropped span trims back to it; a change inside it keeps only the kept ids.
         """
-        n = 0
-        for a, b in zip(self.ids, prompt[:-1], strict=False):
-            if a != b:
-                break
-            n += 1
+        n = common_prefix(self.ids, prompt[:-1])
         dropped = self.dropped
         if dropped and n < self.keep + dropped:
             n, dropped = min(n, self.keep), 0

@@ -13,7 +13,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .cache import KVSettings, PromptCache
+from .cache import KVSettings, PromptCache, common_prefix
 from .cache_file import (
     Fingerprint,
     PromptCacheError,
@@ -81,7 +81,7 @@ class CacheDir:
         while True:
             best, n = None, 0
             for path, ids in self.index.items():
-                k = _common_prefix(ids, prompt)
+                k = common_prefix(ids, prompt)
                 if k > n:
                     best, n = path, k
             if best is None or n < self.min_tokens:
@@ -128,12 +128,3 @@ def _touch(path: Path) -> None:
         os.utime(path)
     except OSError:
         pass
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from .cache import KVSettings, PromptCache
+from .cache import KVSettings, PromptCache, common_prefix
 from .cache_dir import DEFAULT_DIR_BYTES, CacheDir
 from .generate import stream_generate
 from .sample import Sampling
@@ -116,7 +116,7 @@ class PromptCacheLRU:
     def take(self, prompt: Sequence[int]) -> PromptCache | None:
         best, n = None, 0
         for cache in self.entries:
-            k = _common_prefix(cache.ids, prompt)
+            k = common_prefix(cache.ids, prompt)
             if k > n:
                 best, n = cache, k
         if best is None:
@@ -138,15 +138,6 @@ class PromptCacheLRU:
 
     def clear(self) -> None:
         self.entries = []
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class Engine:
