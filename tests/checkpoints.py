@@ -9,6 +9,9 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -201,3 +204,22 @@ def hf_logits(path: Path, ids) -> np.ndarray:
     with torch.no_grad():
         out = model(torch.tensor([list(ids)]))
     return out.logits[0].float().numpy()
+
+
+@contextmanager
+def frozen_hf_tokenizer(now: datetime) -> Iterator:
+    """transformers' tokenizer of the reference folder, its chat template's clock reading `now`."""
+    from transformers import AutoTokenizer
+    from transformers.utils import chat_template_utils
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return now
+
+    saved = chat_template_utils.datetime
+    chat_template_utils.datetime = Frozen
+    try:
+        yield AutoTokenizer.from_pretrained(REFERENCE_MODEL_DIR)
+    finally:
+        chat_template_utils.datetime = saved

@@ -18,6 +18,7 @@ import pytest
 from checkpoints import (
     REFERENCE_MODEL_DIR,
     TOKENIZER_FILES,
+    frozen_hf_tokenizer,
     make_tiny_checkpoint,
     requires_reference,
 )
@@ -46,20 +47,8 @@ def tok() -> Tokenizer:
 @pytest.fixture(scope="module")
 def hf_render(tok):
     """transformers' rendering (the text the template makes of the inputs), clock frozen."""
-    from transformers import AutoTokenizer
-    from transformers.utils import chat_template_utils
-
-    hf = AutoTokenizer.from_pretrained(REFERENCE_MODEL_DIR)
-
-    class Frozen(datetime):
-        @classmethod
-        def now(cls, tz=None):
-            return FROZEN
-
-    saved = chat_template_utils.datetime
-    chat_template_utils.datetime = Frozen
-    yield lambda messages, **kw: hf.apply_chat_template(messages, tokenize=False, **kw)
-    chat_template_utils.datetime = saved
+    with frozen_hf_tokenizer(FROZEN) as hf:
+        yield lambda messages, **kw: hf.apply_chat_template(messages, tokenize=False, **kw)
 
 
 def _added(tok: Tokenizer) -> list[str]:

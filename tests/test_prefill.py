@@ -7,7 +7,7 @@ import json
 from datetime import datetime
 
 import pytest
-from checkpoints import REFERENCE_MODEL_DIR, requires_reference
+from checkpoints import REFERENCE_MODEL_DIR, frozen_hf_tokenizer, requires_reference
 
 from smollm3_mlx.tokenizer import ASSISTANT_TAGS, Tokenizer
 
@@ -28,18 +28,8 @@ def tok() -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def hf():
-    from transformers import AutoTokenizer
-    from transformers.utils import chat_template_utils
-
-    class Frozen(datetime):
-        @classmethod
-        def now(cls, tz=None):
-            return FROZEN
-
-    saved = chat_template_utils.datetime
-    chat_template_utils.datetime = Frozen
-    yield AutoTokenizer.from_pretrained(REFERENCE_MODEL_DIR)
-    chat_template_utils.datetime = saved
+    with frozen_hf_tokenizer(FROZEN) as tokenizer:
+        yield tokenizer
 
 
 @pytest.mark.parametrize("think", [True, False], ids=["think", "no_think"])
