@@ -536,6 +536,7 @@ def serve(
         console.error(f"--queue must be at least 0, not {queue}")
         raise typer.Exit(2)
     try:
+        from .engine import WarmUpError
         from .server import exposure_problem, serve as run_server
     except ImportError as e:
         console.error(f"serve needs the server extra: pip install 'smollm3-mlx[server]' ({e})")
@@ -562,6 +563,9 @@ def serve(
         )  # fmt: skip
     except OSError as e:  # the port is taken, the address is not ours, ...
         console.error(f"cannot serve on {host}:{port}: {e}")
+        raise typer.Exit(1) from None
+    except WarmUpError as e:
+        console.error(str(e))
         raise typer.Exit(1) from None
     except KeyboardInterrupt:  # uvicorn shut down cleanly, then re-raised the signal
         console.info("server stopped")

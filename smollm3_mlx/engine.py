@@ -85,6 +85,10 @@ class Busy(RuntimeError):
         self.retry_after = retry_after
 
 
+class WarmUpError(RuntimeError):
+    """The model failed the engine's warm-up step (see `Engine.start`)."""
+
+
 @dataclass(frozen=True)
 class Record:
     """How a finished request went (the last few are kept, for logs and tests)."""
@@ -187,9 +191,26 @@ class Engine:
         return self._current is not None
 
     def start(self) -> None:
+        """Start the worker thread (if it is not running); returns once it has warmed up (see
+        `_warm_up`).
+
+        Raises:
+            WarmUpError: the model failed its warm-up step (the worker is gone).
+        """
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="smollm3-engine", daemon=True)
+        if self._thread is not None:
+            return
+        warmed: list[BaseException | None] = []
+        ready = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(warmed, ready), name="smollm3-engine", daemon=True
+        )
         self._thread.start()
+        ready.wait()
+        if warmed != [None]:
+            self._thread.join()
+            self._thread = None
+            raise WarmUpError(f"the model failed its warm-up step: {warmed[0]}")
 
     def close(self) -> None:
         """Take no more jobs; cancel the running one and those waiting (the thread stays)."""
@@ -224,8 +245,16 @@ class Engine:
     def _retry_after(self) -> int:
         return max(1, math.ceil((self.waiting + 1) * self._mean_seconds))
 
-    def _run(self) -> None:
+    def _run(self, warmed: list[BaseException | None], ready: threading.Event) -> None:
         try:
+            try:
+                self._warm_up()
+                warmed.append(None)
+            except Exception as e:
+                warmed.append(e)
+                return
+            finally:
+                ready.set()
             while (job := self._jobs.get()) is not None:
                 if job.cancel.is_set():  # its client left while it waited
                     self.records.append(Record(len(job.prompt), 0, 0, "cancelled", 0.0))
@@ -246,6 +275,19 @@ class Engine:
                 self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * seconds
         finally:
             mx.clear_streams()  # MLX asks a thread that ran MLX work to free its streams
+
+    def _warm_up(self) -> None:
+        """A few tokens, prefilled and decoded with the model's own sampling, before the first
+        request: MLX builds its kernels now rather than in that request. On the CPU backend it
+        builds them with g++ through system(), which ignores Ctrl-C while it runs, so a first
+        request's build could swallow the Ctrl-C that should stop the server."""
+        cache = PromptCache.new(self.model, kv=self.kv)
+        prompt = self.tokenizer.encode("Hello, how are you?")
+        sampling = Sampling.from_model(self.model)
+        for _ in stream_generate(self.model, self.tokenizer, prompt, max_tokens=2,
+                                 sampling=sampling, prompt_cache=cache):  # fmt: skip
+            pass
+        mx.clear_cache()
 
     def _generate(self, job: Job) -> None:
         prompt = job.prompt

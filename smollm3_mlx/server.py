@@ -449,6 +449,7 @@ def serve(
                     cache_dir_bytes=cache_dir_bytes)  # fmt: skip
     app = make_app(engine, model_name=model_name, api_key=api_key, cors_origins=cors_origins,
                    loopback=is_loopback(host), max_body=max_body)  # fmt: skip
+    engine.start()  # warmed up before the port opens (a failure is one line, not a traceback)
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets=None) -> None:

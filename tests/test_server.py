@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import uvicorn
 from checkpoints import requires_reference
 from trained_model import QUESTIONS, THOUGHTS, TOOL_RESULT, TOOLS, answer, trained_checkpoint
 
-from smollm3_mlx.engine import Engine, Finished, Job, PromptCacheLRU
+from smollm3_mlx.engine import Engine, Finished, Job, PromptCacheLRU, WarmUpError
 from smollm3_mlx.loading import load
 from smollm3_mlx.server import exposure_problem, make_app
 
@@ -576,13 +577,17 @@ def test_serve_refuses_an_open_non_loopback_host_before_loading():
     assert r.returncode == 1 and "--api-key" in r.stderr and r.stderr.count("\n") == 1
 
 
-def test_serve_prints_ready_answers_and_stops_cleanly_on_ctrl_c(model_dir):
+def test_serve_prints_ready_answers_and_stops_cleanly_on_ctrl_c(model_dir, tmp_path):
     proc = subprocess.Popen(
         # Twice the trained context (YaRN), so that the song, ~3800 tokens long, cannot end
         # before Ctrl-C reaches it, even on a loaded machine (it still sings past 2048).
         smollm3("serve", "--model", str(model_dir), "--port", "0", "--model-name", MODEL,
                 "--max-context", "4096"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # MLX's CPU backend builds its compiled kernels with g++ under TMPDIR, through system(),
+        # which ignores Ctrl-C while it runs: an empty TMPDIR makes a first request build them
+        # all. The server builds them before it says ready, so Ctrl-C is never lost.
+        env={**os.environ, "TMPDIR": str(tmp_path)},
     )  # fmt: skip
     try:
         line = proc.stdout.readline()
@@ -616,6 +621,66 @@ def test_the_http_stack_is_imported_only_by_serve():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+WARM_UP_CHECK = """
+import pathlib, sys, threading
+from smollm3_mlx.engine import Engine, Finished, Job
+from smollm3_mlx.loading import load
+from smollm3_mlx.sample import Sampling
+
+model, tokenizer = load(sys.argv[1])
+built = lambda: sorted(p.name for p in pathlib.Path(sys.argv[2]).rglob("*.so"))
+engine = Engine(model, tokenizer)
+engine.start()
+at_ready = built()
+done = threading.Event()
+prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Sing me a song."}],
+                                       tokenize=True)
+for sampling in (Sampling.from_model(model), Sampling(temperature=0)):
+    done.clear()
+    engine.submit(Job(prompt, 8, sampling, emit=lambda i: isinstance(i, Finished) and done.set()))
+    assert done.wait(60)
+engine.stop()
+print(len(at_ready), built() == at_ready)
+"""
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="MLX's CPU backend compiles with g++")
+def test_the_engine_builds_its_kernels_before_it_is_ready(model_dir, tmp_path):
+    """MLX's CPU backend builds compiled kernels with g++ under TMPDIR, through system(), which
+    ignores SIGINT while it runs: built in a first request, they swallowed the Ctrl-C that
+    should have stopped the server (1 run in 4). The engine builds them while it starts."""
+    out = subprocess.run(
+        [sys.executable, "-c", WARM_UP_CHECK, str(model_dir), str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    kernels, unchanged = out.stdout.split()
+    assert int(kernels) > 0 and unchanged == "True"  # at ready, every kernel a request uses
+
+
+def test_serve_refuses_in_one_line_a_model_that_fails_its_warm_up(model_dir, monkeypatch):
+    from typer.testing import CliRunner
+
+    from smollm3_mlx import cli
+
+    def fail(self):
+        raise RuntimeError("no memory left")
+
+    monkeypatch.setattr(Engine, "_warm_up", fail)
+    r = CliRunner().invoke(cli.app, ["serve", "--model", str(model_dir), "--port", "0"])
+    assert r.exit_code == 1, r.output
+    assert "the model failed its warm-up step: no memory left" in r.output
+    assert "Traceback" not in r.output and "ready" not in r.output, r.output
+
+
+def test_an_engine_whose_warm_up_fails_refuses_to_start_and_leaves_no_thread(loaded, monkeypatch):
+    monkeypatch.setattr(Engine, "_warm_up", lambda self: 1 / 0)
+    engine, before = Engine(*loaded), set(threading.enumerate())
+    with pytest.raises(WarmUpError, match="warm-up step: division by zero"):
+        engine.start()
+    assert set(threading.enumerate()) <= before and engine._thread is None
 
 
 def test_a_job_taken_from_the_queue_as_the_server_closes_is_cancelled(loaded):
