@@ -614,11 +614,15 @@ class Chat:
             "keep_thinking": self.keep_thinking,
             "sampling": asdict(self.sampling),
             "tools": self.tools,
+            "think_budget": self.think_budget,
+            "handoff": self.handoff,
+            "tool_choice": self.tool_choice,
             "messages": self.messages,
         }
 
     def save(self, path: str | Path) -> Path:
-        """Write the conversation as JSON (messages, mode, model, sampling, tools).
+        """Write the conversation as JSON (messages, mode, model, sampling, tools, thinking
+        budget and hand-off, tool choice).
 
         The file is written whole or not at all: into a temporary file beside it, flushed to the
         disk, then renamed over `path`; on any error (a full disk...) an earlier file is as it was.
@@ -642,10 +646,14 @@ class Chat:
         chat.restore(path)
         if options.get("tools") is not None:  # functions given now win over saved schemas
             chat.set_tools(options["tools"])
+        for key in _SAVED_SETTINGS.keys() & options.keys():  # and settings given now
+            setattr(chat, key, options[key])
         return chat
 
     def restore(self, path: str | Path) -> dict[str, Any]:
-        """Replace the conversation, mode and sampling with a saved one; on error nothing changes.
+        """Replace the conversation, mode, sampling and the settings saved with them (thinking
+        budget and hand-off, tool choice; a file that has none leaves the Chat's) with a saved
+        one; on error nothing changes.
 
         Raises:
             ChatFileError: unreadable, not JSON, or not a conversation this program saved.
@@ -659,10 +667,13 @@ class Chat:
                 raise ChatFileError(f"{path}: cannot read a conversation ({why})") from None
             try:
                 messages, think, keep_thinking, sampling, tools = _validate(data)
+                settings = _validate_settings(data)
             except ValueError as e:
                 raise ChatFileError(f"{path}: not a smollm3-mlx conversation ({e})") from None
             self.messages, self.think, self.keep_thinking = messages, think, keep_thinking
             self.sampling, self.tools, self.functions = sampling, tools, {}
+            for key, value in settings.items():
+                setattr(self, key, value)
         return dict(data)
 
 
@@ -785,3 +796,32 @@ def _validate(
     for i, t in enumerate(tools or ()):
         need(isinstance(t, dict) and isinstance(t.get("name"), str), f"tool {i} has no name")
     return [dict(m) for m in messages], data["think"], data["keep_thinking"], sampling, tools
+
+
+_SAVED_SETTINGS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "think_budget": (
+        lambda v: v is None or (type(v) is int and v >= 0),
+        "a whole number >= 0 or null",
+    ),
+    "handoff": (lambda v: isinstance(v, str), "a string"),
+    "tool_choice": (
+        lambda v: isinstance(v, str) or _names_a_function(v),
+        'a string or {"type": "function", "function": {"name": ...}}',
+    ),
+}
+
+
+def _names_a_function(v: Any) -> bool:
+    function = v.get("function") if isinstance(v, dict) else None
+    return isinstance(function, dict) and isinstance(function.get("name"), str)
+
+
+def _validate_settings(data: dict[str, Any]) -> dict[str, Any]:
+    """The saved Chat settings a file holds (files from before them hold none), or a
+    ValueError naming the first that is wrong."""
+    settings = {k: data[k] for k in _SAVED_SETTINGS if k in data}
+    for key, value in settings.items():
+        ok, meaning = _SAVED_SETTINGS[key]
+        if not ok(value):
+            raise ValueError(f"{key!r} must be {meaning}, not {value!r:.40}")
+    return settings

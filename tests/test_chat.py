@@ -247,6 +247,42 @@ def test_save_and_load_round_trip(loaded, tmp_path):
     assert turn(other, QUESTIONS["hi"])[1] == answer("hi")
 
 
+def test_a_saved_chat_keeps_its_thinking_budget_hand_off_and_tool_choice(loaded, tmp_path):
+    settings = {"think_budget": 3, "handoff": "\n", "tool_choice": "none"}
+    chat = session(loaded, **settings)
+    path = chat.save(tmp_path / "chat.json")
+    model, _ = loaded
+    back = Chat.load(path, model, sampling=GREEDY)
+    assert {k: getattr(back, k) for k in settings} == settings
+    _, _, done = turn(back, QUESTIONS["math"])
+    assert done.stats.thinking_tokens == 3  # the budget holds in the restored chat
+    given = Chat.load(path, model, think_budget=None, tool_choice="auto")  # given now: they win
+    assert (given.think_budget, given.handoff, given.tool_choice) == (None, "\n", "auto")
+    data = json.loads(path.read_text())
+    for key in settings:  # a file saved before these settings: the Chat keeps its own
+        del data[key]
+    path.write_text(json.dumps(data))
+    older = session(loaded, **settings)
+    older.restore(path)
+    assert {k: getattr(older, k) for k in settings} == settings
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("think_budget", -1), ("think_budget", True), ("think_budget", "5"), ("handoff", 5),
+     ("tool_choice", 3), ("tool_choice", {"function": "get_weather"})],
+)  # fmt: skip
+def test_a_saved_setting_of_the_wrong_kind_is_one_error_naming_it(loaded, tmp_path, field, value):
+    chat = session(loaded)
+    path = chat.save(tmp_path / "chat.json")
+    data = json.loads(path.read_text())
+    data[field] = value
+    path.write_text(json.dumps(data))
+    with pytest.raises(ChatFileError, match=f"'{field}' must be") as info:
+        chat.restore(path)
+    assert "\n" not in str(info.value) and chat.think_budget is None
+
+
 @pytest.mark.parametrize(
     "content",
     [

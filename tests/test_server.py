@@ -23,8 +23,12 @@ import uvicorn
 from checkpoints import requires_reference
 from trained_model import QUESTIONS, THOUGHTS, TOOL_RESULT, TOOLS, answer, trained_checkpoint
 
+from smollm3_mlx.cache import PromptCache
+from smollm3_mlx.cache_dir import CacheDir
 from smollm3_mlx.engine import Engine, Finished, Job, PromptCacheLRU, WarmUpError
+from smollm3_mlx.generate import stream_generate
 from smollm3_mlx.loading import load
+from smollm3_mlx.sample import Sampling
 from smollm3_mlx.server import exposure_problem, make_app
 
 pytestmark = requires_reference
@@ -252,6 +256,40 @@ def test_cache_dir_keeps_prompt_caches_across_restarts_and_drops_a_corrupt_file(
     cached = warm.usage.prompt_tokens_details.cached_tokens
     assert 256 < cached < warm.usage.prompt_tokens
     assert warm.choices[0].message.content == cold.choices[0].message.content
+
+
+def test_cache_dir_stays_in_its_byte_budget_and_never_uses_another_models_file(
+    loaded, model_dir, tmp_path
+):
+    """The folder's budget counts every cache file in it (another server's too: a shared folder
+    stays bounded), least recently used first; a file made for another model (here the same
+    weights in bfloat16) is never used."""
+    model, tokenizer = loaded
+    alpha, beta = (tokenizer.encode(f"{word} " * 300) for word in ("alpha", "beta"))
+
+    def cached(model, prompt):
+        cache = PromptCache.new(model)
+        for _ in stream_generate(model, tokenizer, prompt, max_tokens=1, prompt_cache=cache,
+                                 sampling=Sampling(temperature=0)):  # fmt: skip
+            pass
+        return cache
+
+    bf16, _ = load(model_dir, dtype="bfloat16")
+    CacheDir(tmp_path, bf16, tokenizer).put(cached(bf16, alpha))
+    (foreign,) = tmp_path.glob("*.safetensors")
+    os.utime(foreign, (1000, 1000))  # the least recently used
+    ours = CacheDir(tmp_path, model, tokenizer)
+    assert ours.take(alpha) is None  # not made for this model
+    ours.put(cached(model, alpha))
+    (mine,) = set(tmp_path.glob("*.safetensors")) - {foreign}
+    os.utime(mine, (2000, 2000))
+    assert ours.take(alpha).ids[: len(alpha)] == alpha and foreign.exists()
+    one = mine.stat().st_size
+    small = CacheDir(tmp_path, model, tokenizer, max_bytes=one * 3 // 2)
+    small.put(cached(model, beta))
+    (left,) = tmp_path.glob("*.safetensors")  # the foreign file went first, then alpha's
+    assert left not in (foreign, mine) and left.stat().st_size <= one * 3 // 2
+    assert small.take(alpha) is None and small.take(beta).ids[: len(beta)] == beta
 
 
 def test_prompt_cache_lru_moves_follow_ups_copies_branches_and_stays_in_budget():
