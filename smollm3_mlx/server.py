@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -449,7 +450,12 @@ def serve(
                     cache_dir_bytes=cache_dir_bytes)  # fmt: skip
     app = make_app(engine, model_name=model_name, api_key=api_key, cors_origins=cors_origins,
                    loopback=is_loopback(host), max_body=max_body)  # fmt: skip
-    engine.start()  # warmed up before the port opens (a failure is one line, not a traceback)
+    sock = _bind(host, port)
+    try:
+        engine.start()  # warmed up before it listens (a failure is one line, not a traceback)
+    except BaseException:
+        sock.close()
+        raise
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets=None) -> None:
@@ -465,4 +471,19 @@ def serve(
 
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=3, lifespan="on")  # fmt: skip
-    Server(config).run()
+    Server(config).run(sockets=[sock])
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, not yet listening. Bound here, a taken port or an address
+    that is not this machine's is an OSError for the caller to report (uvicorn would log it in
+    its own format and exit 3)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn chooses
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -648,6 +649,18 @@ def test_serve_prints_ready_answers_and_stops_cleanly_on_ctrl_c(model_dir, tmp_p
         assert "Traceback" not in err and "terminate called" not in err
     finally:
         proc.kill()
+
+
+def test_serve_on_a_taken_port_is_one_line_and_exit_1(model_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run(smollm3("serve", "--model", str(model_dir), "--port", str(port)),
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.startswith(f"error: cannot serve on 127.0.0.1:{port}: "), r.stderr
+    assert r.stderr.count("\n") == 1 and "in use" in r.stderr
 
 
 def test_the_http_stack_is_imported_only_by_serve():
