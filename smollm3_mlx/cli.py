@@ -459,8 +459,8 @@ def convert(
     console.converted(result)
 
 
-def _bytes(text: str) -> int:
-    """'2G', '512M', '1000000' -> bytes."""
+def _bytes(name: str, text: str) -> int:
+    """'2G', '512M', '1000000' -> bytes; anything else is one line naming the option."""
     units = {"K": 1024, "M": 1024**2, "G": 1024**3}
     t = text.strip().upper().removesuffix("B").removesuffix("I")
     scale = units.get(t[-1:], 1)
@@ -468,9 +468,10 @@ def _bytes(text: str) -> int:
     try:
         value = float(number) * scale
     except ValueError:
-        raise typer.BadParameter(f"{text!r} is not a size like 2G, 512M or 1000000") from None
-    if value < 0:
-        raise typer.BadParameter("a size cannot be negative")
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        console.error(f"{name} must be a size like 2G, 512M or 1000000, not {text!r}")
+        raise typer.Exit(2)
     return int(value)
 
 
@@ -480,7 +481,14 @@ def serve(
     host: Annotated[
         str, typer.Option(help="Address to bind; anything but loopback needs --api-key.")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    port: Annotated[
+        int,
+        typer.Option(
+            metavar="N",
+            help="Port to listen on (0: any free one).",
+            callback=_in_range("--port", 0, 65535),
+        ),
+    ] = 8000,
     api_key: Annotated[
         str | None,
         typer.Option(
@@ -531,7 +539,10 @@ def serve(
     dtype: DType = "auto",
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (needs smollm3-mlx[server])."""
-    budget, dir_budget = _bytes(cache_bytes), _bytes(cache_dir_bytes)
+    budget, dir_budget = (
+        _bytes("--cache-bytes", cache_bytes),
+        _bytes("--cache-dir-bytes", cache_dir_bytes),
+    )
     if queue < 0:
         console.error(f"--queue must be at least 0, not {queue}")
         raise typer.Exit(2)

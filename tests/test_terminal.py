@@ -159,6 +159,13 @@ def test_version_prints_the_package_and_mlx_versions():
         (["generate", "--max-tokens", "-5", "hi"], "--max-tokens must be at least 1, not -5"),
         (["chat", "--max-context", "0"], "--max-context must be at least 1, not 0"),
         (["chat", "--kv-start", "-1"], "--kv-start must be at least 0, not -1"),
+        (["serve", "--port", "65536"], "--port must be from 0 to 65535, not 65536"),
+        (["serve", "--port", "-1"], "--port must be from 0 to 65535, not -1"),
+        (["serve", "--queue", "-1"], "--queue must be at least 0, not -1"),
+        (["serve", "--kv-bits", "3"], "--kv-bits must be 4 or 8, not 3"),
+        (["serve", "--cache-bytes", "lots"], "--cache-bytes must be a size like 2G"),
+        (["serve", "--cache-dir-bytes", "-1G"], "--cache-dir-bytes must be a size like 2G"),
+        (["serve", "--cache-bytes", "inf"], "--cache-bytes must be a size like 2G"),
     ],
 )
 def test_numeric_options_out_of_range_are_one_line_before_loading(args, message):
