@@ -559,6 +559,12 @@ def serve(
     if kv_bits is not None and kv_bits not in (4, 8):
         console.error(f"--kv-bits must be 4 or 8, not {kv_bits}")
         raise typer.Exit(2)
+    if cache_dir is not None:  # before the model's load, which can take a while
+        try:
+            cache_dir.expanduser().mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            console.error(f"--cache-dir {cache_dir}: cannot use it as a folder ({e.strerror})")
+            raise typer.Exit(2) from None
     m, tokenizer, name = _load(model, dtype, max_context)
     import mlx.core as mx
 

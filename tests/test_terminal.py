@@ -166,9 +166,10 @@ def test_version_prints_the_package_and_mlx_versions():
         (["serve", "--cache-bytes", "lots"], "--cache-bytes must be a size like 2G"),
         (["serve", "--cache-dir-bytes", "-1G"], "--cache-dir-bytes must be a size like 2G"),
         (["serve", "--cache-bytes", "inf"], "--cache-bytes must be a size like 2G"),
+        (["serve", "--cache-dir", __file__], "--cache-dir " + __file__ + ": cannot use it as a"),
     ],
 )
-def test_numeric_options_out_of_range_are_one_line_before_loading(args, message):
+def test_bad_option_values_are_one_line_before_loading(args, message):
     r = CliRunner().invoke(cli.app, [*args, "-m", "/nonexistent/model"])
     assert r.exit_code == 2
     assert r.output.count("\n") == 1 and message in r.output, r.output
