@@ -277,12 +277,12 @@ class Engine:
             mx.clear_streams()  # MLX asks a thread that ran MLX work to free its streams
 
     def _warm_up(self) -> None:
-        """A few tokens, prefilled and decoded with the model's own sampling, before the first
-        request: MLX builds its kernels now rather than in that request. On the CPU backend it
+        """Two tokens prefilled and two decoded, with the model's own sampling, before the
+        first request: MLX builds its kernels now rather than in that request. On the CPU backend it
         builds them with g++ through system(), which ignores Ctrl-C while it runs, so a first
         request's build could swallow the Ctrl-C that should stop the server."""
         cache = PromptCache.new(self.model, kv=self.kv)
-        prompt = self.tokenizer.encode("Hello, how are you?")
+        prompt = self.tokenizer.encode("Hello there")[:2]  # two: a prefill's shapes, not a step's
         sampling = Sampling.from_model(self.model)
         for _ in stream_generate(self.model, self.tokenizer, prompt, max_tokens=2,
                                  sampling=sampling, prompt_cache=cache):  # fmt: skip
