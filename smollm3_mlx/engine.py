@@ -201,16 +201,22 @@ class Engine:
         if self._thread is not None:
             return
         warmed: list[BaseException | None] = []
-        ready = threading.Event()
+        ready, cancel = threading.Event(), threading.Event()
         self._thread = threading.Thread(
-            target=self._run, args=(warmed, ready), name="smollm3-engine", daemon=True
+            target=self._run, args=(warmed, ready, cancel), name="smollm3-engine", daemon=True
         )
         self._thread.start()
-        ready.wait()
+        try:
+            ready.wait()
+        except BaseException:  # Ctrl-C while it warms up: the worker ends (MLX asks it) first
+            cancel.set()
+            self.stop()
+            raise
         if warmed != [None]:
             self._thread.join()
             self._thread = None
-            raise WarmUpError(f"the model failed its warm-up step: {warmed[0]}")
+            error = warmed[0]
+            raise WarmUpError(f"the model failed its warm-up step: {error}") from error
 
     def close(self) -> None:
         """Take no more jobs; cancel the running one and those waiting (the thread stays)."""
@@ -245,12 +251,14 @@ class Engine:
     def _retry_after(self) -> int:
         return max(1, math.ceil((self.waiting + 1) * self._mean_seconds))
 
-    def _run(self, warmed: list[BaseException | None], ready: threading.Event) -> None:
+    def _run(
+        self, warmed: list[BaseException | None], ready: threading.Event, cancel: threading.Event
+    ) -> None:
         try:
             try:
-                self._warm_up()
+                self._warm_up(cancel)
                 warmed.append(None)
-            except Exception as e:
+            except BaseException as e:
                 warmed.append(e)
                 return
             finally:
@@ -276,16 +284,16 @@ class Engine:
         finally:
             mx.clear_streams()  # MLX asks a thread that ran MLX work to free its streams
 
-    def _warm_up(self) -> None:
-        """Two tokens prefilled and two decoded, with the model's own sampling, before the
-        first request: MLX builds its kernels now rather than in that request. On the CPU backend it
-        builds them with g++ through system(), which ignores Ctrl-C while it runs, so a first
-        request's build could swallow the Ctrl-C that should stop the server."""
+    def _warm_up(self, cancel: threading.Event) -> None:
+        """A three-token prompt and two generated tokens, with the model's own sampling, before
+        the first request: MLX builds its kernels now rather than in that request. On the CPU
+        backend it builds them with g++ through system(), which ignores Ctrl-C while it runs, so
+        a first request's build could swallow the Ctrl-C that should stop the server."""
         cache = PromptCache.new(self.model, kv=self.kv)
-        prompt = self.tokenizer.encode("Hello there")[:2]  # two: a prefill's shapes, not a step's
+        prompt = self.tokenizer.encode("Hello there, friend")[:3]  # a prefill of more than one
         sampling = Sampling.from_model(self.model)
         for _ in stream_generate(self.model, self.tokenizer, prompt, max_tokens=2,
-                                 sampling=sampling, prompt_cache=cache):  # fmt: skip
+                                 sampling=sampling, prompt_cache=cache, cancel=cancel):  # fmt: skip
             pass
         mx.clear_cache()
 

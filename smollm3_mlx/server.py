@@ -443,19 +443,25 @@ def serve(
     on_ready: Callable[[str], None] = print,
 ) -> None:
     """Serve `model` until interrupted (Ctrl-C shuts down cleanly); `on_ready(url)` once bound."""
-    import uvicorn
-
     engine = Engine(model, tokenizer, queue_size=queue_size, cache_bytes=cache_bytes,
                     kv_bits=kv_bits, cache_dir=cache_dir,
                     cache_dir_bytes=cache_dir_bytes)  # fmt: skip
     app = make_app(engine, model_name=model_name, api_key=api_key, cors_origins=cors_origins,
                    loopback=is_loopback(host), max_body=max_body)  # fmt: skip
-    sock = _bind(host, port)
+    sockets = _bind(host, port)
     try:
         engine.start()  # warmed up before it listens (a failure is one line, not a traceback)
-    except BaseException:
-        sock.close()
-        raise
+        _server(app, engine, host, on_ready).run(sockets=sockets)
+    finally:  # however serving ended (in the normal case the app's lifespan stopped the engine)
+        engine.stop()
+        for sock in sockets:
+            sock.close()
+
+
+def _server(app: Starlette, engine: Engine, host: str, on_ready: Callable[[str], None]):
+    """A uvicorn Server for `app`: at shutdown the answers in progress end at once, and
+    `on_ready(url)` is called once it listens."""
+    import uvicorn
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets=None) -> None:
@@ -465,25 +471,34 @@ def serve(
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets)
             if self.started:
-                bound = self.servers[0].sockets[0].getsockname()[1] if self.servers else port
+                bound = self.servers[0].sockets[0].getsockname()[1]
                 shown = f"[{host}]" if ":" in host else host
                 on_ready(f"http://{shown}:{bound}/v1")
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+    config = uvicorn.Config(app, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=3, lifespan="on")  # fmt: skip
-    Server(config).run(sockets=[sock])
+    return Server(config)
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    """A socket bound to host:port, not yet listening. Bound here, a taken port or an address
-    that is not this machine's is an OSError for the caller to report (uvicorn would log it in
-    its own format and exit 3)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn chooses
-    sock = socket.socket(family, socket.SOCK_STREAM)
+def _bind(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to every address of `host` on one port, not yet listening, as asyncio's
+    create_server binds them (IPv6 ones IPv6-only): "localhost" gets both 127.0.0.1 and ::1.
+    Bound here, a taken port or an address that is not this machine's is an OSError for the
+    caller to report (uvicorn would log it in its own format and exit 3)."""
+    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
+        for family, kind, proto, _, address in dict.fromkeys(found):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if len(sockets) > 1:  # on the first one's port (port 0: the one it was given)
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock.bind(address)
     except OSError:
-        sock.close()
+        for sock in sockets:
+            sock.close()
         raise
-    return sock
+    return sockets

@@ -273,14 +273,16 @@ def test_a_saved_chat_keeps_its_thinking_budget_hand_off_and_tool_choice(loaded,
      ("tool_choice", 3), ("tool_choice", {"function": "get_weather"})],
 )  # fmt: skip
 def test_a_saved_setting_of_the_wrong_kind_is_one_error_naming_it(loaded, tmp_path, field, value):
-    chat = session(loaded)
-    path = chat.save(tmp_path / "chat.json")
+    path = session(loaded).save(tmp_path / "chat.json")
     data = json.loads(path.read_text())
     data[field] = value
     path.write_text(json.dumps(data))
+    settings = {"think_budget": 7, "handoff": "Enough.", "tool_choice": "required"}
+    chat = session(loaded, **settings)
     with pytest.raises(ChatFileError, match=f"'{field}' must be") as info:
         chat.restore(path)
-    assert "\n" not in str(info.value) and chat.think_budget is None
+    assert "\n" not in str(info.value)
+    assert {k: getattr(chat, k) for k in settings} == settings  # nothing changed
 
 
 @pytest.mark.parametrize(

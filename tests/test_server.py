@@ -663,6 +663,26 @@ def test_serve_on_a_taken_port_is_one_line_and_exit_1(model_dir):
     assert r.stderr.count("\n") == 1 and "in use" in r.stderr
 
 
+def test_serve_binds_every_address_of_its_host_on_one_port(monkeypatch):
+    """As asyncio's create_server does: "localhost" that resolves to ::1 and 127.0.0.1 (as on a
+    Mac) is served on both, IPv6 as IPv6 only; port 0 gives one port for all."""
+    from smollm3_mlx import server
+
+    both = [
+        (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", 0, 0, 0)),
+        (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0)),
+    ]
+    monkeypatch.setattr(server.socket, "getaddrinfo", lambda *args, **kwargs: both)
+    sockets = server._bind("localhost", 0)
+    try:
+        assert [s.getsockname()[0] for s in sockets] == ["::1", "127.0.0.1"]
+        assert len({s.getsockname()[1] for s in sockets}) == 1
+        assert sockets[0].getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def test_the_http_stack_is_imported_only_by_serve():
     code = (
         "import sys, smollm3_mlx, smollm3_mlx.cli, smollm3_mlx.chat;"
@@ -697,7 +717,10 @@ print(len(at_ready), built() == at_ready)
 """
 
 
-@pytest.mark.skipif(shutil.which("g++") is None, reason="MLX's CPU backend compiles with g++")
+@pytest.mark.skipif(
+    shutil.which("g++") is None or mx.default_device() != mx.cpu,
+    reason="MLX's CPU backend compiles with g++ (on a GPU no kernel goes through it)",
+)
 def test_the_engine_builds_its_kernels_before_it_is_ready(model_dir, tmp_path):
     """MLX's CPU backend builds compiled kernels with g++ under TMPDIR, through system(), which
     ignores SIGINT while it runs: built in a first request, they swallowed the Ctrl-C that
@@ -711,12 +734,43 @@ def test_the_engine_builds_its_kernels_before_it_is_ready(model_dir, tmp_path):
     assert int(kernels) > 0 and unchanged == "True"  # at ready, every kernel a request uses
 
 
+INTERRUPTED_WARM_UP = """
+import os, signal, sys, threading
+from smollm3_mlx.engine import Engine
+from smollm3_mlx.loading import load
+
+warm_up = Engine._warm_up
+
+def endless(self, cancel):  # MLX work until Ctrl-C, which comes once the kernels are built
+    warm_up(self, cancel)
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+    while not cancel.is_set():
+        warm_up(self, cancel)
+
+Engine._warm_up = endless
+engine = Engine(*load(sys.argv[1]))
+try:
+    engine.start()
+except KeyboardInterrupt:
+    print(engine._thread is None, any(t.name == "smollm3-engine" for t in threading.enumerate()))
+"""
+
+
+def test_ctrl_c_while_the_engine_warms_up_ends_its_thread_before_it_goes_on(model_dir):
+    """Ctrl-C during a long warm-up (a 3B on the CPU) left the worker running MLX as the process
+    exited: 'terminate called without an active exception', exit 134."""
+    out = subprocess.run([sys.executable, "-c", INTERRUPTED_WARM_UP, str(model_dir)],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0 and "terminate called" not in out.stderr, out.stderr
+    assert out.stdout.split() == ["True", "False"]  # stopped, and no worker left
+
+
 def test_serve_refuses_in_one_line_a_model_that_fails_its_warm_up(model_dir, monkeypatch):
     from typer.testing import CliRunner
 
     from smollm3_mlx import cli
 
-    def fail(self):
+    def fail(self, cancel):
         raise RuntimeError("no memory left")
 
     monkeypatch.setattr(Engine, "_warm_up", fail)
@@ -727,7 +781,7 @@ def test_serve_refuses_in_one_line_a_model_that_fails_its_warm_up(model_dir, mon
 
 
 def test_an_engine_whose_warm_up_fails_refuses_to_start_and_leaves_no_thread(loaded, monkeypatch):
-    monkeypatch.setattr(Engine, "_warm_up", lambda self: 1 / 0)
+    monkeypatch.setattr(Engine, "_warm_up", lambda self, cancel: 1 / 0)
     engine, before = Engine(*loaded), set(threading.enumerate())
     with pytest.raises(WarmUpError, match="warm-up step: division by zero"):
         engine.start()
