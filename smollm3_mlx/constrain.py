@@ -11,7 +11,7 @@ The answer's grammar comes from grammar.py (llguidance, imported only when a con
 from __future__ import annotations
 
 import threading
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
@@ -51,8 +51,8 @@ def _ids(tokens: mx.array) -> list[int]:
     return ids  # type: ignore[return-value]
 
 
-def _ban(logits: mx.array, ids: Collection[int]) -> mx.array:
-    logits[..., mx.array(list(ids))] = -mx.inf
+def _ban(logits: mx.array, ids: mx.array) -> mx.array:
+    logits[..., ids] = -mx.inf
     return logits
 
 
@@ -89,6 +89,7 @@ class _Stepper:
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self.newline = _newline(tokenizer)
+        self._eos = mx.array(list(tokenizer.eos_token_ids))  # built once, banned at many steps
         self._seen: int | None = None
 
     def _arrived(self, tokens: mx.array) -> list[int]:
@@ -156,7 +157,7 @@ class AnswerConstraint(_Stepper):
         for token in self._arrived(tokens):
             self._advance(token)
         if self.stage == "thinking":
-            return _ban(logits, self.tokenizer.eos_token_ids)
+            return _ban(logits, self._eos)
         if self.stage == "close":
             return _force(logits, self.newline)
         return self._mask(logits)
@@ -246,6 +247,8 @@ class ThinkBudget(_Stepper):
         if tokenizer.think_end_id is None:
             raise ValueError("this tokenizer has no </think> token")
         self.think_end: int = tokenizer.think_end_id
+        start = tokenizer.think_start_id
+        self._tags = mx.array([self.think_end] + ([] if start is None else [start]))
         self.budget, self.stop = budget, stop
         self.handoff = tokenizer.encode(handoff) if handoff else []
         self.thinking, self.closed, self.answering, self.count = False, False, False, 0
@@ -288,13 +291,10 @@ class ThinkBudget(_Stepper):
             return _force(logits, self.queue[0])
         if not self.closed:
             return logits
-        banned = [self.think_end]  # one think block a turn: no tag once it is closed
-        if self.tokenizer.think_start_id is not None:
-            banned.append(self.tokenizer.think_start_id)
         if self.answering:  # after a forced close, an answer (not an empty one) follows
-            banned += self.tokenizer.eos_token_ids
             self.answering = False
-        return _ban(logits, banned)
+            return _ban(_ban(logits, self._tags), self._eos)
+        return _ban(logits, self._tags)  # one think block a turn: no tag once it is closed
 
     def _close_if_due(self) -> None:
         handoff = self.handoff
