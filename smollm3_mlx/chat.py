@@ -26,6 +26,7 @@ from .constrain import (
     ThinkBudget,
     ToolChoice,
     make_answer_constraint,
+    tool_choice_mode,
 )
 from .events import (
     AnswerDelta,
@@ -798,22 +799,22 @@ def _validate(
     return [dict(m) for m in messages], data["think"], data["keep_thinking"], sampling, tools
 
 
+def _is_tool_choice(value: Any) -> bool:
+    try:
+        tool_choice_mode(value)
+    except ConstraintError:
+        return False
+    return True
+
+
 _SAVED_SETTINGS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "think_budget": (
         lambda v: v is None or (type(v) is int and v >= 0),
         "a whole number >= 0 or null",
     ),
     "handoff": (lambda v: isinstance(v, str), "a string"),
-    "tool_choice": (
-        lambda v: isinstance(v, str) or _names_a_function(v),
-        'a string or {"type": "function", "function": {"name": ...}}',
-    ),
+    "tool_choice": (_is_tool_choice, 'a string or {"type": "function", "function": {"name": ...}}'),
 }
-
-
-def _names_a_function(v: Any) -> bool:
-    function = v.get("function") if isinstance(v, dict) else None
-    return isinstance(function, dict) and isinstance(function.get("name"), str)
 
 
 def _validate_settings(data: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from .grammar import (
     make_answer_grammar as make_answer_grammar,
     make_response_format as make_response_format,
     one_line,
+    tool_choice_mode as tool_choice_mode,
 )
 
 if TYPE_CHECKING:

@@ -156,10 +156,12 @@ def tool_call_schema(tools: Sequence[dict[str, Any]], only: str | None = None) -
     return options[0] if len(options) == 1 else {"anyOf": options}
 
 
-def _chosen(tool_choice: ToolChoice) -> tuple[str, str | None]:
-    """("auto" | "none" | "required" | "named", the named function)."""
+def tool_choice_mode(tool_choice: ToolChoice) -> tuple[str, str | None]:
+    """("auto" | "none" | "required" | "named", the named function); ConstraintError when
+    `tool_choice` is none of those forms."""
     if isinstance(tool_choice, dict):  # OpenAI: {"type": "function", "function": {"name": ...}}
-        name = (tool_choice.get("function") or {}).get("name")
+        function = tool_choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
         if not isinstance(name, str):
             raise ConstraintError(f"tool_choice {tool_choice!r} names no function")
         return "named", name
@@ -183,7 +185,7 @@ def make_answer_grammar(
     "none": no `<tool_call>`; "required" / a name: one or more calls, and nothing else.
     """
     llg = engine()
-    mode, name = _chosen(tool_choice)
+    mode, name = tool_choice_mode(tool_choice)
     value = response_format.lark(llg) if response_format else None
     call_ids = (tokenizer.token_to_id("<tool_call>"), tokenizer.token_to_id("</tool_call>"))
     if not tools or mode == "none":

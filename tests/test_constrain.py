@@ -508,3 +508,5 @@ def test_a_tool_choice_that_cannot_be_met_is_an_error(random_model):
         make_answer_constraint(tok, tool_choice="required")
     with pytest.raises(ConstraintError, match="auto, none, required"):
         make_answer_constraint(tok, tools=TOOLS, tool_choice=3)
+    with pytest.raises(ConstraintError, match="names no function"):  # was an AttributeError
+        make_answer_constraint(tok, tools=TOOLS, tool_choice={"function": "get_weather"})
