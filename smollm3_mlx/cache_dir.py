@@ -59,11 +59,8 @@ class CacheDir:
         try:
             meta = read_metadata(path)
             found = file_fingerprint(meta)
-        except PromptCacheError:
+        except (PromptCacheError, KeyError, TypeError, ValueError):
             path.unlink(missing_ok=True)  # truncated or corrupt: of no use to anyone
-            return
-        except (KeyError, TypeError, ValueError):
-            path.unlink(missing_ok=True)
             return
         if self.fp.differences(found) or "ids" not in meta:
             return  # another model's or settings' (or not a server's): not ours to use

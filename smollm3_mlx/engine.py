@@ -303,8 +303,7 @@ class Engine:
         if cache is None and self.disk is not None:
             cache = self.disk.take(prompt)
         cache = cache or PromptCache.new(self.model, kv=self.kv)
-        room = self.context - len(prompt)
-        max_tokens = room if job.max_tokens is None else min(job.max_tokens, room)
+        max_tokens = -1 if job.max_tokens is None else job.max_tokens  # cut to the room there
         recorder = _Logprobs() if job.top_logprobs is not None else None
         responses = _responses(self.model, self.tokenizer, cache, job, max_tokens, recorder)
         reason, cached, generated, started = "cancelled", 0, 0, False

@@ -28,7 +28,19 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .engine import Busy, Engine, Failed, Finished, Item, Job, Started, Token
+from .cache_dir import DEFAULT_DIR_BYTES
+from .engine import (
+    DEFAULT_CACHE_BYTES,
+    DEFAULT_QUEUE,
+    Busy,
+    Engine,
+    Failed,
+    Finished,
+    Item,
+    Job,
+    Started,
+    Token,
+)
 from .openai_reply import (
     Delta,
     Reply,
@@ -176,8 +188,8 @@ class _Api:
         wanted = constraint(r)
         messages, think, tools = template_messages(r.messages), thinking(r), request_tools(r)
         prompt = await anyio.to_thread.run_sync(lambda: self._render(messages, think, tools))
+        check_context(len(prompt), settings.max_tokens, self.engine.context)  # before a grammar
         processors = await anyio.to_thread.run_sync(lambda: self._processors(wanted, tools))
-        check_context(len(prompt), settings.max_tokens, self.engine.context)
         reply = Reply(self.tokenizer, prompt, stop=settings.stop,
                       top_logprobs=settings.top_logprobs)  # fmt: skip
         job, items = self._submit(prompt, settings, processors)
@@ -434,11 +446,11 @@ def serve(
     port: int = DEFAULT_PORT,
     api_key: str | None = None,
     cors_origins: Sequence[str] = (),
-    queue_size: int = 8,
-    cache_bytes: int = 2 * 1024**3,
+    queue_size: int = DEFAULT_QUEUE,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
     kv_bits: int | None = None,
     cache_dir: str | None = None,
-    cache_dir_bytes: int = 8 * 1024**3,
+    cache_dir_bytes: int = DEFAULT_DIR_BYTES,
     max_body: int = DEFAULT_MAX_BODY,
     on_ready: Callable[[str], None] = print,
 ) -> None:
