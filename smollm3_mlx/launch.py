@@ -56,23 +56,16 @@ def load_model(
 ):  # fmt: skip
     """Load `model` (see `model_name`): (model, tokenizer, name). First refuses a session that
     would not fit in memory (memory.py), unless check_memory is off; sets MLX's memory limits."""
-    from .cache import KVSettings
     from .loading import ModelLoadError, load
-    from .memory import MemoryBudgetError, estimate_memory, memory_limits
+    from .memory import MemoryBudgetError
 
     name = model_name(model)
     try:
         with console.status(f"loading {name}"):
-            kv = KVSettings(kv_bits, kv_group_size)
-            loaded = load(
-                name, dtype=compute_dtype(dtype), max_context=max_context, lazy=True,
-                check_memory=check_memory, kv=kv,
-            )  # fmt: skip
-            est = estimate_memory(
-                loaded[0].info.path, max_context=max_context, kv_bits=kv_bits,
-                kv_group_size=kv_group_size, dtype=compute_dtype(dtype),
-            )  # fmt: skip
-        LIMITS.enter_context(memory_limits(est))
+            loaded = load(name, dtype=compute_dtype(dtype), max_context=max_context, lazy=True,
+                          check_memory=False)  # fmt: skip
+            budget_memory(loaded[0].info.path, dtype, max_context, kv_bits, kv_group_size,
+                          check_memory)  # fmt: skip
     except (ModelLoadError, MemoryBudgetError, OSError) as e:
         console.error(str(e))
         raise typer.Exit(1) from None
@@ -81,6 +74,23 @@ def load_model(
     # The weights are read on MLX's own thread meanwhile; the first answer waits for them.
     mx.async_eval(loaded[0].parameters())
     return (*loaded, name)
+
+
+def budget_memory(
+    path: Path, dtype: str, max_context: int | None, kv_bits: int | None, kv_group_size: int,
+    check_memory: bool,
+) -> None:  # fmt: skip
+    """Estimate the session's memory (config and headers only; memory.py), refuse it
+    (MemoryBudgetError) unless `check_memory` is off, and set MLX's memory limits to it."""
+    from .memory import check_memory as check, estimate_memory, memory_limits
+
+    est = estimate_memory(
+        path, max_context=max_context, kv_bits=kv_bits, kv_group_size=kv_group_size,
+        dtype=compute_dtype(dtype),
+    )  # fmt: skip
+    if check_memory:
+        check(est)
+    LIMITS.enter_context(memory_limits(est))
 
 
 def compute_dtype(dtype: str) -> str | None:

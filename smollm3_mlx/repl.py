@@ -10,7 +10,7 @@ from collections.abc import Callable
 import typer
 
 from . import console
-from .launch import LIMITS, compute_dtype, model_name
+from .launch import budget_memory, compute_dtype, model_name
 
 
 class Loading:
@@ -27,23 +27,17 @@ class Loading:
         self, model: str | None, dtype: str, max_context: int | None,
         kv_bits: int | None = None, kv_group_size: int = 64, check_memory: bool = True,
     ):  # fmt: skip
-        from .loading import ModelLoadError, load_config, model_args, resolve_model_path
-        from .memory import MemoryBudgetError, check_memory as check, estimate_memory, memory_limits
+        from .loading import ModelLoadError, resolve_model_path
+        from .memory import MemoryBudgetError
 
         self.name = model_name(model)
         try:  # a hub repo id downloads here, in the open, before the prompt
             self.path = resolve_model_path(self.name)
-            model_args(load_config(self.path), self.path)
-            est = estimate_memory(
-                self.path, max_context=max_context, kv_bits=kv_bits,
-                kv_group_size=kv_group_size, dtype=compute_dtype(dtype),
-            )  # fmt: skip
-            if check_memory:  # before the prompt: a session that cannot fit is one line now
-                check(est)
+            # before the prompt: a bad folder, or a session that cannot fit, is one line now
+            budget_memory(self.path, dtype, max_context, kv_bits, kv_group_size, check_memory)
         except (ModelLoadError, MemoryBudgetError, OSError) as e:
             console.error(str(e))
             raise typer.Exit(1) from None
-        LIMITS.enter_context(memory_limits(est))
         self.result: tuple | None = None
         self.error: BaseException | None = None
         self.thread = threading.Thread(
