@@ -96,6 +96,21 @@ def _message_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def resolve_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:
+    """The dtype to compute in: "auto" (see `default_dtype`), a name in DTYPES, an mx.Dtype, or
+    None (as stored).
+
+    Raises:
+        ModelLoadError: an unknown name.
+    """
+    dtype = default_dtype() if dtype == "auto" else dtype
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ModelLoadError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    return dtype
+
+
 def default_dtype() -> mx.Dtype | None:
     """float32 on the CPU, whose half-precision quantized kernels lose precision; else None.
 
@@ -522,11 +537,7 @@ def load_model(
         max_context: the longest context to allow; past the trained window (64K) and up to
             twice it, YaRN is switched on for it. Default: the trained window.
     """
-    dtype = default_dtype() if dtype == "auto" else dtype
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ModelLoadError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
+    dtype = resolve_dtype(dtype)
     path = Path(path)
     config = load_config(path)
     headers = {f: read_safetensors_header(f) for f in weight_files(path)}

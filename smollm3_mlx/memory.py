@@ -21,21 +21,17 @@ from typing import Any
 
 import mlx.core as mx
 
+from .cache import KVCache
+from .generate import DEFAULT_PREFILL_STEP
 from .model import ModelArgs
 
 GB = 1e9
-DEFAULT_PREFILL_STEP = 512  # generate.DEFAULT_PREFILL_STEP, without importing generation here
-KV_STEP = 256  # cache.KVCache.step: the cache grows by whole steps
+KV_STEP = KVCache.step  # the cache grows by whole steps
 # Activation temporaries per token of a prefill chunk, in compute-dtype elements, beyond the
 # attention scores: fitted to MLX 0.32 CPU peaks on tiny and full-size layer stacks (see
 # tests/test_memory.py); queries and attention outputs per head, the MLP's gate and up
 # projections, and the residual stream with its norms and projections.
 PER_HEAD_DIM, PER_INTERMEDIATE, PER_HIDDEN = 6.5, 2, 7
-SAFETENSORS_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "U64": 8, "I32": 4, "U32": 4,
-    "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-}  # fmt: skip
-FLOATS = {"F64", "F32", "F16", "BF16"}
 
 
 class MemoryBudgetError(RuntimeError):
@@ -106,7 +102,9 @@ def available_memory() -> tuple[int, str]:
 
 def weights_bytes(files: list[Path], itemsize: int | None, *, tied: bool = True) -> int:
     """Bytes the weights take once loaded: stored sizes, floating tensors cast to `itemsize`."""
-    from .loading import read_safetensors_header
+    from .loading import ST_SIZES, WEIGHT_DTYPES, read_safetensors_header
+
+    floats = set(WEIGHT_DTYPES) - {"U32"}  # U32: quantized codes, never cast
 
     total = 0
     for f in files:
@@ -114,8 +112,8 @@ def weights_bytes(files: list[Path], itemsize: int | None, *, tied: bool = True)
             if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
                 continue  # dropped by Model.sanitize
             n = math.prod(t["shape"])
-            cast = itemsize is not None and t["dtype"] in FLOATS
-            total += n * (itemsize if cast else SAFETENSORS_BYTES.get(t["dtype"], 4))
+            cast = itemsize is not None and t["dtype"] in floats
+            total += n * (itemsize if cast else ST_SIZES[t["dtype"]])
     return total
 
 
@@ -254,13 +252,7 @@ def estimate_memory(
     config = loading.load_config(path)
     args = loading.model_args(config, path)
     context, _ = loading.context_window(args, max_context)
-    compute = loading.default_dtype() if dtype == "auto" else dtype
-    if isinstance(compute, str):
-        if compute not in loading.DTYPES:
-            raise loading.ModelLoadError(
-                f"dtype {compute!r} is not one of auto, {', '.join(loading.DTYPES)}"
-            )
-        compute = loading.DTYPES[compute]
+    compute = loading.resolve_dtype(dtype)
     stored_name = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
     stored = loading.DTYPES.get(stored_name, mx.bfloat16)
     itemsize = compute.size if compute is not None else None
