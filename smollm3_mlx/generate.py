@@ -146,7 +146,7 @@ def prefill(
             quantize_after=o.quantized_kv_start,
         )  # fmt: skip
     tokens = prompt
-    if o.context:  # processors see every id so far, the cached ones included
+    if o.context and o.logits_processors:  # they see every id so far, the cached ones included
         tokens = mx.concatenate([mx.array(list(o.context), dtype=prompt.dtype), prompt])
     stats = o.lookup_stats if o.lookup_stats is not None else LookupStats()
     decoder = Decoder(model, cache, o.sampler or greedy, o.logits_processors, tokens, stats)

@@ -123,22 +123,19 @@ class CompiledTemplate:
         return self._template.render({**variables, **names})
 
 
-def compile_template(
-    source: str, control_re: re.Pattern[str], strftime_now: Callable[[str], str]
-) -> CompiledTemplate:
+def compile_template(source: str, control_re: re.Pattern[str]) -> CompiledTemplate:
     """Compile `source` sandboxed, as transformers does, with control tokens made variables.
+    Its `strftime_now(format)` is a render variable (one clock for both renderings of a chat).
 
     Args:
         source: The Jinja source.
         control_re: Matches the control tokens (leftmost-longest, as the tokenizer splits them).
-        strftime_now: The template's `strftime_now(format)`.
     """
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, loopcontrols]
     )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = strftime_now
     tree = env.parse(source)
     variables = frozenset(meta.find_undeclared_variables(tree))
     rewrite = _ControlsAsVariables(control_re)

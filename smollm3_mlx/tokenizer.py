@@ -304,9 +304,7 @@ class Tokenizer:
         if source is None:
             raise ValueError("this tokenizer has no chat template")
         if self._template is None or self._template.source != source:
-            self._template = compile_template(
-                source, self._added_re, lambda fmt: self.now().strftime(fmt)
-            )
+            self._template = compile_template(source, self._added_re)
         return self._template
 
 
