@@ -13,7 +13,7 @@ import typer
 from typer.core import TyperGroup
 
 from . import console, launch
-from .launch import DEFAULT_MODEL_NAME, default_model_dir, load_model as _load
+from .launch import DEFAULT_MODEL_NAME, compute_dtype, default_model_dir, load_model as _load
 
 
 def _metavars_only(params: list[Any]) -> list[Any]:
@@ -28,14 +28,13 @@ def _metavars_only(params: list[Any]) -> list[Any]:
 
 
 class _Group(TyperGroup):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for command in self.commands.values():
+            command.get_params = lambda ctx, get=command.get_params: _metavars_only(get(ctx))
+
     def get_params(self, ctx):
         return _metavars_only(super().get_params(ctx))
-
-    def get_command(self, ctx, name):
-        command = super().get_command(ctx, name)
-        if command is not None:
-            command.get_params = lambda ctx, get=command.get_params: _metavars_only(get(ctx))
-        return command
 
 
 app = typer.Typer(
@@ -67,6 +66,13 @@ def _in_range(name: str, low: float, high: float | None = None, *, above: bool =
         return value
 
     return check
+
+
+def _kv_bits(bits: int | None) -> int | None:
+    if bits is not None and bits not in (4, 8):
+        console.error(f"--kv-bits must be 4 or 8, not {bits}")
+        raise typer.Exit(2)
+    return bits
 
 
 def _version(value: bool) -> None:
@@ -181,7 +187,11 @@ MaxContext = Annotated[
 ]
 KVBits = Annotated[
     int | None,
-    typer.Option(metavar="BITS", help="Quantize the KV cache to 4 or 8 bits (less memory)."),
+    typer.Option(
+        metavar="BITS",
+        help="Quantize the KV cache to 4 or 8 bits (less memory).",
+        callback=_kv_bits,
+    ),
 ]
 KVGroupSize = Annotated[
     int, typer.Option(metavar="N", help="KV quantization group size: 32, 64 or 128.")
@@ -208,8 +218,8 @@ ThinkBudget = Annotated[
     int | None,
     typer.Option(
         "--think-budget",
-        min=0,
         metavar="N",
+        callback=_in_range("--think-budget", 0),
         help="Close the reasoning after N tokens (with a short hand-off sentence and </think>, "
         "as the model closes it) and answer.",
     ),
@@ -534,7 +544,12 @@ def serve(
         str, typer.Option(help="Disk budget for --cache-dir (least recently used go), e.g. 8G.")
     ] = "8G",
     queue: Annotated[
-        int, typer.Option(help="Requests that may wait while one runs; beyond, 429.")
+        int,
+        typer.Option(
+            metavar="N",
+            help="Requests that may wait while one runs; beyond, 429.",
+            callback=_in_range("--queue", 0),
+        ),
     ] = 8,
     dtype: DType = "auto",
 ) -> None:
@@ -543,9 +558,6 @@ def serve(
         _bytes("--cache-bytes", cache_bytes),
         _bytes("--cache-dir-bytes", cache_dir_bytes),
     )
-    if queue < 0:
-        console.error(f"--queue must be at least 0, not {queue}")
-        raise typer.Exit(2)
     try:
         from .engine import WarmUpError
         from .server import exposure_problem, serve as run_server
@@ -556,9 +568,6 @@ def serve(
     if problem:
         console.error(problem)
         raise typer.Exit(1)
-    if kv_bits is not None and kv_bits not in (4, 8):
-        console.error(f"--kv-bits must be 4 or 8, not {kv_bits}")
-        raise typer.Exit(2)
     if cache_dir is not None:  # before the model's load, which can take a while
         try:
             cache_dir.expanduser().mkdir(parents=True, exist_ok=True)
@@ -676,7 +685,7 @@ def estimate(
         est = estimate_memory(
             path, max_context=max_context, kv_bits=kv_bits, kv_group_size=kv_group_size,
             kv_start=kv_start, prefill_step=prefill_step,
-            dtype=None if dtype == "stored" else dtype, bits=bits, device=device,
+            dtype=compute_dtype(dtype), bits=bits, device=device,
         )  # fmt: skip
     except (ModelLoadError, ValueError, OSError) as e:
         console.error(str(e))
@@ -694,6 +703,7 @@ def bench(
             metavar="N",
             help="Prompt length (random tokens). Default: 512 on the GPU, 8 on the CPU.",
             show_default=False,
+            callback=_in_range("--prompt-tokens", 1),
         ),
     ] = None,
     generation_tokens: Annotated[
@@ -702,6 +712,7 @@ def bench(
             metavar="N",
             help="Tokens to generate, greedy. Default: 128 on the GPU, 4 on the CPU.",
             show_default=False,
+            callback=_in_range("--generation-tokens", 1),
         ),
     ] = None,
     runs: Annotated[
@@ -710,6 +721,7 @@ def bench(
             metavar="N",
             help="Timed runs; the medians are shown. Default: 3 on the GPU, 2 on the CPU.",
             show_default=False,
+            callback=_in_range("--runs", 1),
         ),
     ] = None,
     compare_mlx_lm: Annotated[
@@ -729,11 +741,6 @@ def bench(
     prompt_tokens = prompt_tokens if prompt_tokens is not None else sizes[0]
     generation_tokens = generation_tokens if generation_tokens is not None else sizes[1]
     runs = runs if runs is not None else sizes[2]
-    for name, value in [("prompt-tokens", prompt_tokens), ("generation-tokens", generation_tokens),
-                        ("runs", runs)]:  # fmt: skip
-        if value < 1:
-            console.error(f"--{name} must be at least 1, not {value}")
-            raise typer.Exit(2)
     if compare_mlx_lm:
         try:
             import mlx_lm  # noqa: F401

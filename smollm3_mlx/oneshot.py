@@ -10,7 +10,7 @@ from typing import Any
 import typer
 
 from . import console
-from .events import Error
+from .events import Error, ToolCallError
 
 
 def answer(session, prompt, progress, output_format, hide_thinking, stats, schema, prefill):
@@ -34,7 +34,7 @@ def turn_json(events, parsed: bool = False) -> dict[str, Any]:
     malformed), the parsed value (with `parsed`), why it ended and its stats."""
     errors = []
     for event in events:
-        if type(event).__name__ == "ToolCallError":
+        if isinstance(event, ToolCallError):
             errors.append({"text": event.text, "error": event.error})
     done = event
     if isinstance(done, Error):  # an allocation failure: one line, exit 1

@@ -163,6 +163,8 @@ def test_version_prints_the_package_and_mlx_versions():
         (["serve", "--port", "-1"], "--port must be from 0 to 65535, not -1"),
         (["serve", "--queue", "-1"], "--queue must be at least 0, not -1"),
         (["serve", "--kv-bits", "3"], "--kv-bits must be 4 or 8, not 3"),
+        (["chat", "--kv-bits", "3"], "--kv-bits must be 4 or 8, not 3"),
+        (["generate", "--think-budget", "-1", "hi"], "--think-budget must be at least 0, not -1"),
         (["serve", "--cache-bytes", "lots"], "--cache-bytes must be a size like 2G"),
         (["serve", "--cache-dir-bytes", "-1G"], "--cache-dir-bytes must be a size like 2G"),
         (["serve", "--cache-bytes", "inf"], "--cache-bytes must be a size like 2G"),
