@@ -28,6 +28,7 @@ import numpy as np
 
 from .cache import KVSettings, PromptCache
 from .files import atomic_path
+from .loading import ModelLoadError, read_safetensors
 
 if TYPE_CHECKING:
     from .model import Model
@@ -169,25 +170,18 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     """
     path = Path(path).expanduser()
     try:
+        _, meta, end = read_safetensors(path)
         size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            header = json.loads(f.read(n)) if 0 <= n <= size - 8 else None
     except OSError as e:
         raise PromptCacheError(f"{path}: cannot read ({e.strerror or e})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        header = None
-    if not isinstance(header, dict):
-        raise PromptCacheError(f"{path}: truncated or not a safetensors file")
-    meta = header.get("__metadata__") or {}
+    except ModelLoadError as e:  # truncated, or not a safetensors file
+        raise PromptCacheError(str(e)) from None
     if meta.get("format") != FORMAT:
         raise PromptCacheError(f"{path}: not a smollm3-mlx prompt-cache file")
     if meta.get("version") != VERSION:
         raise PromptCacheError(f"{path}: prompt-cache format version {meta.get('version')}")
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end != size:
-        raise PromptCacheError(f"{path}: truncated ({size} bytes, its header needs {8 + n + end})")
+    if end != size:
+        raise PromptCacheError(f"{path}: {size} bytes, where its header accounts for {end}")
     return meta
 
 

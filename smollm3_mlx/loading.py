@@ -376,6 +376,17 @@ MAX_HEADER = 100 * 2**20  # the safetensors format's own limit on the header
 def read_safetensors_header(file: Path) -> dict[str, dict[str, Any]]:
     """The tensor table of a safetensors file, every entry checked against the format and the
     file's size, so that nothing malformed reaches MLX's reader."""
+    return read_safetensors(file)[0]
+
+
+def read_safetensors(file: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str], int]:
+    """(tensor table, metadata, the file size the header accounts for) of a safetensors file,
+    checked as for `read_safetensors_header` (a shorter file is an error; a longer one is not).
+
+    Raises:
+        ModelLoadError: not a well-formed safetensors file (one line naming it).
+        OSError: it cannot be read.
+    """
     size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(8)
@@ -397,12 +408,12 @@ def read_safetensors_header(file: Path) -> dict[str, dict[str, Any]]:
         problem = _tensor_problem(t)
         if problem:
             raise ModelLoadError(f"{file}: corrupt safetensors header: tensor {name} {problem}")
-    end = max((t["data_offsets"][1] for t in header.values()), default=0)
-    if 8 + n + end > size:
+    end = 8 + n + max((t["data_offsets"][1] for t in header.values()), default=0)
+    if end > size:
         raise ModelLoadError(
-            f"{file}: truncated safetensors file ({size} bytes, its header needs {8 + n + end})"
+            f"{file}: truncated safetensors file ({size} bytes, its header needs {end})"
         )
-    return header
+    return header, metadata, end
 
 
 def _tensor_problem(t: Any) -> str | None:

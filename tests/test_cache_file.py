@@ -169,12 +169,16 @@ def test_truncated_corrupt_and_foreign_files_are_refused_in_one_line(trained, sa
     header = json.loads(data[8:head])
     header["__metadata__"]["cache"] = "{not json"
     text = json.dumps(header).encode()
+    entry = json.loads(data[8:head])
+    entry[next(k for k in entry if k != "__metadata__")]["data_offsets"] = "x"
+    bad_entry = json.dumps(entry).encode()
     files = {
         "truncated": data[:-100],
         "flipped": bytes(flipped),
         "empty": b"",
         "garbage": b"\x00" * 64,
         "bad-metadata": len(text).to_bytes(8, "little") + text + data[head:],
+        "bad-entry": len(bad_entry).to_bytes(8, "little") + bad_entry + data[head:],
         "foreign": (path / "model.safetensors").read_bytes(),
     }
     expect = cache_file.file_fingerprint(cache_file.read_metadata(file))
