@@ -10,9 +10,9 @@ the model; reusing a cache across turns or requests lives in `PromptCache`.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import mlx.core as mx
 from mlx.utils import tree_map
@@ -303,6 +303,27 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
             break
         n += 1
     return n
+
+
+T = TypeVar("T")
+
+
+def longest_shared(
+    held: Iterable[T], ids_of: Callable[[T], Sequence[int]], prompt: Sequence[int]
+) -> tuple[T | None, int]:
+    """The item of `held` whose ids share the most with `prompt` from the start, and how many
+    (None, 0 when none shares any): where a prefix cache is looked up."""
+    best, n = None, 0
+    for item in held:
+        k = common_prefix(ids_of(item), prompt)
+        if k > n:
+            best, n = item, k
+    return best, n
+
+
+def is_prefix(held: list[int], ids: list[int]) -> bool:
+    """Whether `held` begins `ids` (a cache of `held` is made redundant by one of `ids`)."""
+    return len(held) <= len(ids) and ids[: len(held)] == held
 
 
 class PromptCache:

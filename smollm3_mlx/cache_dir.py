@@ -13,7 +13,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .cache import KVSettings, PromptCache, common_prefix
+from .cache import KVSettings, PromptCache, is_prefix, longest_shared
 from .cache_file import (
     Fingerprint,
     PromptCacheError,
@@ -76,11 +76,7 @@ class CacheDir:
         """The cache of the file sharing the longest prefix with `prompt` (at least
         `min_tokens`), or None. A file that fails to load is forgotten (deleted if corrupt)."""
         while True:
-            best, n = None, 0
-            for path, ids in self.index.items():
-                k = common_prefix(ids, prompt)
-                if k > n:
-                    best, n = path, k
+            best, n = longest_shared(self.index, self.index.__getitem__, prompt)
             if best is None or n < self.min_tokens:
                 return None
             ids = self.index.pop(best)
@@ -112,7 +108,7 @@ class CacheDir:
         except OSError:
             return  # a full disk costs a prefill later, never the request
         for other, held in list(self.index.items()):
-            if len(held) <= len(ids) and ids[: len(held)] == held:
+            if is_prefix(held, ids):
                 other.unlink(missing_ok=True)
                 del self.index[other]
         self.index[path] = ids

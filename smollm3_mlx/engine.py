@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from .cache import KVSettings, PromptCache, common_prefix
+from .cache import KVSettings, PromptCache, is_prefix, longest_shared
 from .cache_dir import DEFAULT_DIR_BYTES, CacheDir
 from .generate import stream_generate
 from .sample import Sampling
@@ -118,11 +118,7 @@ class PromptCacheLRU:
         return sum(c.nbytes for c in self.entries)
 
     def take(self, prompt: Sequence[int]) -> PromptCache | None:
-        best, n = None, 0
-        for cache in self.entries:
-            k = common_prefix(cache.ids, prompt)
-            if k > n:
-                best, n = cache, k
+        best, n = longest_shared(self.entries, lambda c: c.ids, prompt)
         if best is None:
             return None
         if n == len(best.ids):
@@ -132,9 +128,7 @@ class PromptCacheLRU:
 
     def put(self, cache: PromptCache) -> None:
         ids = cache.ids
-        self.entries = [
-            c for c in self.entries if not (len(c.ids) <= len(ids) and ids[: len(c.ids)] == c.ids)
-        ]
+        self.entries = [c for c in self.entries if not is_prefix(c.ids, ids)]
         self.entries.append(cache)
         total = self.nbytes
         while self.entries and total > self.max_bytes:
