@@ -298,8 +298,7 @@ class Engine:
             cache = self.disk.take(prompt)
         cache = cache or PromptCache.new(self.model, kv=self.kv)
         max_tokens = -1 if job.max_tokens is None else job.max_tokens  # cut to the room there
-        recorder = _Logprobs() if job.top_logprobs is not None else None
-        responses = _responses(self.model, self.tokenizer, cache, job, max_tokens, recorder)
+        responses = _responses(self.model, self.tokenizer, cache, job, max_tokens)
         reason, cached, generated, started = "cancelled", 0, 0, False
         start = time.perf_counter()
         try:
@@ -311,7 +310,7 @@ class Engine:
                     reason = r.finish_reason
                     break
                 generated += 1
-                job.emit(_token(r.token, recorder, job.top_logprobs))
+                job.emit(_token(r.token, r.logprobs, job.top_logprobs))
         finally:
             responses.close()  # the cache settles, however the request ended
             if self.disk is not None:
@@ -322,30 +321,12 @@ class Engine:
         job.emit(Finished(reason))
 
 
-class _Logprobs:
-    """A last logits processor that keeps each step's log-probabilities for the token it picks.
-
-    Steps run one ahead of the tokens handed out, so they queue here in order.
-    """
-
-    stateful = True  # it must see each step once (no prompt-lookup verify passes)
-
-    def __init__(self) -> None:
-        self.steps: deque[mx.array] = deque()
-
-    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
-        self.steps.append((logits - mx.logsumexp(logits, axis=-1, keepdims=True))[0])
-        return logits
-
-
-def _responses(model, tokenizer, cache, job: Job, max_tokens: int, recorder: _Logprobs | None):
+def _responses(model, tokenizer, cache, job: Job, max_tokens: int):
     """`stream_generate` for `job`: the one adapter to the generation core."""
     sampling = job.sampling
     if sampling.seed is None:  # else the last request's seed would go on
         sampling = sampling.updated(seed=secrets.randbits(63))
     processors = [*sampling.logits_processors(), *job.processors]
-    if recorder is not None:
-        processors.append(recorder)
     return stream_generate(
         model,
         tokenizer,
@@ -358,10 +339,10 @@ def _responses(model, tokenizer, cache, job: Job, max_tokens: int, recorder: _Lo
     )
 
 
-def _token(token: int, recorder: _Logprobs | None, top: int | None) -> Token:
-    if recorder is None or top is None:
+def _token(token: int, logprobs: mx.array | None, top: int | None) -> Token:
+    """The token, with its log-probability and the `top` most likely when logprobs are asked."""
+    if logprobs is None or top is None:
         return Token(token)
-    logprobs = recorder.steps.popleft()
     chosen = logprobs[token].item()
     if not top:
         return Token(token, chosen)

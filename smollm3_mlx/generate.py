@@ -241,6 +241,8 @@ class GenerationResponse:
     cached_tokens: int = 0  # of prompt_tokens, those reused from the prompt cache (no prefill)
     lookup: LookupStats = field(default_factory=LookupStats)  # forward passes, drafts accepted
     parsed: Any = None  # the last response: the value of an answer held to `response_format`
+    # `token`'s step: log-probabilities over the vocabulary, after the logits processors
+    logprobs: mx.array | None = None
 
 
 class _TextStream:
@@ -359,7 +361,9 @@ def stream_generate(
     first = start  # when the first token arrived: prefill ends there
     generated: list[int] = []
 
-    def response(piece: str, token: int | None, finish: str | None) -> GenerationResponse:
+    def response(
+        piece: str, token: int | None, finish: str | None, logprobs: mx.array | None = None
+    ) -> GenerationResponse:
         prompt_time, decode_time = first - start, time.perf_counter() - first
         n, prefilled = len(generated), len(ids) - reused
         return GenerationResponse(
@@ -374,6 +378,7 @@ def stream_generate(
             finish_reason=finish,
             cached_tokens=reused,
             lookup=replace(stats),
+            logprobs=logprobs,
         )
 
     if cancel is not None:  # checked between prefill chunks too
@@ -396,7 +401,7 @@ def stream_generate(
     )
     finish, token = "length", None
     try:
-        for token, _ in steps:
+        for token, logprobs in steps:
             if not generated:
                 first = time.perf_counter()
             generated.append(token)
@@ -407,7 +412,7 @@ def stream_generate(
             if stopped:
                 finish = "stop"
                 break
-            yield response(piece, token, None)
+            yield response(piece, token, None, logprobs)
             if cancel is not None and cancel.is_set():
                 finish = "cancelled"
                 break
