@@ -301,8 +301,7 @@ class Chat:
             ConstraintError: a format or tool choice that cannot be enforced (before any token;
                 the history is left as it was).
         """
-        new, open_answer = _prefilled(_user_message(text), prefill)
-        return self._turn(new, _Turn(response_format, think_budget, tool_choice, open_answer))
+        return self._turn(*_user_turn(text, prefill, response_format, think_budget, tool_choice))
 
     def continue_answer(self) -> Generator[Event, None, None]:
         """Continue the last assistant message (one cut off by max_tokens, or cancelled): stream
@@ -311,15 +310,13 @@ class Chat:
         Raises:
             ValueError: the last message is not the assistant's.
         """
-        if not self.messages or self.messages[-1]["role"] != "assistant":
-            raise ValueError("nothing to continue: the last message is not the assistant's")
-        return self._turn([], _Turn(open_answer=True))
+        return self._turn(*self._continue_turn())
 
     def send_tool_result(
         self, *results: object, response_format: Any = None, tool_choice: ToolChoice | None = None
     ) -> Generator[Event, None, None]:
         """Add tool results (strings as they are, anything else as JSON) and continue the turn."""
-        return self._turn(_tool_messages(results), _Turn(response_format, None, tool_choice))
+        return self._turn(*_tool_turn(results, response_format, tool_choice))
 
     def reply(self, text: str, **options: Any) -> str:
         """The answer to `text` as a plain string (thinking and tool calls left out); `options`
@@ -337,22 +334,23 @@ class Chat:
 
         Cancelling the task (or leaving the loop early) stops generation within one step.
         """
-        prefill = options.pop("prefill", None)
-        new, open_answer = _prefilled(_user_message(text), prefill)
-        async for event in self._off_loop(new, _Turn(**options, open_answer=open_answer)):
+        async for event in self._off_loop(*_user_turn(text, **options)):
             yield event
 
     async def acontinue_answer(self) -> AsyncIterator[Event]:
         """`continue_answer` off the event loop."""
-        if not self.messages or self.messages[-1]["role"] != "assistant":
-            raise ValueError("nothing to continue: the last message is not the assistant's")
-        async for event in self._off_loop([], _Turn(open_answer=True)):
+        async for event in self._off_loop(*self._continue_turn()):
             yield event
 
     async def asend_tool_result(self, *results: object, **options: Any) -> AsyncIterator[Event]:
         """`send_tool_result` off the event loop."""
-        async for event in self._off_loop(_tool_messages(results), _Turn(**options)):
+        async for event in self._off_loop(*_tool_turn(results, **options)):
             yield event
+
+    def _continue_turn(self) -> tuple[list[dict[str, Any]], _Turn]:
+        if not self.messages or self.messages[-1]["role"] != "assistant":
+            raise ValueError("nothing to continue: the last message is not the assistant's")
+        return [], _Turn(open_answer=True)
 
     async def _off_loop(self, new: list[dict[str, Any]], turn: _Turn) -> AsyncIterator[Event]:
         loop = asyncio.get_running_loop()
@@ -676,6 +674,22 @@ class Chat:
             for key, value in settings.items():
                 setattr(self, key, value)
         return dict(data)
+
+
+def _user_turn(
+    text: str, prefill: str | None = None, response_format: Any = None,
+    think_budget: int | None = None, tool_choice: ToolChoice | None = None,
+) -> tuple[list[dict[str, Any]], _Turn]:  # fmt: skip
+    """The messages a `send` adds, and what it asks of its turn (`asend` takes the same)."""
+    new, open_answer = _prefilled(_user_message(text), prefill)
+    return new, _Turn(response_format, think_budget, tool_choice, open_answer)
+
+
+def _tool_turn(
+    results: tuple[object, ...], response_format: Any = None, tool_choice: ToolChoice | None = None
+) -> tuple[list[dict[str, Any]], _Turn]:
+    """The messages a `send_tool_result` adds, and its turn (`asend_tool_result` too)."""
+    return _tool_messages(results), _Turn(response_format, None, tool_choice)
 
 
 @dataclass(frozen=True)

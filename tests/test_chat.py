@@ -247,6 +247,23 @@ def test_save_and_load_round_trip(loaded, tmp_path):
     assert turn(other, QUESTIONS["hi"])[1] == answer("hi")
 
 
+def test_the_async_entry_points_take_what_their_sync_twins_take(loaded):
+    import asyncio
+
+    chat = session(loaded)
+
+    async def first(events):
+        return await events.__anext__()
+
+    with pytest.raises(TypeError):
+        chat.send_tool_result("22 degrees", think_budget=5)
+    with pytest.raises(TypeError):  # it took a budget the sync one refuses
+        asyncio.run(first(chat.asend_tool_result("22 degrees", think_budget=5)))
+    with pytest.raises(TypeError):
+        asyncio.run(first(chat.asend("hi", budget=5)))
+    assert chat.messages == []  # nothing was added
+
+
 def test_a_saved_chat_keeps_its_thinking_budget_hand_off_and_tool_choice(loaded, tmp_path):
     settings = {"think_budget": 3, "handoff": "\n", "tool_choice": "none"}
     chat = session(loaded, **settings)
