@@ -195,8 +195,7 @@ class Chat:
         self.thinking = False  # whether the turn being generated is inside its think block
         self._busy = threading.Lock()
         self.system = system
-        if think_budget is not None and (not isinstance(think_budget, int) or think_budget < 0):
-            raise ValueError(f"think_budget must be a whole number >= 0, not {think_budget!r}")
+        _check_whole("think_budget", think_budget, 0, optional=True)
         self.think_budget, self.handoff, self.tool_choice = think_budget, handoff, tool_choice
         if prompt_cache is not None:
             self._open_prompt_cache(prompt_cache, prompt_cache_mismatch, keep_system=bool(system))

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from .events import TOOL_CALL_END, TOOL_CALL_START
+
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
 
@@ -187,7 +189,7 @@ def make_answer_grammar(
     llg = engine()
     mode, name = tool_choice_mode(tool_choice)
     value = response_format.lark(llg) if response_format else None
-    call_ids = (tokenizer.token_to_id("<tool_call>"), tokenizer.token_to_id("</tool_call>"))
+    call_ids = (tokenizer.token_to_id(TOOL_CALL_START), tokenizer.token_to_id(TOOL_CALL_END))
     if not tools or mode == "none":
         if mode in ("required", "named"):
             raise ConstraintError(f"tool_choice {tool_choice!r} needs tools")
