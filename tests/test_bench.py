@@ -13,8 +13,9 @@ import pytest
 from checkpoints import make_tiny_checkpoint, requires_reference
 from typer.testing import CliRunner
 
-from smollm3_mlx import cli, load
+from smollm3_mlx import load
 from smollm3_mlx.bench import bench, mlx_lm_runners, nbytes, random_prompt, smollm3_runner
+from smollm3_mlx.cli import app as cli
 from smollm3_mlx.convert import convert
 
 pytestmark = requires_reference
@@ -86,7 +87,7 @@ def test_bench_command_bad_sizes_are_one_line_errors(q4, args, message):
 
 def test_bench_without_compare_imports_no_mlx_lm_transformers_or_torch(q4):
     code = (
-        "import sys; from typer.testing import CliRunner; from smollm3_mlx import cli\n"
+        "import sys; from typer.testing import CliRunner; from smollm3_mlx.cli import app as cli\n"
         f"r = CliRunner().invoke(cli.app, ['bench', '-m', {str(q4)!r}, '--prompt-tokens', '8',"
         " '--generation-tokens', '3', '--runs', '1'])\n"
         "assert r.exit_code == 0, r.output\n"

@@ -23,7 +23,8 @@ from hub_server import HubServer, use_hub
 from huggingface_hub import file_download
 from typer.testing import CliRunner
 
-from smollm3_mlx import cli, files
+from smollm3_mlx import files
+from smollm3_mlx.cli import app as cli
 from smollm3_mlx.convert import ConvertError, ConvertResult, convert
 from smollm3_mlx.loading import load_model, read_safetensors_header
 
@@ -633,7 +634,7 @@ def test_cli_prints_bits_per_weight_size_and_time_or_one_error_line(ckpt, tmp_pa
 
 CTRL_C = """
 import importlib, sys, time
-from smollm3_mlx.cli import app
+from smollm3_mlx.cli.app import app
 
 convert_module = importlib.import_module("smollm3_mlx.convert")
 
@@ -673,7 +674,7 @@ def test_ctrl_c_in_the_cli_is_one_line_and_leaves_nothing(ckpt, tmp_path):
 HUB_CTRL_C = """
 import sys
 from huggingface_hub import constants
-from smollm3_mlx.cli import app
+from smollm3_mlx.cli.app import app
 
 constants.DOWNLOAD_CHUNK_SIZE = 1024  # blocks of a tiny file, as a real shard comes in 10 MiB
 app(sys.argv[1:])

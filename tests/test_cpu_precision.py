@@ -145,7 +145,7 @@ def test_forcing_half_precision_with_quantized_weights_on_cpu_warns_once(quantiz
 def test_cli_dtype_option_reaches_load(monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
-    from smollm3_mlx.cli import app
+    from smollm3_mlx.cli.app import app
 
     seen = []
 

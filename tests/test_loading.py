@@ -215,7 +215,7 @@ from smollm3_mlx import Chat, load, stream_generate
 model, tokenizer = load({str(path)!r})
 list(stream_generate(model, tokenizer, "Hi", max_tokens=2))
 list(Chat(model, tokenizer, max_tokens=2).send("Hi"))
-import smollm3_mlx.cli, smollm3_mlx.console, smollm3_mlx.convert
+import smollm3_mlx.cli.app, smollm3_mlx.cli.console, smollm3_mlx.convert
 print(sorted({{"torch", "transformers", "mlx_lm"}} & set(sys.modules)))
 """
     out = subprocess.run(
@@ -235,7 +235,7 @@ def test_pyproject_declares_the_distribution_and_its_platform_dependencies():
 
     project = _pyproject()["project"]
     assert (project["name"], project["requires-python"]) == ("smollm3-mlx", ">=3.10")
-    assert project["scripts"] == {"smollm3-mlx": "smollm3_mlx.cli:app"}
+    assert project["scripts"] == {"smollm3-mlx": "smollm3_mlx.cli.app:app"}
     deps = [Requirement(r) for r in project["dependencies"]]
 
     def needed(platform):

@@ -10,8 +10,9 @@ from checkpoints import REFERENCE_MODEL_DIR, hf_logits, make_tiny_checkpoint, re
 from trained_model import QUESTIONS, answer, trained_checkpoint
 from typer.testing import CliRunner
 
-from smollm3_mlx import Chat, Sampling, cache as cache_module, cli, load
+from smollm3_mlx import Chat, Sampling, cache as cache_module, load
 from smollm3_mlx.cache import KVCache
+from smollm3_mlx.cli import app as cli
 from smollm3_mlx.generate import generate_step, stream_generate
 from smollm3_mlx.loading import ModelLoadError, context_window, load_model
 from smollm3_mlx.model import ModelArgs

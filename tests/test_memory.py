@@ -10,7 +10,8 @@ from checkpoints import REFERENCE_MODEL_DIR, make_tiny_checkpoint, requires_refe
 from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
-from smollm3_mlx import cli, memory
+from smollm3_mlx import memory
+from smollm3_mlx.cli import app as cli
 from smollm3_mlx.generate import generate_step
 from smollm3_mlx.loading import load, load_model
 from smollm3_mlx.memory import MemoryBudgetError, estimate, estimate_memory

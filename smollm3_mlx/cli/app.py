@@ -79,7 +79,7 @@ def _version(value: bool) -> None:
     if value:
         from importlib.metadata import PackageNotFoundError, version
 
-        from . import __version__
+        from .. import __version__
 
         try:
             mlx = f" (mlx {version('mlx')})"
@@ -268,7 +268,7 @@ def chat(
 
     try:
         if prompt_cache is not None:  # a bad file is one line before the prompt, not after
-            from .cache_file import PromptCacheError, read_metadata
+            from ..cache_file import PromptCacheError, read_metadata
 
             try:
                 read_metadata(prompt_cache)
@@ -367,7 +367,7 @@ def generate(
             "--prefill opens the chat template's answer; with --raw, end the prompt with it"
         )
         raise typer.Exit(2)
-    from .constrain import ConstraintError
+    from ..constrain import ConstraintError
     from .oneshot import answer, check_context, complete
 
     try:
@@ -444,7 +444,7 @@ def convert(
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Quantize SmolLM3 into an MLX folder that smollm3-mlx and mlx-lm both run."""
-    from .convert import ConvertError, ConvertInterrupted, convert as convert_model
+    from ..convert import ConvertError, ConvertInterrupted, convert as convert_model
 
     try:
         with console.progress("converting") as update:
@@ -559,8 +559,8 @@ def serve(
         _bytes("--cache-dir-bytes", cache_dir_bytes),
     )
     try:
-        from .engine import WarmUpError
-        from .server import exposure_problem, serve as run_server
+        from ..serve.app import exposure_problem, serve as run_server
+        from ..serve.engine import WarmUpError
     except ImportError as e:
         console.error(f"serve needs the server extra: pip install 'smollm3-mlx[server]' ({e})")
         raise typer.Exit(1) from None
@@ -674,8 +674,8 @@ def estimate(
     ] = None,
 ) -> None:
     """Show the memory a chat session needs (weights, KV cache, activations) and what is free."""
-    from .loading import ModelLoadError, resolve_model_path
-    from .memory import available_memory, estimate_memory
+    from ..loading import ModelLoadError, resolve_model_path
+    from ..memory import available_memory, estimate_memory
 
     if device not in (None, "gpu", "cpu"):
         console.error(f"--device must be gpu or cpu, not {device}")
@@ -735,7 +735,7 @@ def bench(
     ] = False,
 ) -> None:
     """Measure prefill and decode speed, time to first token and peak memory on your model."""
-    from .bench import bench as measure, default_sizes, mlx_lm_runners, smollm3_runner
+    from ..bench import bench as measure, default_sizes, mlx_lm_runners, smollm3_runner
 
     sizes = default_sizes()
     prompt_tokens = prompt_tokens if prompt_tokens is not None else sizes[0]

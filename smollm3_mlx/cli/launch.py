@@ -30,8 +30,8 @@ def model_name(model: str | None) -> str:
     """`model`, or the default model's folder (downloaded and converted on first use)."""
     if model is not None:
         return model
-    from .convert import ConvertError, ConvertInterrupted, convert
-    from .loading import DEFAULT_REPO
+    from ..convert import ConvertError, ConvertInterrupted, convert
+    from ..loading import DEFAULT_REPO
 
     path = default_model_dir()
     if not (path / "config.json").exists():
@@ -56,8 +56,8 @@ def load_model(
 ):  # fmt: skip
     """Load `model` (see `model_name`): (model, tokenizer, name). First refuses a session that
     would not fit in memory (memory.py), unless check_memory is off; sets MLX's memory limits."""
-    from .loading import ModelLoadError, load
-    from .memory import MemoryBudgetError
+    from ..loading import ModelLoadError, load
+    from ..memory import MemoryBudgetError
 
     name = model_name(model)
     try:
@@ -82,7 +82,7 @@ def budget_memory(
 ) -> None:  # fmt: skip
     """Estimate the session's memory (config and headers only; memory.py), refuse it
     (MemoryBudgetError) unless `check_memory` is off, and set MLX's memory limits to it."""
-    from .memory import check_memory as check, estimate_memory, memory_limits
+    from ..memory import check_memory as check, estimate_memory, memory_limits
 
     est = estimate_memory(
         path, max_context=max_context, kv_bits=kv_bits, kv_group_size=kv_group_size,
@@ -105,9 +105,9 @@ def open_chat(
     """The Chat for `chat` and `generate`, over the model `loaded` (loaded here when None)."""
     import mlx.core as mx
 
-    from .cache_file import PromptCacheError
-    from .chat import Chat
-    from .sample import Sampling
+    from ..cache_file import PromptCacheError
+    from ..chat import Chat
+    from ..sample import Sampling
 
     m, tokenizer, name = loaded or load_model(
         model, dtype, max_context, kv_bits, kv_group_size, memory_check

@@ -27,8 +27,8 @@ class Loading:
         self, model: str | None, dtype: str, max_context: int | None,
         kv_bits: int | None = None, kv_group_size: int = 64, check_memory: bool = True,
     ):  # fmt: skip
-        from .loading import ModelLoadError, resolve_model_path
-        from .memory import MemoryBudgetError
+        from ..loading import ModelLoadError, resolve_model_path
+        from ..memory import MemoryBudgetError
 
         self.name = model_name(model)
         try:  # a hub repo id downloads here, in the open, before the prompt
@@ -51,7 +51,7 @@ class Loading:
     def _run(self, dtype: str | None, max_context: int | None) -> None:
         import mlx.core as mx
 
-        from .loading import load
+        from ..loading import load
 
         try:
             self.result = load(  # weights too; memory was checked in __init__
@@ -64,7 +64,7 @@ class Loading:
 
     def wait(self) -> tuple:
         """(model, tokenizer, name) once loaded; a load error is one line and exit 1."""
-        from .loading import ModelLoadError
+        from ..loading import ModelLoadError
 
         self.start()
         if self.thread.is_alive():
@@ -97,7 +97,7 @@ COMMANDS = {
 
 def command(chat, line: str) -> bool:
     """Run a /command; False means exit."""
-    from .chat import ChatFileError
+    from ..chat import ChatFileError
 
     name, _, arg = line.strip().partition(" ")
     arg = arg.strip()
