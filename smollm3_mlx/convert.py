@@ -28,7 +28,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from . import __version__
+from ._version import __version__
 from .files import (
     Terminated,
     existing_parent,

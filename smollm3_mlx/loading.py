@@ -8,7 +8,7 @@ import re
 import threading
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .cache import KVSettings
-from .model import Model, ModelArgs
+from .model import Model, ModelArgs, ModelInfo
 from .sample import Sampling
 
 if TYPE_CHECKING:
@@ -33,23 +33,6 @@ MAX_YARN_FACTOR = 2.0  # SmolLM3's model card: YaRN factor 2 over the trained 64
 
 class ModelLoadError(ValueError):
     """A model folder that cannot be loaded; the message names the file and the problem."""
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What `load` learnt about a model beside its weights (`model.info`).
-
-    Args:
-        path: the model folder.
-        max_context: the longest context allowed (the trained window, or what YaRN reaches).
-        sampling: the sampling defaults of the folder's generation_config.json.
-        tokenizer: the folder's tokenizer (None from `load_model`, which reads no tokenizer).
-    """
-
-    path: Path | None = None
-    max_context: int | None = None
-    sampling: Sampling = field(default_factory=Sampling)
-    tokenizer: Tokenizer | None = None
 
 
 def sampling_defaults(path: Path) -> Sampling:

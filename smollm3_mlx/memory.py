@@ -22,8 +22,8 @@ from typing import Any
 import mlx.core as mx
 
 from .cache import KVCache
-from .generate import DEFAULT_PREFILL_STEP
 from .model import ModelArgs
+from .step import DEFAULT_PREFILL_STEP
 
 GB = 1e9
 KV_STEP = KVCache.step  # the cache grows by whole steps

@@ -13,10 +13,11 @@ from typer.testing import CliRunner
 from smollm3_mlx import Chat, Sampling, cache as cache_module, load
 from smollm3_mlx.cache import KVCache
 from smollm3_mlx.cli import app as cli
-from smollm3_mlx.generate import generate_step, stream_generate
+from smollm3_mlx.generate import stream_generate
 from smollm3_mlx.loading import ModelLoadError, context_window, load_model
 from smollm3_mlx.model import ModelArgs
 from smollm3_mlx.rope import RoPE
+from smollm3_mlx.step import generate_step
 
 GREEDY = Sampling(temperature=0.0, top_p=1.0)
 RNG = np.random.default_rng(3)

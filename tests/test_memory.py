@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 
 from smollm3_mlx import memory
 from smollm3_mlx.cli import app as cli
-from smollm3_mlx.generate import generate_step
 from smollm3_mlx.loading import load, load_model
 from smollm3_mlx.memory import MemoryBudgetError, estimate, estimate_memory
 from smollm3_mlx.model import Model, ModelArgs
+from smollm3_mlx.step import generate_step
 
 # head_dim 64, so that the KV cache can be quantized; a context long enough for attention to show.
 TINY = dict(head_dim=64, max_position_embeddings=4096)

@@ -310,8 +310,8 @@ def test_a_long_prefill_shows_its_progress_and_ctrl_c_stops_it_within_a_chunk(
 def test_prefill_chunks_are_a_few_tokens_of_the_3b_on_the_cpu_and_512_on_a_gpu(monkeypatch):
     import mlx.core as mx
 
-    from smollm3_mlx.generate import default_prefill_step
     from smollm3_mlx.model import Model, ModelArgs
+    from smollm3_mlx.step import default_prefill_step
 
     config = json.loads((REFERENCE_MODEL_DIR / "config.json").read_text())
     big = Model(ModelArgs.from_dict(config))  # SmolLM3-3B's shapes; lazy, nothing is allocated

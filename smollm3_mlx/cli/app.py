@@ -79,7 +79,7 @@ def _version(value: bool) -> None:
     if value:
         from importlib.metadata import PackageNotFoundError, version
 
-        from .. import __version__
+        from .._version import __version__
 
         try:
             mlx = f" (mlx {version('mlx')})"
