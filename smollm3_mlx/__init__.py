@@ -14,7 +14,7 @@ from ._version import __version__
 _LAZY = {
     "load": "loading",
     "load_model": "loading",
-    "ModelLoadError": "loading",
+    "ModelLoadError": "checkpoint",
     "ModelInfo": "model",
     "generate": "generate",
     "stream_generate": "generate",
@@ -69,6 +69,9 @@ if TYPE_CHECKING:
         ChatBusyError as ChatBusyError,
         ChatFileError as ChatFileError,
     )
+    from .checkpoint import (
+        ModelLoadError as ModelLoadError,
+    )
     from .constrain import (
         ConstraintError as ConstraintError,
         ResponseFormat as ResponseFormat,
@@ -97,7 +100,6 @@ if TYPE_CHECKING:
         stream_generate as stream_generate,
     )
     from .loading import (
-        ModelLoadError as ModelLoadError,
         load as load,
         load_model as load_model,
     )

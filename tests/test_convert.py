@@ -24,9 +24,10 @@ from huggingface_hub import file_download
 from typer.testing import CliRunner
 
 from smollm3_mlx import files
+from smollm3_mlx.checkpoint import read_safetensors_header
 from smollm3_mlx.cli import app as cli
 from smollm3_mlx.convert import ConvertError, ConvertResult, convert
-from smollm3_mlx.loading import load_model, read_safetensors_header
+from smollm3_mlx.loading import load_model
 
 # The module, whatever the package's lazy `convert` attribute resolves to (the function).
 convert_module = importlib.import_module("smollm3_mlx.convert")
@@ -994,3 +995,23 @@ def test_a_download_the_cache_cannot_hold_is_refused_before_the_weights(
 
 def _size_text(n):
     return files.human_size(n)
+
+
+def test_convert_and_load_refuse_the_same_names_that_are_neither_a_folder_nor_a_repo_id(
+    tmp_path, monkeypatch
+):
+    from smollm3_mlx.checkpoint import ModelLoadError
+    from smollm3_mlx.loading import load
+
+    with HubServer({}) as hub:
+        use_hub(monkeypatch, hub.url, tmp_path / "hf")
+        monkeypatch.chdir(tmp_path)
+        for name in ("SmolLM3-3B-4bt", "a/b/c"):
+            message = f"{name}: no local folder of that name, and not a hub repo id (OWNER/NAME)"
+            with pytest.raises(ConvertError) as converting:
+                convert(name, tmp_path / "out")
+            with pytest.raises(ModelLoadError) as loading:
+                load(name)
+            assert str(converting.value) == str(loading.value) == message
+        assert hub.requests == []
+    assert not (tmp_path / "out").exists()

@@ -10,8 +10,9 @@ from checkpoints import make_tiny_checkpoint
 from mlx.utils import tree_flatten
 
 from smollm3_mlx import loading
+from smollm3_mlx.checkpoint import ModelLoadError, default_dtype
 from smollm3_mlx.convert import convert
-from smollm3_mlx.loading import ModelLoadError, default_dtype, load_model
+from smollm3_mlx.loading import load_model
 from smollm3_mlx.model import Model
 
 IDS = np.random.default_rng(2).integers(0, 512, 48).tolist()

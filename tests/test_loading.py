@@ -12,7 +12,8 @@ import pytest
 from checkpoints import REPO_ROOT, make_tiny_checkpoint, requires_reference
 from mlx.utils import tree_flatten
 
-from smollm3_mlx.loading import ModelLoadError, load, load_model
+from smollm3_mlx.checkpoint import ModelLoadError
+from smollm3_mlx.loading import load, load_model
 
 
 @pytest.fixture(scope="module")

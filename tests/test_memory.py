@@ -111,7 +111,7 @@ def _config(path):
 
 
 def _data_bytes(f) -> int:
-    from smollm3_mlx.loading import read_safetensors_header
+    from smollm3_mlx.checkpoint import read_safetensors_header
 
     return sum(
         t["data_offsets"][1] - t["data_offsets"][0] for t in read_safetensors_header(f).values()

@@ -674,7 +674,8 @@ def estimate(
     ] = None,
 ) -> None:
     """Show the memory a chat session needs (weights, KV cache, activations) and what is free."""
-    from ..loading import ModelLoadError, resolve_model_path
+    from ..checkpoint import ModelLoadError
+    from ..hub import resolve_model_path
     from ..memory import available_memory, estimate_memory
 
     if device not in (None, "gpu", "cpu"):

@@ -31,7 +31,7 @@ def model_name(model: str | None) -> str:
     if model is not None:
         return model
     from ..convert import ConvertError, ConvertInterrupted, convert
-    from ..loading import DEFAULT_REPO
+    from ..hub import DEFAULT_REPO
 
     path = default_model_dir()
     if not (path / "config.json").exists():
@@ -56,7 +56,8 @@ def load_model(
 ):  # fmt: skip
     """Load `model` (see `model_name`): (model, tokenizer, name). First refuses a session that
     would not fit in memory (memory.py), unless check_memory is off; sets MLX's memory limits."""
-    from ..loading import ModelLoadError, load
+    from ..checkpoint import ModelLoadError
+    from ..loading import load
     from ..memory import MemoryBudgetError
 
     name = model_name(model)

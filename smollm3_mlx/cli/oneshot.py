@@ -66,7 +66,7 @@ def check_context(session, prompt: str, raw: bool, prefill: str | None) -> None:
                 continue_final_message=prefill is not None,
             )
         )
-    from ..loading import longest_context
+    from ..checkpoint import longest_context
 
     limit, most = session.model.max_context, longest_context(session.model.args)
     if n >= limit:

@@ -27,7 +27,8 @@ class Loading:
         self, model: str | None, dtype: str, max_context: int | None,
         kv_bits: int | None = None, kv_group_size: int = 64, check_memory: bool = True,
     ):  # fmt: skip
-        from ..loading import ModelLoadError, resolve_model_path
+        from ..checkpoint import ModelLoadError
+        from ..hub import resolve_model_path
         from ..memory import MemoryBudgetError
 
         self.name = model_name(model)
@@ -64,7 +65,7 @@ class Loading:
 
     def wait(self) -> tuple:
         """(model, tokenizer, name) once loaded; a load error is one line and exit 1."""
-        from ..loading import ModelLoadError
+        from ..checkpoint import ModelLoadError
 
         self.start()
         if self.thread.is_alive():
