@@ -121,3 +121,11 @@ def test_bench_in_a_pipe_shows_each_run_as_it_ends_and_the_whole_table(q4):
     assert "…" not in r.stdout  # an 80-column pipe used to cut `smoll…`, `float…`
     for text in ("smollm3-mlx", "mlx-lm float32", "bfloat16", "ours/this prefill", "1.00x"):
         assert text in r.stdout
+
+
+def test_compare_without_mlx_lm_says_in_one_line_how_to_install_it(q4, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlx_lm", None)  # `import mlx_lm` raises ImportError
+    r = CliRunner().invoke(cli.app, ["bench", "-m", str(q4), "--compare-mlx-lm"], env=WIDE)
+    assert r.exit_code == 1
+    install = "pip install 'smollm3-mlx[compare]'"
+    assert r.output.strip() == f"error: --compare-mlx-lm needs mlx-lm: {install}"

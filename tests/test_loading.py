@@ -249,10 +249,13 @@ def test_pyproject_declares_the_distribution_and_its_platform_dependencies():
         got = needed(platform)
         assert {(n, e) for n, e in got if n == "mlx"} == {(mlx[0], frozenset(mlx[1]))}
         names = {n for n, _ in got}
-        assert {"tokenizers", "jinja2", "huggingface_hub", "typer", "rich", "mlx-lm"} <= names
-        assert not {"torch", "transformers"} & names
-    test = {Requirement(r).name: Requirement(r) for r in project["optional-dependencies"]["test"]}
+        assert {"tokenizers", "jinja2", "huggingface_hub", "typer", "rich"} <= names
+        assert not {"torch", "transformers", "mlx-lm"} & names
+    extras = project["optional-dependencies"]
+    assert [Requirement(r).name for r in extras["compare"]] == ["mlx-lm"]
+    test = {Requirement(r).name: Requirement(r) for r in extras["test"]}
     assert {"pytest", "transformers", "torch"} <= test.keys()
+    assert {"server", "compare"} <= test["smollm3-mlx"].extras
     assert str(test["torch"].specifier) == "==2.13.0"
 
 

@@ -729,9 +729,9 @@ def bench(
         bool,
         typer.Option(
             "--compare-mlx-lm",
-            help="Also time mlx-lm on the same folder, alternating runs (needs mlx-lm). When it "
-            "computes in another dtype by default (bfloat16 on the CPU), it is also timed cast "
-            "to ours.",
+            help="Also time mlx-lm on the same folder, alternating runs (needs mlx-lm: the compare "
+            "extra). When it computes in another dtype by default (bfloat16 on the CPU), it is "
+            "also timed cast to ours.",
         ),
     ] = False,
 ) -> None:
@@ -746,7 +746,7 @@ def bench(
         try:
             import mlx_lm  # noqa: F401
         except ImportError:
-            console.error("--compare-mlx-lm needs mlx-lm: pip install mlx-lm")
+            console.error("--compare-mlx-lm needs mlx-lm: pip install 'smollm3-mlx[compare]'")
             raise typer.Exit(1) from None
     m, tokenizer, name = _load(model, dtype)
     if prompt_tokens + generation_tokens >= m.max_context:
