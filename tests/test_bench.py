@@ -17,6 +17,7 @@ from smollm3_mlx import load
 from smollm3_mlx.bench import bench, mlx_lm_runners, nbytes, random_prompt, smollm3_runner
 from smollm3_mlx.cli import app as cli
 from smollm3_mlx.convert import convert
+from smollm3_mlx.generate import stream_generate
 
 pytestmark = requires_reference
 WIDE = {"COLUMNS": "200"}
@@ -42,7 +43,7 @@ def test_bench_times_ours_and_mlx_lm_with_sane_numbers(q4):
     assert [r.runtime for r in results] == ["smollm3-mlx", "mlx-lm", "mlx-lm float32"]
     for r in results:
         assert (r.prompt_tokens, r.runs) == (20, 2)
-        assert 1 < r.generation_tokens <= 6  # fewer only if the random model ends its answer
+        assert r.generation_tokens == 6  # all of them: end of sequence is never chosen
         for value in (r.prefill_tps, r.decode_tps, r.time_to_first_token):
             assert 0 < value < math.inf
     # Peak memory counts the weights each runtime holds (bf16 scales are half of float32 ones).
@@ -129,3 +130,33 @@ def test_compare_without_mlx_lm_says_in_one_line_how_to_install_it(q4, monkeypat
     assert r.exit_code == 1
     install = "pip install 'smollm3-mlx[compare]'"
     assert r.output.strip() == f"error: --compare-mlx-lm needs mlx-lm: {install}"
+
+
+def _ends_at_once(root):
+    """A tiny model whose greedy answer is end of sequence after any prompt: every embedding row
+    leans far along one axis, the end-of-sequence row (tied to the head) twice as far."""
+    from safetensors.numpy import load_file, save_file
+
+    path = make_tiny_checkpoint(root / "eos", with_tokenizer=True)
+    weights = load_file(path / "model.safetensors")
+    embed = weights["model.embed_tokens.weight"]
+    embed[:, 0] = 100.0
+    embed[128012, 0] = 200.0  # <|im_end|>, the folder's eos_token_id
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+def test_both_runtimes_generate_every_token_asked_for_where_the_model_would_end_at_once(
+    tmp_path,
+):
+    path = _ends_at_once(tmp_path)
+    model, tokenizer = load(path)
+    runners = [smollm3_runner(model, tokenizer), *mlx_lm_runners(path)]
+    *_, plain = stream_generate(model, tokenizer, random_prompt(8), max_tokens=4)
+    assert plain.finish_reason == "stop"  # unmasked, greedy ends the answer at once
+    results = bench(runners, prompt_tokens=8, generation_tokens=4, runs=1, warmup=False)
+    assert [(r.runtime, r.generation_tokens) for r in results] == [
+        ("smollm3-mlx", 4),
+        ("mlx-lm", 4),
+    ]
+    assert all(r.decode_tps > 0 for r in results)
