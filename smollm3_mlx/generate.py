@@ -141,20 +141,8 @@ def stream_generate(
             max_kv_size, ...), or with `prompt_lookup` (and `prompt_lookup_ngram`)
             `lookup.lookup_generate_step`.
     """
-    if sampling is None:
-        sampling = model.info.sampling if model.info is not None else GREEDY
-    if sampling.seed is not None:
-        mx.random.seed(sampling.seed)
-    sampler = sampler or sampling.sampler()
-    if logits_processors is None:
-        logits_processors = sampling.logits_processors()
-    constraint = None
-    if response_format is not None:
-        from .constrain import make_answer_constraint  # the grammar engine, only when asked
-
-        constraint = make_answer_constraint(tokenizer, response_format)
-        logits_processors = [*logits_processors, *([constraint] if constraint else [])]
-    max_tokens = sampling.max_tokens if max_tokens is None else max_tokens
+    plan = _Plan.make(model, tokenizer, sampling, sampler, logits_processors, response_format)
+    max_tokens = plan.max_tokens if max_tokens is None else max_tokens
     if isinstance(prompt, str):
         prompt = tokenizer.encode(prompt, allow_special=True)
     ids = prompt.tolist() if isinstance(prompt, mx.array) else list(prompt)
@@ -162,46 +150,15 @@ def stream_generate(
     mx.reset_peak_memory()
     start = time.perf_counter()
     reused = prompt_cache.reuse(ids) if prompt_cache is not None else 0
-
-    stats = kwargs.setdefault("lookup_stats", LookupStats())
+    meter = _Meter(ids, reused, kwargs.setdefault("lookup_stats", LookupStats()), start)
     text = _TextStream(tokenizer, stop_strings)
-    first = start  # when the first token arrived: prefill ends there
-    generated: list[int] = []
-
-    def response(
-        piece: str, token: int | None, finish: str | None, logprobs: mx.array | None = None
-    ) -> GenerationResponse:
-        prompt_time, decode_time = first - start, time.perf_counter() - first
-        n, prefilled = len(generated), len(ids) - reused
-        return GenerationResponse(
-            text=piece,
-            token=token,
-            prompt_tokens=len(ids),
-            prompt_tps=prefilled / prompt_time if prompt_time > 0 else 0.0,
-            generation_tokens=n,
-            generation_tps=(n - 1) / decode_time if n > 1 and decode_time > 0 else 0.0,
-            peak_memory=mx.get_peak_memory() / 1e9,
-            time_to_first_token=prompt_time,
-            finish_reason=finish,
-            cached_tokens=reused,
-            lookup=replace(stats),
-            logprobs=logprobs,
-        )
-
-    if cancel is not None:  # checked between prefill chunks too
-        kwargs["prompt_progress"] = partial(_check, cancel, kwargs.get("prompt_progress"))
-    step: Callable[..., Generator[tuple[int, mx.array], None, None]] = generate_step
-    lookup = {k: kwargs.pop(k) for k in ("prompt_lookup", "prompt_lookup_ngram") if k in kwargs}
-    if lookup.get("prompt_lookup"):
-        from .lookup import lookup_generate_step
-
-        step = partial(lookup_generate_step, **lookup)
-    steps = step(
+    generated = meter.generated
+    steps = _choose_step(kwargs, cancel)(
         mx.array(ids[reused:], dtype=mx.uint32),
         model,
         max_tokens=max_tokens,
-        sampler=sampler,
-        logits_processors=logits_processors,
+        sampler=plan.sampler,
+        logits_processors=plan.logits_processors,
         prompt_cache=prompt_cache.layers if prompt_cache is not None else None,
         context=ids[:reused],
         **kwargs,
@@ -210,7 +167,7 @@ def stream_generate(
     try:
         for token, logprobs in steps:
             if not generated:
-                first = time.perf_counter()
+                meter.first = time.perf_counter()
             generated.append(token)
             if token in tokenizer.eos_token_ids:
                 finish = "stop"
@@ -219,7 +176,7 @@ def stream_generate(
             if stopped:
                 finish = "stop"
                 break
-            yield response(piece, token, None, logprobs)
+            yield meter.response(piece, token, None, logprobs)
             if cancel is not None and cancel.is_set():
                 finish = "cancelled"
                 break
@@ -230,10 +187,81 @@ def stream_generate(
         if prompt_cache is not None:
             prompt_cache.settle(ids + generated)
     piece, finish = text.end(finish)
-    last = response(piece, token if finish == "length" else None, finish)
+    last = meter.response(piece, token if finish == "length" else None, finish)
+    constraint = plan.constraint
     if constraint is not None and finish == "stop" and constraint.complete:
         last.parsed = constraint.parse() if constraint.response_format else None
     yield last
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a call to `stream_generate` decides once, before any step: sampler, processors, the
+    response format's constraint (among the processors) and the default length."""
+
+    sampler: Sampler
+    logits_processors: Sequence[LogitsProcessor]
+    constraint: Any
+    max_tokens: int
+
+    @classmethod
+    def make(cls, model, tokenizer, sampling, sampler, logits_processors, response_format) -> _Plan:
+        if sampling is None:
+            sampling = model.info.sampling if model.info is not None else GREEDY
+        if sampling.seed is not None:
+            mx.random.seed(sampling.seed)
+        sampler = sampler or sampling.sampler()
+        if logits_processors is None:
+            logits_processors = sampling.logits_processors()
+        constraint = None
+        if response_format is not None:
+            from .constrain import make_answer_constraint  # the grammar engine, only when asked
+
+            constraint = make_answer_constraint(tokenizer, response_format)
+            logits_processors = [*logits_processors, *([constraint] if constraint else [])]
+        return cls(sampler, logits_processors, constraint, sampling.max_tokens)
+
+
+class _Meter:
+    """The running statistics of one `stream_generate` call, as responses."""
+
+    def __init__(self, ids: list[int], reused: int, stats: LookupStats, start: float):
+        self.ids, self.reused, self.stats = ids, reused, stats
+        self.start = self.first = start  # `first`: when the first token arrived (prefill ends)
+        self.generated: list[int] = []
+
+    def response(
+        self, piece: str, token: int | None, finish: str | None, logprobs: mx.array | None = None
+    ) -> GenerationResponse:
+        prompt_time, decode_time = self.first - self.start, time.perf_counter() - self.first
+        n, prefilled = len(self.generated), len(self.ids) - self.reused
+        return GenerationResponse(
+            text=piece,
+            token=token,
+            prompt_tokens=len(self.ids),
+            prompt_tps=prefilled / prompt_time if prompt_time > 0 else 0.0,
+            generation_tokens=n,
+            generation_tps=(n - 1) / decode_time if n > 1 and decode_time > 0 else 0.0,
+            peak_memory=mx.get_peak_memory() / 1e9,
+            time_to_first_token=prompt_time,
+            finish_reason=finish,
+            cached_tokens=self.reused,
+            lookup=replace(self.stats),
+            logprobs=logprobs,
+        )
+
+
+def _choose_step(kwargs: dict[str, Any], cancel: Cancel | None) -> Callable[..., Generator]:
+    """The step to run (`generate_step`, or prompt lookup's when asked), taking its options out
+    of `kwargs`, and a cancel check between prefill chunks."""
+    if cancel is not None:
+        kwargs["prompt_progress"] = partial(_check, cancel, kwargs.get("prompt_progress"))
+    lookup = {k: kwargs.pop(k) for k in ("prompt_lookup", "prompt_lookup_ngram") if k in kwargs}
+    if lookup.get("prompt_lookup"):
+        from .lookup import lookup_generate_step
+
+        return partial(lookup_generate_step, **lookup)
+    return generate_step
 
 
 def _check(cancel: Cancel, progress: Callable[[int, int], None] | None, done: int, total: int):

@@ -23,7 +23,6 @@ LONG_FUNCTIONS = [
     "smollm3_mlx/cli/app.py:generate",
     "smollm3_mlx/cli/app.py:serve",
     "smollm3_mlx/convert.py:convert",
-    "smollm3_mlx/generate.py:stream_generate",
 ]
 
 
