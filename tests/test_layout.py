@@ -91,6 +91,19 @@ def test_no_module_imports_the_package_face():
     assert importers == []
 
 
+def test_the_core_imports_neither_face_and_the_server_not_the_terminal():
+    """The faces (serve/, cli/) sit on the core; the terminal may start the server, not back."""
+    upward = []
+    for name, file in MODULES.items():
+        face = name.split(".")[1] if "." in name else None
+        allowed = {"cli": ("cli", "serve"), "serve": ("serve",)}.get(face, ())
+        for target in _imports(name, file):
+            parts = target.split(".")
+            if len(parts) >= 2 and parts[1] in ("cli", "serve") and parts[1] not in allowed:
+                upward.append(f"{name} -> {target}")
+    assert upward == []
+
+
 def test_the_cycle_finder_finds_a_cycle_and_prints_it():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}
     assert _cycle(graph) == ["a", "b", "c", "a"]
