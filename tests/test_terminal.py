@@ -248,7 +248,7 @@ import importlib, sys, time
 from smollm3_mlx import model
 from smollm3_mlx.cli import app as cli
 
-importlib.import_module("smollm3_mlx.generate").default_prefill_step = lambda m: 4
+importlib.import_module("smollm3_mlx.step").default_prefill_step = lambda m: 4
 forward, counts = model.Model.__call__, sys.argv[1]
 
 def slow(self, inputs, cache=None):
