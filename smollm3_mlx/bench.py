@@ -162,7 +162,7 @@ def bench(
             if generation_tokens > 1:
                 first, end, n, peak2 = _run(runner, prompt, generation_tokens)
                 peak = max(peak, peak2)
-            decode = (n - 1) / (end - prefill) if n > 1 and end > prefill else 0.0
+            decode = _decode_tps(n, prefill, first, end)
             timings[runner.name].append((prefill, first, decode, n, peak))
             if on_run:
                 done = sum(map(len, timings.values()))
@@ -185,6 +185,16 @@ def bench(
             )
         )
     return results
+
+
+def _decode_tps(n: int, prefill: float, first: float, end: float) -> float:
+    """The further tokens of a run over the further time it took past the prefill run; where
+    noise hides that difference (a loaded machine, a tiny model: the longer run took no longer),
+    over its own time after its first token, so that a run of n > 1 tokens always has a figure."""
+    if n <= 1:
+        return 0.0
+    extra = end - prefill if end > prefill else end - first
+    return (n - 1) / extra if extra > 0 else 0.0
 
 
 def smollm3_runner(model, tokenizer, name: str = "smollm3-mlx") -> Runner:

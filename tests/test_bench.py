@@ -160,3 +160,27 @@ def test_both_runtimes_generate_every_token_asked_for_where_the_model_would_end_
         ("mlx-lm", 4),
     ]
     assert all(r.decode_tps > 0 for r in results)
+
+
+def test_a_longer_run_that_took_no_longer_than_the_prefill_still_has_a_decode_figure(monkeypatch):
+    """Noise larger than the decode (a loaded machine, a tiny model) used to leave it out."""
+    import types
+
+    import mlx.nn as nn
+
+    from smollm3_mlx import bench as bench_module
+    from smollm3_mlx.bench import Runner
+
+    # start, first token, end: the 1-token run takes 5 s, the 3-token run 4 s (first token at 3)
+    ticks = iter([0.0, 5.0, 5.0, 0.0, 3.0, 4.0])
+    monkeypatch.setattr(
+        bench_module, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks))
+    )
+
+    def stream(prompt, max_tokens):
+        for n in range(1, max_tokens + 1):
+            yield types.SimpleNamespace(generation_tokens=n)
+
+    runner = Runner("fake", "float32", stream, nn.Linear(1, 1), sync=lambda: None)
+    (result,) = bench([runner], prompt_tokens=4, generation_tokens=3, runs=1, warmup=False)
+    assert result.decode_tps == 2.0  # 2 further tokens in the 1 s after the first
