@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from smollm3_mlx import ModelLoadError, load, stream_generate
+from smollm3_mlx import ModelLoadError, TurnIds, TurnState, load, stream_generate
 
 
 def main() -> None:
@@ -36,14 +36,12 @@ def main() -> None:
     assert isinstance(prompt, list)  # token ids, as tokenize=True asks
     print(f"[{len(prompt)} prompt tokens of {model.max_context}]", file=sys.stderr)
 
-    splitter = tokenizer.think_splitter(prompt)
+    turn = TurnState(TurnIds.of(tokenizer), prompt)  # where the turn stands: thinking or not
     try:
         for response in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens):
-            if response.token is None:  # the final flush carries no token
-                pieces = [("thinking" if splitter.thinking else "answer", response.text)]
-            else:
-                pieces = splitter.feed(response.token, response.text)
-            for kind, text in pieces:
+            # the last response's token, if any, came already: only its text is new
+            token = response.token if response.finish_reason is None else None
+            for kind, text in turn.split(token, response.text):
                 out = sys.stderr if kind == "thinking" else sys.stdout
                 print(text, end="", flush=True, file=out)
     except ValueError as e:  # the document does not fit the context

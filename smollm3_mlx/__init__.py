@@ -39,6 +39,8 @@ _LAZY = {
     "Error": "events",
     "Done": "events",
     "EventParser": "events",
+    "TurnState": "turn",
+    "TurnIds": "turn",
     "tool_schema": "tools",
     "ConstraintError": "constrain",
     "ResponseFormat": "constrain",
@@ -124,6 +126,10 @@ if TYPE_CHECKING:
     )
     from .tools import (
         tool_schema as tool_schema,
+    )
+    from .turn import (
+        TurnIds as TurnIds,
+        TurnState as TurnState,
     )
 
 

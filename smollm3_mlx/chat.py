@@ -443,8 +443,8 @@ class Chat:
                 given = []
                 if last.finish_reason is None and last.token is not None:
                     generated.append(last.token)
-                    yield from parser.feed(last.token)
-                    self.thinking = can_stop and parser.splitter.thinking
+                    yield from parser.feed(last.token, last.text)
+                    self.thinking = can_stop and parser.state.thinking
         except GeneratorExit:  # the caller closed the stream: a cancel too
             self._record(len(new), generated, "cancelled", open_answer)
             raise
@@ -467,7 +467,7 @@ class Chat:
             return
         assert last is not None and last.finish_reason is not None
         self._record(len(new), generated, last.finish_reason, open_answer)
-        yield from parser.flush()
+        yield from parser.flush(last.text)
         self.last = self._stats(last, parser, time.perf_counter() - start)
         parsed = None
         if constraint is not None and last.finish_reason == "stop" and not parser.calls:

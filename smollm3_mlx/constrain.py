@@ -27,6 +27,7 @@ from .grammar import (
     one_line,
     tool_choice_mode as tool_choice_mode,
 )
+from .turn import TurnIds, TurnState
 
 if TYPE_CHECKING:
     import numpy as np
@@ -57,24 +58,6 @@ def _ban(logits: mx.array, ids: mx.array) -> mx.array:
     return logits
 
 
-def _stage(ids: Sequence[int], tokenizer: Tokenizer) -> tuple[str, int]:
-    """Where a prompt leaves the turn: ("start" | "thinking" | "close" | "answer", think tokens).
-
-    "start": an assistant header in think mode (the model may open `<think>`); "thinking":
-    inside `<think>` (with that many tokens of it so far); "close": right after `</think>`, where
-    the template writes a newline; "answer": past that (or a prompt with no chat markup).
-    """
-    marks = (tokenizer.im_start_id, tokenizer.think_start_id, tokenizer.think_end_id)
-    for i in range(len(ids) - 1, -1, -1):
-        if ids[i] in marks:
-            if ids[i] == tokenizer.think_start_id:
-                return "thinking", len(ids) - i - 1
-            if ids[i] == tokenizer.think_end_id:
-                return ("close" if i == len(ids) - 1 else "answer"), 0
-            return "start", 0
-    return "answer", 0
-
-
 def _newline(tokenizer: Tokenizer) -> int:
     ids = tokenizer.encode("\n")
     if len(ids) != 1:
@@ -92,20 +75,18 @@ class _Stepper:
         self.newline = _newline(tokenizer)
         self._eos = mx.array(list(tokenizer.eos_token_ids))  # built once, banned at many steps
         self._seen: int | None = None
+        self.turn = TurnState(TurnIds.of(tokenizer))  # set from the prompt at the first call
 
     def _arrived(self, tokens: mx.array) -> list[int]:
         if self._seen is None:
             self._seen = tokens.size
-            self._start(_ids(tokens))
+            self.turn = TurnState(self.turn.ids, _ids(tokens))
             return []
         if tokens.size < self._seen:
             raise RuntimeError("a processor serves one generation; make a new one for the next")
         new = _ids(tokens[self._seen :]) if tokens.size > self._seen else []
         self._seen = tokens.size
         return new
-
-    def _start(self, prompt: list[int]) -> None:
-        raise NotImplementedError
 
 
 class AnswerConstraint(_Stepper):
@@ -133,23 +114,16 @@ class AnswerConstraint(_Stepper):
 
         self._np = np
         self._bits = np.zeros((lt.vocab_size + 31) // 32, dtype=np.int32)
-        self.stage = "answer"
         self.answer_ids: list[int] = []  # what the grammar has consumed
 
-    def _start(self, prompt: list[int]) -> None:
-        self.stage, _ = _stage(prompt, self.tokenizer)
-
     def _advance(self, token: int) -> None:
-        tok = self.tokenizer
-        if self.stage == "start" and token == tok.think_start_id:
-            self.stage = "thinking"
-        elif self.stage == "thinking":
-            if token == tok.think_end_id:
-                self.stage = "close"
-        elif self.stage == "close":
-            self.stage = "answer"  # the forced newline
-        elif token not in tok.eos_token_ids:
-            self.stage = "answer"
+        # The grammar reads the answer's ids: from the header's first one that opens no think
+        # block, or past the newline after `</think>` (which the close phase forces)
+        before = self.turn.phase
+        self.turn.feed(token)
+        if before in ("start", "answer", "tool_call") and self.turn.answering:
+            if token in self.tokenizer.eos_token_ids:
+                return
             if not self.matcher.consume_token(token):
                 raise RuntimeError(f"the answer left its grammar: {self.matcher.get_error()}")
             self.answer_ids.append(token)
@@ -157,9 +131,9 @@ class AnswerConstraint(_Stepper):
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         for token in self._arrived(tokens):
             self._advance(token)
-        if self.stage == "thinking":
+        if self.turn.thinking:
             return _ban(logits, self._eos)
-        if self.stage == "close":
+        if self.turn.phase == "close":
             return _force(logits, self.newline)
         return self._mask(logits)
 
@@ -168,7 +142,7 @@ class AnswerConstraint(_Stepper):
         self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
         np = self._np
         allowed = np.unpackbits(self._bits.view(np.uint8), bitorder="little").view(np.bool_)
-        if self.stage == "start" and self.tokenizer.think_start_id is not None:
+        if self.turn.phase == "start" and self.tokenizer.think_start_id is not None:
             allowed[self.tokenizer.think_start_id] = True
         return allowed
 
@@ -182,7 +156,7 @@ class AnswerConstraint(_Stepper):
     @property
     def complete(self) -> bool:
         """The answer so far is a whole value (end of turn allowed)."""
-        return self.stage == "answer" and self.matcher.is_accepting()
+        return self.turn.answering and self.matcher.is_accepting()
 
     def text(self) -> str:
         return self.tokenizer.decode(self.answer_ids)
@@ -252,45 +226,37 @@ class ThinkBudget(_Stepper):
         self._tags = mx.array([self.think_end] + ([] if start is None else [start]))
         self.budget, self.stop = budget, stop
         self.handoff = tokenizer.encode(handoff) if handoff else []
-        self.thinking, self.closed, self.answering, self.count = False, False, False, 0
+        self.answering = False
         self.queue: list[int] = []  # forced ids still to come
-
-    def _start(self, prompt: list[int]) -> None:
-        stage, self.count = _stage(prompt, self.tokenizer)
-        self.thinking, self.closed = stage == "thinking", stage in ("close", "answer")
 
     def _advance(self, token: int) -> None:
         if self.queue:
             self.queue = self.queue[1:] if token == self.queue[0] else []
             self.answering = not self.queue  # the forced close is written: the answer is next
-        if token == self.tokenizer.think_start_id:
-            self.thinking, self.count = True, 0
-        elif token == self.tokenizer.think_end_id:
-            self.thinking, self.closed = False, True
-        elif self.thinking:
-            self.count += 1
+        self.turn.feed(token)
 
     def _idle(self, tokens: mx.array) -> bool:
         """Nothing can be due yet: leave the new ids unread, so that the next step is queued
         without waiting for this one (generate_step's overlap)."""
         if self._seen is None or self.queue:
             return False
-        if self.closed:
+        if self.turn.closed:
             return True
         if self.stop is not None and self.stop.is_set():
             return False
         unread = tokens.size - self._seen  # at most that many more thinking tokens
-        return self.budget is None or self.count + unread + len(self.handoff) < self.budget
+        count = self.turn.think_count
+        return self.budget is None or count + unread + len(self.handoff) < self.budget
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         if not self._idle(tokens):
             for token in self._arrived(tokens):
                 self._advance(token)
-            if not self.queue and self.thinking:
+            if not self.queue and self.turn.thinking:
                 self._close_if_due()
         if self.queue:
             return _force(logits, self.queue[0])
-        if not self.closed:
+        if not self.turn.closed:
             return logits
         if self.answering:  # after a forced close, an answer (not an empty one) follows
             self.answering = False
@@ -299,9 +265,10 @@ class ThinkBudget(_Stepper):
 
     def _close_if_due(self) -> None:
         handoff = self.handoff
-        if self.budget is not None and self.count + len(handoff) > self.budget:
+        count = self.turn.think_count
+        if self.budget is not None and count + len(handoff) > self.budget:
             handoff = []  # no room left for it
-        due = self.budget is not None and self.count + len(handoff) >= self.budget
+        due = self.budget is not None and count + len(handoff) >= self.budget
         if due or (self.stop is not None and self.stop.is_set()):
             self.queue = [*handoff, self.think_end, self.newline]
 

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from .tokenizer import Tokenizer
+from .turn import TOOL_CALL_END, TOOL_CALL_START, TurnIds, TurnState
 
-TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
+if TYPE_CHECKING:
+    from .tokenizer import StreamingDetokenizer, Tokenizer
 
 
 @dataclass(frozen=True)
@@ -105,48 +105,61 @@ def split_thinking(text: str) -> tuple[str, str]:
 
 
 class EventParser:
-    """Generated ids -> events: thinking and answer split by the think tag ids, tool calls cut out.
+    """Generated ids -> events: thinking and answer split where the turn state says, tool calls
+    cut out.
 
-    Feed it every id generated after `prompt` (the end-of-turn id excluded), then `flush()` at the
-    end of the turn; `done(stats, finish_reason)` gives the closing event with the whole text.
+    Feed it every id generated after `prompt` (the end-of-turn id excluded) with its text, then
+    `flush()` at the end of the turn; `done(stats, finish_reason)` gives the closing event with
+    the whole text.
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt: Sequence[int]):
-        self.detokenizer = tokenizer.detokenizer()
-        self.splitter = tokenizer.think_splitter(prompt)
-        self.call_start = tokenizer.token_to_id(TOOL_CALL_START)
-        self.call_end = tokenizer.token_to_id(TOOL_CALL_END)
+        self.tokenizer = tokenizer
+        self.detokenizer: StreamingDetokenizer | None = None  # for ids fed without their text
+        self.state = TurnState(TurnIds.of(tokenizer), prompt)
+        self.call_start, self.call_end = self.state.ids.call_start, self.state.ids.call_end
         self.call: str | None = None  # the text of an open tool call
         self.call_name: str | None = None  # its name, once written
         self.call_args = 0  # where its arguments start in self.call
         self.call_sent = 0  # how much of them went out as ToolCallDelta
-        self.think_tags = {tokenizer.think_start_id, tokenizer.think_end_id}
-        self.answer_tokens = 0
         self.thinking: list[str] = []
         self.answer: list[str] = []
         self.calls: list[ToolCall] = []
-        self.thinking_tokens = 0
         self.think_start: float | None = None
         self.think_end: float | None = None
 
-    def feed(self, token: int) -> list[Event]:
-        self.detokenizer.add_token(token)
-        was_thinking = self.splitter.thinking
-        events = self._events(token, self.detokenizer.last_segment)
-        if was_thinking and self.splitter.thinking:  # inside the block, tags excluded
-            self.thinking_tokens += 1
-        elif not self.splitter.thinking and token not in self.think_tags:
-            self.answer_tokens += 1
-        elif self.splitter.thinking != was_thinking:  # a think tag
+    @property
+    def thinking_tokens(self) -> int:
+        return self.state.thinking_tokens
+
+    @property
+    def answer_tokens(self) -> int:
+        return self.state.answer_tokens
+
+    def feed(self, token: int, text: str | None = None) -> list[Event]:
+        """The events of one id and the text it released (`GenerationResponse.text`, decoded
+        where generation runs); without text, the parser decodes the id itself."""
+        if text is None:
+            if self.detokenizer is None:
+                self.detokenizer = self.tokenizer.detokenizer()
+            self.detokenizer.add_token(token)
+            text = self.detokenizer.last_segment
+        was_thinking = self.state.thinking
+        events = self._events(token, text)
+        if self.state.thinking != was_thinking:  # a think tag
             now = time.perf_counter()
             self.think_start, self.think_end = (
-                (now, None) if self.splitter.thinking else (self.think_start, now)
+                (now, None) if self.state.thinking else (self.think_start, now)
             )
         return events
 
-    def flush(self) -> list[Event]:
-        self.detokenizer.finalize()
-        events = self._events(-1, self.detokenizer.last_segment)
+    def flush(self, text: str = "") -> list[Event]:
+        """The events of the text released at the end (the last response's), and an unclosed
+        tool call's error."""
+        if self.detokenizer is not None:
+            self.detokenizer.finalize()
+            text += self.detokenizer.last_segment
+        events = self._events(None, text)
         if self.call is not None:
             events.append(ToolCallError(self.call.strip(), "the turn ended inside the tool call"))
             self.call = None
@@ -168,9 +181,9 @@ class EventParser:
             return 0.0
         return (self.think_end or end) - self.think_start
 
-    def _events(self, token: int, text: str) -> list[Event]:
+    def _events(self, token: int | None, text: str) -> list[Event]:
         events: list[Event] = []
-        for kind, piece in self.splitter.feed(token, text):
+        for kind, piece in self.state.split(token, text):
             if kind == "thinking":
                 self.thinking.append(piece)
                 events.append(ThinkingDelta(piece))

@@ -18,6 +18,7 @@ import mlx.core as mx
 from .cache import PromptCache
 from .sample import LogitsProcessor, Sampler, Sampling
 from .step import LookupStats, generate_step
+from .turn import StopStrings
 
 GREEDY = Sampling(temperature=0.0, top_p=1.0)  # for a model `load` did not make
 
@@ -53,53 +54,32 @@ class GenerationResponse:
 
 
 class _TextStream:
-    """Token ids -> text, held back while it may begin a stop string, cut before one."""
+    """Token ids -> text, decoded once here for every consumer, held back while it may begin a
+    stop string and cut before one."""
 
     def __init__(self, tokenizer, stop_strings: Sequence[str]):
         self.detokenizer = tokenizer.detokenizer()
-        self.stop_strings = stop_strings
-        self.pending = ""  # decoded, not yet sent
+        self.stops = StopStrings(stop_strings)
+        self.rest = ""  # the text before a stop string, sent with the last response
 
     def add(self, token: int) -> tuple[str, bool]:
-        """The text that is now safe to send, and whether a stop string was reached."""
+        """The text that is now safe to send, and whether a stop string was reached (then the
+        text goes with `end`)."""
         self.detokenizer.add_token(token)
-        self.pending += self.detokenizer.last_segment
-        if self._cut():
-            return self.pending, True
-        keep = self._held_back() if self.stop_strings else 0
-        text, self.pending = (
-            self.pending[: len(self.pending) - keep],
-            self.pending[len(self.pending) - keep :],
-        )
-        return text, False
+        text = self.stops.feed(self.detokenizer.last_segment)
+        if self.stops.hit:
+            self.rest = text
+        return text, self.stops.hit
 
     def end(self, finish: str) -> tuple[str, str]:
         """The rest of the text, and the finish reason (a stop string found in it: "stop")."""
+        if self.stops.hit:
+            return self.rest, finish
         self.detokenizer.finalize()
-        if finish != "stop":
-            self.pending += self.detokenizer.last_segment
-            if finish == "length" and self._cut():
-                finish = "stop"
-        return self.pending, finish
-
-    def _cut(self) -> bool:
-        hits = [i for s in self.stop_strings if (i := self.pending.find(s)) >= 0]
-        if hits:
-            self.pending = self.pending[: min(hits)]
-        return bool(hits)
-
-    def _held_back(self) -> int:
-        """How many trailing characters could still begin a stop string (kept until resolved)."""
-        text = self.pending
-        return max(
-            (
-                k
-                for s in self.stop_strings
-                for k in range(min(len(s) - 1, len(text)), 0, -1)
-                if s.startswith(text[-k:])
-            ),
-            default=0,
-        )
+        text = self.stops.feed(self.detokenizer.last_segment)
+        if self.stops.hit and finish == "length":
+            finish = "stop"
+        return text + self.stops.flush(), finish
 
 
 def stream_generate(

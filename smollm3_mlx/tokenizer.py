@@ -1,4 +1,4 @@
-"""Tokenizer, chat template rendering, streaming detokenizer and think-span splitting for SmolLM3.
+"""Tokenizer, chat template rendering and streaming detokenizer for SmolLM3.
 
 Only `tokenizers` and `jinja2` are needed here: the runtime path must not import transformers.
 """
@@ -23,10 +23,10 @@ from .template import (
     free_characters,
     plain,
 )
+from .turn import THINK_END, THINK_START, TOOL_CALL_END, TOOL_CALL_START
 
-THINK_START, THINK_END = "<think>", "</think>"
 # Tags the model itself writes; `assistant_tags=True` keeps them as control ids in assistant turns.
-ASSISTANT_TAGS = frozenset({THINK_START, THINK_END, "<tool_call>", "</tool_call>"})
+ASSISTANT_TAGS = frozenset({THINK_START, THINK_END, TOOL_CALL_START, TOOL_CALL_END})
 _REPLACEMENT_CHAR = "\ufffd"
 # A held-back tail this long is invalid bytes, not a split character (one is at most 4 bytes).
 _MAX_HELD_TOKENS = 8
@@ -159,14 +159,6 @@ class Tokenizer:
 
     def detokenizer(self) -> StreamingDetokenizer:
         return StreamingDetokenizer(self)
-
-    def think_splitter(self, prompt: Iterable[int] = ()) -> ThinkSplitter:
-        """A ThinkSplitter that starts in thinking mode if `prompt` ends inside `<think>`."""
-        thinking = False
-        for i in prompt:
-            if i in (self.think_start_id, self.think_end_id):
-                thinking = i == self.think_start_id
-        return ThinkSplitter(self.think_start_id, self.think_end_id, thinking=thinking)
 
     def apply_chat_template(
         self,
@@ -360,40 +352,3 @@ class StreamingDetokenizer:
     def text(self) -> str:
         """All text emitted so far (held-back bytes excluded until they complete)."""
         return "".join(self._segments)
-
-
-class ThinkSplitter:
-    """Labels streamed text as "thinking" or "answer" by the `<think>`/`</think>` token ids.
-
-    Args:
-        think_start_id: Id of `<think>`.
-        think_end_id: Id of `</think>`.
-        thinking: Start inside a think block (the prompt ended with an open `<think>`).
-    """
-
-    def __init__(
-        self, think_start_id: int | None, think_end_id: int | None, *, thinking: bool = False
-    ):
-        pairs = ((think_start_id, THINK_START), (think_end_id, THINK_END))
-        self._tags = {i: tag for i, tag in pairs if i is not None}
-        self._start_id = think_start_id
-        self.thinking = thinking
-
-    def feed(self, token_id: int, text: str) -> list[tuple[str, str]]:
-        """Label `text`, the detokenizer's segment for `token_id`; tag tokens are dropped.
-
-        Args:
-            token_id: The generated id.
-            text: The text that id released (may be empty, or carry held-back text of earlier ids).
-        """
-        tag = self._tags.get(token_id)
-        if tag is None:
-            return self._label(text)
-        # Held-back bytes of earlier ids can arrive together with the tag's own text
-        before, _, after = text.partition(tag)
-        out = self._label(before)
-        self.thinking = token_id == self._start_id
-        return out + self._label(after)
-
-    def _label(self, text: str) -> list[tuple[str, str]]:
-        return [("thinking" if self.thinking else "answer", text)] if text else []

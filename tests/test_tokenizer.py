@@ -12,7 +12,7 @@ import pytest
 import tokenizers
 from checkpoints import REFERENCE_DIR, REFERENCE_MODEL_DIR, requires_reference
 
-from smollm3_mlx.tokenizer import StreamingDetokenizer, ThinkSplitter, Tokenizer
+from smollm3_mlx.tokenizer import StreamingDetokenizer, Tokenizer
 
 FROZEN = datetime(2025, 11, 5, 12, 0)
 FROZEN_DATE = "05 November 2025"
@@ -345,37 +345,3 @@ def test_template_helpers_match_transformers():
     )
     with pytest.raises(jinja2.exceptions.TemplateError, match="nope"):
         _bare("{{ raise_exception('nope') }}").apply_chat_template(messages)
-
-
-def test_think_splitter_on_a_scripted_stream():
-    splitter = ThinkSplitter(THINK, END_THINK)
-    stream = [
-        (THINK, "<think>"),
-        (1, "\nstep"),
-        (2, " one\n"),
-        (END_THINK, "</think>"),
-        (3, "\n42"),
-    ]
-    out = [piece for token, text in stream for piece in splitter.feed(token, text)]
-    assert out == [("thinking", "\nstep"), ("thinking", " one\n"), ("answer", "\n42")]
-    # A prompt that ended inside <think>; held-back text may arrive with the tag's own text
-    splitter = ThinkSplitter(THINK, END_THINK, thinking=True)
-    assert splitter.feed(5, "") == []
-    assert splitter.feed(END_THINK, "\ufffd</think>ok") == [
-        ("thinking", "\ufffd"),
-        ("answer", "ok"),
-    ]
-
-
-@requires_reference
-def test_think_splitter_with_the_real_tokenizer(tok):
-    ids = tok.encode("<think>\nLet me see 🤗\n</think>\nThe answer is 42.", allow_special=True)
-    splitter, detok, out = tok.think_splitter(), tok.detokenizer(), {"thinking": "", "answer": ""}
-    for i in ids:
-        detok.add_token(i)
-        for kind, text in splitter.feed(i, detok.last_segment):
-            out[kind] += text
-    assert out == {"thinking": "\nLet me see 🤗\n", "answer": "\nThe answer is 42."}
-    prompt = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=True)
-    assert not tok.think_splitter(prompt).thinking
-    assert tok.think_splitter(prompt + [THINK]).thinking

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..events import AnswerDelta, EventParser, ThinkingDelta, ToolCall, ToolCallError
+from ..turn import StopStrings
 
 if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
@@ -62,35 +63,6 @@ class Delta:
         return d
 
 
-class _StopMatcher:
-    """Cuts text at the first stop string, holding back a tail that may still begin one."""
-
-    def __init__(self, stop: Sequence[str]):
-        self.stop, self.pending, self.hit = tuple(stop), "", False
-
-    def feed(self, text: str) -> str:
-        if self.hit or not self.stop:
-            return "" if self.hit else text
-        self.pending += text
-        hits = [i for s in self.stop if (i := self.pending.find(s)) >= 0]
-        if hits:
-            self.hit = True
-            out, self.pending = self.pending[: min(hits)], ""
-            return out
-        keep = max(
-            (k for s in self.stop for k in range(min(len(s) - 1, len(self.pending)), 0, -1)
-             if s.startswith(self.pending[-k:])),
-            default=0,
-        )  # fmt: skip
-        cut = len(self.pending) - keep
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out
-
-    def flush(self) -> str:
-        out, self.pending = ("" if self.hit else self.pending), ""
-        return out
-
-
 class _Trim:
     """Streams a text with its leading and trailing whitespace removed, as the whole would be."""
 
@@ -132,9 +104,7 @@ class Reply:
         self.tokenizer, self.top_logprobs, self.chat = tokenizer, top_logprobs, chat
         self.parser = EventParser(tokenizer, prompt) if chat else None
         self.detokenizer = tokenizer.detokenizer()
-        self.thinking = chat and tokenizer.think_splitter(prompt).thinking
-        self.tags = {tokenizer.think_start_id, tokenizer.think_end_id} if chat else set()
-        self.stop = _StopMatcher(stop)
+        self.stop = StopStrings(stop)
         self.trim_content, self.trim_reasoning = _Trim(chat), _Trim(chat)
         self.usage = Usage(prompt_tokens=len(prompt))
         self.reasoning: list[str] = []
@@ -153,17 +123,20 @@ class Reply:
         if self.stopped:
             return delta
         self.usage.completion_tokens += 1
-        if token in self.tags:
-            self.thinking = token == self.tokenizer.think_start_id
-        elif self.thinking:
-            self.usage.reasoning_tokens += 1
-        elif logprob is not None and self.top_logprobs is not None:
-            delta.logprobs.append(self._logprob(token, logprob, top))
         if self.parser is None:
             self.detokenizer.add_token(token)
+            answer = True
+        else:
+            events = self.parser.feed(token)
+            turn = self.parser.state
+            self.usage.reasoning_tokens = turn.thinking_tokens
+            answer = not turn.thinking and token not in turn.ids.think_tags
+        if answer and logprob is not None and self.top_logprobs is not None:
+            delta.logprobs.append(self._logprob(token, logprob, top))
+        if self.parser is None:
             self._answer(delta, self.detokenizer.last_segment)
         else:
-            self._events(delta, self.parser.feed(token))
+            self._events(delta, events)
         self.logprobs += delta.logprobs
         return delta
 
