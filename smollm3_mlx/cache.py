@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import mlx.core as mx
@@ -82,42 +82,40 @@ def check_kv_quantization(head_dim: int, bits: int | None, group_size: int) -> N
 
 
 class KVCache:
-    """One layer's cache: growing, or rotating within `max_size` tokens; dense or quantized.
+    """One layer's cache: growing, or rotating within `window` tokens; dense or quantized.
 
-    Rotating: when a step would pass `max_size`, the oldest tokens after the first `keep` (the
+    Rotating: when a step would pass `window`, the oldest tokens after the first `keep` (the
     system prompt) are dropped, at least `chunk` at a time, and the survivors' keys are rotated back
     by the number dropped, so positions stay inside the window (and inside the trained range).
     Quantized: with `bits`, keys and values are stored by `mx.quantize` once the cache holds
-    `quantize_after` tokens.
+    `kv_start` tokens.
 
     Args:
-        max_size: the window in tokens; None grows without bound.
+        window: the window in tokens; None grows without bound.
         keep: tokens at the start that are never dropped.
         rotate: shifts keys by n positions (the layer's RoPE); None for NoPE layers.
         chunk: the fewest tokens dropped at once (default: an eighth of the window).
         bits, group_size: KV quantization (4 or 8 bits); None keeps keys and values dense.
-        quantize_after: stay dense until the cache holds this many tokens.
+        kv_start: stay dense until the cache holds this many tokens.
     """
 
     step = 256
 
     def __init__(
         self,
-        max_size: int | None = None,
+        window: int | None = None,
         keep: int = 0,
         rotate: Rotate | None = None,
         chunk: int | None = None,
         bits: int | None = None,
         group_size: int = 64,
-        quantize_after: int = 0,
+        kv_start: int = 0,
     ):
-        if max_size is not None and max_size <= keep:
-            raise ValueError(
-                f"the window ({max_size}) must be larger than the kept prefix ({keep})"
-            )
-        self.max_size, self.keep, self.rotate = max_size, keep, rotate
-        self.chunk = chunk or (max(1, (max_size - keep) // 8) if max_size else 0)
-        self.bits, self.group_size, self.quantize_after = bits, group_size, quantize_after
+        if window is not None and window <= keep:
+            raise ValueError(f"the window ({window}) must be larger than the kept prefix ({keep})")
+        self.window, self.keep, self.rotate = window, keep, rotate  # window: None grows
+        self.chunk = chunk or (max(1, (window - keep) // 8) if window else 0)
+        self.bits, self.group_size, self.kv_start = bits, group_size, kv_start
         # Storage is a tuple: (keys,) when dense, (packed, scales, biases) when quantized.
         self.keys: tuple[mx.array, ...] | None = None
         self.values: tuple[mx.array, ...] | None = None
@@ -125,17 +123,12 @@ class KVCache:
         self.offset = 0
         self.dropped = 0  # tokens dropped so far by rotation
 
-    @property
-    def window(self) -> int | None:
-        """The most tokens held at once (None: no limit)."""
-        return self.max_size
-
     def room(self, n: int) -> int:
         """How many of `n` new tokens fit before this cache would drop or quantize what it holds."""
-        if self.max_size is not None:
-            n = min(n, self.max_size - self.offset)
+        if self.window is not None:
+            n = min(n, self.window - self.offset)
         if self.bits and not self.quantized:  # stay on the same side as one-by-one steps
-            n = min(n, self.quantize_after - self.offset)
+            n = min(n, self.kv_start - self.offset)
         return n
 
     def copy(self) -> KVCache:
@@ -160,15 +153,15 @@ class KVCache:
         return tuple(x[..., start:stop, :] for x in t)
 
     def prepare(self, L: int) -> str | None:
-        if self.max_size is not None and self.offset + L > self.max_size:
-            self._drop(max(self.offset + L - self.max_size, self.chunk), L)
+        if self.window is not None and self.offset + L > self.window:
+            self._drop(max(self.offset + L - self.window, self.chunk), L)
         return "causal" if L > 1 else None
 
     def _drop(self, n: int, L: int) -> None:
         n = min(n, self.offset - self.keep)
-        if self.offset - n + L > self.max_size:
+        if self.offset - n + L > self.window:
             raise ValueError(
-                f"{L} new tokens do not fit a window of {self.max_size} with {self.keep} kept"
+                f"{L} new tokens do not fit a window of {self.window} with {self.keep} kept"
             )
         tail_k = self._slice(self.keys, self.keep + n, self.offset)
         if self.rotate is not None:  # the survivors move n positions back
@@ -197,7 +190,7 @@ class KVCache:
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Any, Any]:
         prev, L = self.offset, keys.shape[2]
-        if self.bits and not self.quantized and prev + L > self.quantize_after:
+        if self.bits and not self.quantized and prev + L > self.kv_start:
             dense = self.keys and (self.keys[0][..., :prev, :], self.values[0][..., :prev, :])
             self.quantized = True
             if dense:  # re-store what is cached so far
@@ -285,11 +278,24 @@ def trim_prompt_cache(cache: list[Cache], n: int) -> int:
 
 @dataclass(frozen=True)
 class KVSettings:
-    """KV cache quantization: `bits` (4 or 8; None keeps it dense), once it holds `start` tokens."""
+    """KV cache quantization: `bits` (4 or 8; None keeps it dense), once it holds `kv_start`
+    tokens."""
 
     bits: int | None = None
     group_size: int = 64
-    start: int = 0
+    kv_start: int = 0
+
+    def meta(self) -> dict[str, Any]:
+        """As cache files spell it (`start` for kv_start: the format predates the name)."""
+        return {"bits": self.bits, "group_size": self.group_size, "start": self.kv_start}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> KVSettings:
+        """The settings `meta()` wrote."""
+        meta = dict(meta)
+        if "start" in meta:
+            meta["kv_start"] = meta.pop("start")
+        return cls(**meta)
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -359,7 +365,7 @@ class PromptCache:
         """An empty cache for `model` (anything with `make_cache`, as mlx-lm's cache asks); see
         `KVCache` for the window, `keep` and quantization."""
         layers = model.make_cache(
-            window, keep, bits=kv.bits, group_size=kv.group_size, quantize_after=kv.start
+            window, keep, bits=kv.bits, group_size=kv.group_size, kv_start=kv.kv_start
         )
         return cls(layers, window=window, keep=keep, kv=kv)
 
@@ -385,7 +391,7 @@ class PromptCache:
             held, meta = c.export()
             arrays.update({f"layers.{i}.{j}": a for j, a in enumerate(held)})
             layers.append({**meta, "arrays": len(held)})
-        settings = {"window": self.window, "keep": self.keep, "kv": asdict(self.kv)}
+        settings = {"window": self.window, "keep": self.keep, "kv": self.kv.meta()}
         return arrays, {**settings, "layers": layers}
 
     @classmethod
@@ -395,7 +401,7 @@ class PromptCache:
         Raises:
             ValueError: arrays and settings that do not describe a cache of this model.
         """
-        kv = KVSettings(**meta["kv"])
+        kv = KVSettings.from_meta(meta["kv"])
         pc = cls.new(model, window=meta["window"], keep=meta["keep"], kv=kv)
         if len(meta["layers"]) != len(pc.layers):
             raise ValueError(f"{len(meta['layers'])} layers, the model has {len(pc.layers)}")

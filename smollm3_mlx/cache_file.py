@@ -19,7 +19,7 @@ import json
 import weakref
 import zlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,7 +67,7 @@ class Fingerprint:
         return {
             "model": self.model, "tokenizer": self.tokenizer, "template": self.template,
             "dtype": self.dtype,
-            "kv": json.dumps({**asdict(self.kv), "window": self.window, "keep": self.keep}),
+            "kv": json.dumps({**self.kv.meta(), "window": self.window, "keep": self.keep}),
         }  # fmt: skip
 
     def differences(self, other: Fingerprint) -> list[str]:
@@ -189,7 +189,7 @@ def file_fingerprint(meta: dict[str, str]) -> Fingerprint:
     kv = json.loads(meta["kv"])
     window, keep = kv.pop("window"), kv.pop("keep")
     return Fingerprint(
-        meta["model"], meta["tokenizer"], meta["template"], meta["dtype"], KVSettings(**kv),
+        meta["model"], meta["tokenizer"], meta["template"], meta["dtype"], KVSettings.from_meta(kv),
         window, keep,
     )  # fmt: skip
 
@@ -236,7 +236,7 @@ def load_prompt_cache(
 
 def _kv_difference(expect: Fingerprint, found: Fingerprint) -> str:
     def settings(fp: Fingerprint) -> dict[str, Any]:
-        return {**asdict(fp.kv), "window": fp.window, "keep": fp.keep}
+        return {**fp.kv.meta(), "window": fp.window, "keep": fp.keep}
 
     want, have = settings(expect), settings(found)
     diff = [f"{k} {have[k]} (this session: {v})" for k, v in want.items() if v != have[k]]

@@ -118,7 +118,7 @@ def stream_generate(
             `constrain.make_response_format`); the last response's `parsed` has its value. A
             chat prompt's answer starts after its think block; a plain prompt's at once.
         **kwargs: passed to the step: `generate_step` (prefill_step_size, prompt_progress,
-            max_kv_size, ...), or with `prompt_lookup` (and `prompt_lookup_ngram`)
+            window, ...), or with `prompt_lookup` (and `prompt_lookup_ngram`)
             `lookup.lookup_generate_step`.
     """
     plan = _Plan.make(model, tokenizer, sampling, sampler, logits_processors, response_format)
@@ -126,7 +126,7 @@ def stream_generate(
     if isinstance(prompt, str):
         prompt = tokenizer.encode(prompt, allow_special=True)
     ids = prompt.tolist() if isinstance(prompt, mx.array) else list(prompt)
-    max_tokens = _fit_context(model, len(ids), max_tokens, kwargs.get("max_kv_size"), prompt_cache)
+    max_tokens = _fit_context(model, len(ids), max_tokens, kwargs.get("window"), prompt_cache)
     mx.reset_peak_memory()
     start = time.perf_counter()
     reused = prompt_cache.reuse(ids) if prompt_cache is not None else 0
@@ -252,7 +252,7 @@ def _check(cancel: Cancel, progress: Callable[[int, int], None] | None, done: in
 
 
 def _fit_context(
-    model, n: int, max_tokens: int, max_kv_size: int | None, prompt_cache: PromptCache | None
+    model, n: int, max_tokens: int, window: int | None, prompt_cache: PromptCache | None
 ) -> int:
     """`max_tokens`, cut to the room the model's context leaves (none to cut in a rotating cache).
 
@@ -260,7 +260,7 @@ def _fit_context(
         ValueError: the prompt alone fills the context.
     """
     context = model.max_context
-    if not context or max_kv_size or (prompt_cache is not None and prompt_cache.window):
+    if not context or window or (prompt_cache is not None and prompt_cache.window):
         return max_tokens
     if n >= context:
         raise ValueError(

@@ -163,7 +163,7 @@ def load(
         kv = kv or KVSettings()
         est = estimate_memory(
             path, max_context=max_context, kv_bits=kv.bits, kv_group_size=kv.group_size,
-            kv_start=kv.start, dtype=dtype,
+            kv_start=kv.kv_start, dtype=dtype,
         )  # fmt: skip
         check(est)
     # The tokenizer (parsing tokenizer.json, ~1 s for SmolLM3's) is read beside the weights;

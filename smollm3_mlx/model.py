@@ -243,25 +243,25 @@ class Model(nn.Module):
 
     def make_cache(
         self,
-        max_size: int | None = None,
+        window: int | None = None,
         keep: int = 0,
         *,
         bits: int | None = None,
         group_size: int = 64,
-        quantize_after: int = 0,
+        kv_start: int = 0,
         chunk: int | None = None,
     ) -> list[Cache]:
-        """One cache per layer; see `KVCache` for rotation (max_size, keep) and quantization."""
+        """One cache per layer; see `KVCache` for rotation (window, keep) and quantization."""
         check_kv_quantization(self.args.head_dim, bits, group_size)
         return [
             KVCache(
-                max_size,
+                window,
                 keep,
                 rotate=layer.self_attn.rope.shift if layer.self_attn.use_rope else None,
                 chunk=chunk,
                 bits=bits,
                 group_size=group_size,
-                quantize_after=quantize_after,
+                kv_start=kv_start,
             )
             for layer in self.layers
         ]

@@ -90,10 +90,10 @@ class StepOptions:
         prefill_step_size: the prompt is processed in chunks of this many tokens
             (`default_prefill_step`: short chunks on the CPU).
         prompt_progress: called as (processed, total) during prefill.
-        max_kv_size, keep: for a new cache, rotate within this many tokens, never dropping the
+        window, keep: for a new cache, rotate within this many tokens, never dropping the
             first `keep` (see `KVCache`).
-        kv_bits, kv_group_size, quantized_kv_start: for a new cache, quantize keys and values
-            to 4 or 8 bits once it holds `quantized_kv_start` tokens.
+        kv_bits, kv_group_size, kv_start: for a new cache, quantize keys and values to 4 or 8
+            bits once it holds `kv_start` tokens.
         lookup_stats: the forward passes (and prompt lookup's drafts) are added to its counts.
         context: the ids already in `prompt_cache`, before the prompt (a chat's earlier turns):
             the logits processors see them, and prompt lookup drafts from them too.
@@ -104,11 +104,11 @@ class StepOptions:
     prompt_cache: list[Cache] | None = None
     prefill_step_size: int | None = None
     prompt_progress: Callable[[int, int], None] | None = None
-    max_kv_size: int | None = None
+    window: int | None = None
     keep: int = 0
     kv_bits: int | None = None
     kv_group_size: int = 64
-    quantized_kv_start: int = 0
+    kv_start: int = 0
     lookup_stats: LookupStats | None = None
     context: Sequence[int] = ()
 
@@ -126,8 +126,7 @@ def prefill(
     cache = o.prompt_cache
     if cache is None:
         cache = model.make_cache(
-            o.max_kv_size, o.keep, bits=o.kv_bits, group_size=o.kv_group_size,
-            quantize_after=o.quantized_kv_start,
+            o.window, o.keep, bits=o.kv_bits, group_size=o.kv_group_size, kv_start=o.kv_start,
         )  # fmt: skip
     tokens = prompt
     if o.context and o.logits_processors:  # they see every id so far, the cached ones included

@@ -177,7 +177,7 @@ def test_rotating_cache_never_applies_a_position_past_the_window(model, monkeypa
     monkeypatch.setattr(RoPE, "__call__", spy)
     window = 16
     tokens = list(
-        generate_step(mx.array(IDS[:10]), model, max_tokens=20 * window, max_kv_size=window, keep=4)
+        generate_step(mx.array(IDS[:10]), model, max_tokens=20 * window, window=window, keep=4)
     )
     assert len(tokens) == 20 * window  # a chat of 20 windows
     assert max(seen) < window
@@ -252,15 +252,13 @@ def test_rotating_cache_can_be_trimmed_after_wrapping(model):
 
 
 def test_prompt_longer_than_the_window_prefills_in_chunks(model):
-    tokens = [
-        t for t, _ in generate_step(mx.array(IDS), model, max_tokens=4, max_kv_size=24, keep=4)
-    ]
+    tokens = [t for t, _ in generate_step(mx.array(IDS), model, max_tokens=4, window=24, keep=4)]
     assert len(tokens) == 4
 
 
 def test_window_must_exceed_the_kept_prefix():
     with pytest.raises(ValueError, match="must be larger than the kept prefix"):
-        KVCache(max_size=8, keep=8)
+        KVCache(window=8, keep=8)
 
 
 def decode_logits(model, cache, ids=IDS[:60], prompt=20):
@@ -286,7 +284,7 @@ def test_quantized_cache_stays_close_to_full_precision(model, bits, bound, windo
 
 def test_quantized_cache_starts_past_its_threshold(model):
     dense = decode_logits(model, model.make_cache())
-    cache = model.make_cache(bits=8, group_size=32, quantize_after=40)
+    cache = model.make_cache(bits=8, group_size=32, kv_start=40)
     got = decode_logits(model, cache)
     assert np.abs(got[:20] - dense[:20]).max() <= 1e-6  # the prompt ran before the threshold
     assert cache[0].quantized
@@ -309,12 +307,12 @@ def run_logprobs(model, **kwargs):
 def test_generate_step_quantizes_a_new_cache_as_asked(model):
     dense = run_logprobs(model)
     for bits in (8, 4):
-        got = run_logprobs(model, kv_bits=bits, kv_group_size=32, max_kv_size=24, keep=4)
+        got = run_logprobs(model, kv_bits=bits, kv_group_size=32, window=24, keep=4)
         cache = model.make_cache(24, 4, bits=bits, group_size=32)
         assert np.array_equal(got, run_logprobs(model, prompt_cache=cache))
         assert cache[0].quantized and not np.allclose(got, dense, atol=1e-4)
     # Dense while the cache holds at most 24 tokens (the prompt's 20, then 4 more), then 8-bit.
-    late = run_logprobs(model, kv_bits=8, kv_group_size=32, quantized_kv_start=24)
+    late = run_logprobs(model, kv_bits=8, kv_group_size=32, kv_start=24)
     assert np.abs(late[:5] - dense[:5]).max() <= 1e-6
     assert not np.allclose(late[5:], dense[5:], atol=1e-4)
 

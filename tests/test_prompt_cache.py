@@ -90,7 +90,7 @@ def test_room_stops_before_a_drop_or_a_quantization(model):
     cache = PromptCache.new(model, window=32, keep=4)
     fill(cache, model, IDS[:20])
     assert cache.room(100) == 12 and cache.window == 32
-    quantizing = PromptCache.new(model, kv=KVSettings(bits=8, group_size=32, start=25))
+    quantizing = PromptCache.new(model, kv=KVSettings(bits=8, group_size=32, kv_start=25))
     fill(quantizing, model, IDS[:20])
     assert quantizing.room(100) == 5 and quantizing.kv.bits == 8
 

@@ -52,9 +52,9 @@ def ban_last_token(tokens, logits):
 
 CASES = {
     "growing cache": {},
-    "rotating cache": dict(max_kv_size=64, keep=4),
+    "rotating cache": dict(window=64, keep=4),
     "4-bit cache": dict(kv_bits=4, kv_group_size=32),
-    "8-bit cache from token 50": dict(kv_bits=8, kv_group_size=32, quantized_kv_start=50),
+    "8-bit cache from token 50": dict(kv_bits=8, kv_group_size=32, kv_start=50),
     "repetition penalty": dict(logits_processors=make_logits_processors(1.1)),
     "history-sensitive processor": dict(logits_processors=[ban_last_token]),
     "top-k 1 sampler": dict(sampler=make_sampler(temperature=1.0, top_k=1)),
@@ -95,9 +95,9 @@ def test_rotating_cache_wraps_the_same_way(looping):
 
 
 def test_quantized_cache_switches_at_the_same_token(looping):
-    # A draft must not carry the cache past quantize_after earlier than one-by-one steps would:
+    # A draft must not carry the cache past kv_start earlier than one-by-one steps would:
     # the tokens before the switch are then attended dense, and their keys come out the same.
-    caches = [looping.make_cache(bits=4, group_size=32, quantize_after=52) for _ in range(2)]
+    caches = [looping.make_cache(bits=4, group_size=32, kv_start=52) for _ in range(2)]
     fast, stats = run(looping, TRAP, max_tokens=30, prompt_lookup=4, prompt_cache=caches[0])
     plain, _ = run(looping, TRAP, max_tokens=30, prompt_cache=caches[1])
     assert fast == plain and stats.accepted > 0
