@@ -171,3 +171,54 @@ def test_no_function_is_over_90_lines_but_the_known_offenders():
 def test_a_known_long_function_is_still_over_90_lines(function):
     """xfail until it is split; then this passes, strict xfail fails: take it off LONG_FUNCTIONS."""
     assert function not in _long_functions()
+
+
+# The cache code: the only modules that may touch a cache's private state.
+CACHE_CODE = {"smollm3_mlx.cache"}
+# A layer cache's storage, public names outside its protocol (read, not called: dict.keys() is fine)
+CACHE_STORAGE = {"keys", "values", "quantized", "chunk", "rotate"}
+
+
+def _private_cache_names() -> set[str]:
+    """The private attributes and methods (`_name`, not dunders) in the cache code, and storage."""
+    names = set()
+    for module in CACHE_CODE:
+        for node in ast.walk(ast.parse(MODULES[module].read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                if node.value.id in ("self", "cls"):
+                    names.add(node.attr)
+    return {n for n in names if n.startswith("_") and not n.endswith("__")} | CACHE_STORAGE
+
+
+def _private_reads(source: str, where: str, names: set[str]) -> list[str]:
+    """`x._name` for a private name of the cache code, on anything but self (a call of a storage
+    name is another object's method: `d.keys()`)."""
+    tree = ast.parse(source)
+    called = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in names and id(node) not in called:
+            base = node.value
+            if not (isinstance(base, ast.Name) and base.id in ("self", "cls")):
+                found.append(f"{where}:{node.lineno} .{node.attr}")
+    return found
+
+
+def test_nothing_outside_the_cache_code_reads_a_caches_private_state():
+    names = _private_cache_names()
+    assert names, "the cache code has private state to guard"
+    found = [
+        hit
+        for module, file in MODULES.items()
+        if module not in CACHE_CODE
+        for hit in _private_reads(file.read_text(encoding="utf-8"), _relative(file), names)
+    ]
+    assert found == []
+
+
+def test_the_private_state_check_finds_a_read():
+    source = "def peek(cache, d):\n    return cache._drop, self._drop, cache.keys, d.keys()\n"
+    found = _private_reads(source, "peek.py", {"_drop", "keys"})
+    assert sorted(found) == ["peek.py:2 ._drop", "peek.py:2 .keys"]
