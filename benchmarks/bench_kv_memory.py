@@ -20,7 +20,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from smollm3_mlx.cache import KVCache
+from smollm3_mlx.cache import KVCache, PromptCache
 from smollm3_mlx.loading import load_model
 from smollm3_mlx.model import Model, ModelArgs
 from smollm3_mlx.step import generate_step
@@ -79,7 +79,8 @@ def measured_run(tokens: int) -> list[tuple[str, float, float]]:
             mx.reset_peak_memory()
             cache = model.make_cache(window, 16, bits=bits)
             prompt = mx.array([1, 2, 3, 4] * 8)
-            for _ in generate_step(prompt, model, max_tokens=tokens, prompt_cache=cache):
+            pc = PromptCache(cache, window=window, keep=16)
+            for _ in generate_step(prompt, model, max_tokens=tokens, prompt_cache=pc):
                 pass
             kept = min(tokens + prompt.size, window or tokens + prompt.size)
             projected = weights + per_token * kept

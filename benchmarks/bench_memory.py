@@ -20,6 +20,7 @@ from dataclasses import replace
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from smollm3_mlx.cache import PromptCache
 from smollm3_mlx.memory import estimate
 from smollm3_mlx.model import Model, ModelArgs
 from smollm3_mlx.step import generate_step
@@ -35,7 +36,8 @@ def measure(args: ModelArgs, context: int, kv_bits: int | None, step: int) -> tu
     cache = model.make_cache(bits=kv_bits)
     prompt = mx.random.randint(0, args.vocab_size, (context,)).astype(mx.uint32)
     start = time.perf_counter()
-    for _ in generate_step(prompt, model, max_tokens=1, prompt_cache=cache, prefill_step_size=step):
+    pc = PromptCache(cache)
+    for _ in generate_step(prompt, model, max_tokens=1, prompt_cache=pc, prefill_step_size=step):
         pass
     mx.synchronize()
     return mx.get_peak_memory() - before, time.perf_counter() - start

@@ -63,8 +63,7 @@ def filled_cache(model: Model, n: int, kv: KVSettings) -> PromptCache:
 
 def first_token_seconds(model: Model, prompt: list[int], pc: PromptCache | None) -> float:
     start = time.perf_counter()
-    layers = pc.layers if pc is not None else None
-    for _token, _ in generate_step(mx.array(prompt), model, max_tokens=1, prompt_cache=layers):
+    for _token, _ in generate_step(mx.array(prompt), model, max_tokens=1, prompt_cache=pc):
         break
     return time.perf_counter() - start
 

@@ -117,8 +117,8 @@ def stream_generate(
         response_format: hold the output to a JSON schema, regex or choice of strings (see
             `constrain.make_response_format`); the last response's `parsed` has its value. A
             chat prompt's answer starts after its think block; a plain prompt's at once.
-        **kwargs: passed to the step: `generate_step` (prefill_step_size, prompt_progress,
-            window, ...), or with `prompt_lookup` (and `prompt_lookup_ngram`)
+        **kwargs: passed to the step: `generate_step` (prefill_step_size, prompt_progress),
+            or with `prompt_lookup` (and `prompt_lookup_ngram`)
             `lookup.lookup_generate_step`.
     """
     plan = _Plan.make(model, tokenizer, sampling, sampler, logits_processors, response_format)
@@ -126,7 +126,7 @@ def stream_generate(
     if isinstance(prompt, str):
         prompt = tokenizer.encode(prompt, allow_special=True)
     ids = prompt.tolist() if isinstance(prompt, mx.array) else list(prompt)
-    max_tokens = _fit_context(model, len(ids), max_tokens, kwargs.get("window"), prompt_cache)
+    max_tokens = _fit_context(model, len(ids), max_tokens, prompt_cache)
     mx.reset_peak_memory()
     start = time.perf_counter()
     reused = prompt_cache.reuse(ids) if prompt_cache is not None else 0
@@ -139,7 +139,7 @@ def stream_generate(
         max_tokens=max_tokens,
         sampler=plan.sampler,
         logits_processors=plan.logits_processors,
-        prompt_cache=prompt_cache.layers if prompt_cache is not None else None,
+        prompt_cache=prompt_cache,
         context=ids[:reused],
         **kwargs,
     )
@@ -251,16 +251,14 @@ def _check(cancel: Cancel, progress: Callable[[int, int], None] | None, done: in
         raise _Cancelled
 
 
-def _fit_context(
-    model, n: int, max_tokens: int, window: int | None, prompt_cache: PromptCache | None
-) -> int:
+def _fit_context(model, n: int, max_tokens: int, prompt_cache: PromptCache | None) -> int:
     """`max_tokens`, cut to the room the model's context leaves (none to cut in a rotating cache).
 
     Raises:
         ValueError: the prompt alone fills the context.
     """
     context = model.max_context
-    if not context or window or (prompt_cache is not None and prompt_cache.window):
+    if not context or (prompt_cache is not None and prompt_cache.window):
         return max_tokens
     if n >= context:
         raise ValueError(

@@ -109,8 +109,8 @@ def lookup_generate_step(
     o = StepOptions(**options)
     o = o if o.lookup_stats is not None else replace(o, lookup_stats=LookupStats())
     stateful = any(getattr(p, "stateful", False) for p in o.logits_processors)
-    cache = o.prompt_cache
-    if not prompt_lookup or stateful or (cache and not all(c.is_trimmable() for c in cache)):
+    pc = o.prompt_cache
+    if not prompt_lookup or stateful or (pc and not all(c.is_trimmable() for c in pc.layers)):
         return plain_steps(prompt, model, max_tokens, o)
     return _lookup_steps(prompt, model, max_tokens, prompt_lookup, prompt_lookup_ngram, o)
 
@@ -126,7 +126,7 @@ def _lookup_steps(
     while n != max_tokens:
         # A draft predicts y and what follows it: only once y confirms it is the rest verified.
         left = max_tokens - n if max_tokens >= 0 else prompt_lookup + 1
-        room = min(c.room(min(prompt_lookup + 1, left)) for c in decoder.cache)
+        room = decoder.prompt_cache.room(min(prompt_lookup + 1, left))
         draft = lookup.draft(room)
         if len(draft) > 1 and y.item() != draft[0]:
             lookup.hit(False)

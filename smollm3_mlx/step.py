@@ -10,7 +10,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from .cache import Cache, PromptCache
+from .cache import PromptCache
 from .model import Model
 from .sample import DEFAULT_MAX_TOKENS, LogitsProcessor, Sampler, greedy
 
@@ -39,13 +39,14 @@ class Decoder:
     def __init__(
         self,
         model,
-        cache: list[Cache],
+        prompt_cache: PromptCache,
         sampler: Sampler,
         logits_processors: Sequence[LogitsProcessor],
         tokens: mx.array,
         stats: LookupStats,
     ):
-        self.model, self.cache, self.sampler = model, cache, sampler
+        self.model, self.prompt_cache, self.sampler = model, prompt_cache, sampler
+        self.cache = prompt_cache.layers  # what the model's forward pass takes
         self.processors = list(logits_processors)
         self.tokens = tokens if self.processors else None
         self.stats = stats
@@ -86,14 +87,11 @@ class StepOptions:
         sampler: logprobs -> token; greedy by default.
         logits_processors: (tokens so far, logits) -> logits, applied in order; the tokens
             are `context`, the prompt and the ids generated.
-        prompt_cache: per-layer caches, updated in place; a fresh one when None.
+        prompt_cache: the PromptCache, its layers updated in place (the caller settles its ids);
+            a fresh growing one when None.
         prefill_step_size: the prompt is processed in chunks of this many tokens
             (`default_prefill_step`: short chunks on the CPU).
         prompt_progress: called as (processed, total) during prefill.
-        window, keep: for a new cache, rotate within this many tokens, never dropping the
-            first `keep` (see `KVCache`).
-        kv_bits, kv_group_size, kv_start: for a new cache, quantize keys and values to 4 or 8
-            bits once it holds `kv_start` tokens.
         lookup_stats: the forward passes (and prompt lookup's drafts) are added to its counts.
         context: the ids already in `prompt_cache`, before the prompt (a chat's earlier turns):
             the logits processors see them, and prompt lookup drafts from them too.
@@ -101,14 +99,9 @@ class StepOptions:
 
     sampler: Sampler | None = None
     logits_processors: Sequence[LogitsProcessor] = ()
-    prompt_cache: list[Cache] | None = None
+    prompt_cache: PromptCache | None = None
     prefill_step_size: int | None = None
     prompt_progress: Callable[[int, int], None] | None = None
-    window: int | None = None
-    keep: int = 0
-    kv_bits: int | None = None
-    kv_group_size: int = 64
-    kv_start: int = 0
     lookup_stats: LookupStats | None = None
     context: Sequence[int] = ()
 
@@ -123,23 +116,17 @@ def prefill(
     """
     if prompt.size == 0:
         raise ValueError("the prompt is empty")
-    cache = o.prompt_cache
-    if cache is None:
-        cache = model.make_cache(
-            o.window, o.keep, bits=o.kv_bits, group_size=o.kv_group_size, kv_start=o.kv_start,
-        )  # fmt: skip
+    pc = o.prompt_cache if o.prompt_cache is not None else PromptCache.new(model)
     tokens = prompt
     if o.context and o.logits_processors:  # they see every id so far, the cached ones included
         tokens = mx.concatenate([mx.array(list(o.context), dtype=prompt.dtype), prompt])
     stats = o.lookup_stats if o.lookup_stats is not None else LookupStats()
-    decoder = Decoder(model, cache, o.sampler or greedy, o.logits_processors, tokens, stats)
+    decoder = Decoder(model, pc, o.sampler or greedy, o.logits_processors, tokens, stats)
     progress = o.prompt_progress or (lambda *_: None)
     total = prompt.size
     progress(0, total)
     step_size = o.prefill_step_size or default_prefill_step(model)
-    _run_chunks(
-        model, cache, prompt, total - 1, step_size, progress
-    )  # the last id goes to decoding
+    _run_chunks(model, pc, prompt, total - 1, step_size, progress)  # the last goes to decoding
     return decoder, prompt[total - 1 :], lambda: progress(total, total)
 
 
@@ -147,13 +134,13 @@ def prefill_cache(model, pc: PromptCache, ids: list[int], *, step_size: int | No
     """Put `ids` in `pc` without generating: reuse what it holds, run the rest in chunks, settle."""
     done = pc.reuse(ids)
     rest = mx.array(ids[done:])
-    _run_chunks(model, pc.layers, rest, rest.size, step_size or default_prefill_step(model))
+    _run_chunks(model, pc, rest, rest.size, step_size or default_prefill_step(model))
     pc.settle(ids)
 
 
 def _run_chunks(
     model,
-    cache: list[Cache],
+    pc: PromptCache,
     prompt: mx.array,
     stop: int,
     step_size: int,
@@ -161,8 +148,9 @@ def _run_chunks(
 ) -> None:
     """Run `prompt[:stop]` through the model in chunks, evaluating the cache after each to bound
     memory; `progress` gets (processed, prompt.size)."""
-    if cache[0].window is not None:  # a prefill chunk must fit beside the kept tokens
-        step_size = min(step_size, cache[0].window - cache[0].keep)
+    if pc.window is not None:  # a prefill chunk must fit beside the kept tokens
+        step_size = min(step_size, pc.window - pc.keep)
+    cache = pc.layers
     done = 0
     while done < stop:
         n = min(step_size, stop - done)

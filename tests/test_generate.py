@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from checkpoints import make_tiny_checkpoint, requires_reference
 
-from smollm3_mlx.cache import KVCache, trim_prompt_cache
+from smollm3_mlx.cache import KVCache, PromptCache, trim_prompt_cache
 from smollm3_mlx.generate import stream_generate
 from smollm3_mlx.loading import load, load_model
 from smollm3_mlx.sample import make_logits_processors, make_sampler
@@ -36,9 +36,9 @@ def test_incremental_decoding_equals_one_forward_pass(model):
 
 @pytest.mark.parametrize("step", [1, 3, 7, 16])
 def test_chunked_prefill_equals_one_shot(model, step):
-    one_shot = model.make_cache()
+    one_shot = PromptCache.new(model)
     last_one_shot = list(generate_step(mx.array(IDS), model, max_tokens=4, prompt_cache=one_shot))
-    chunked = model.make_cache()
+    chunked = PromptCache.new(model)
     last_chunked = list(
         generate_step(
             mx.array(IDS), model, max_tokens=4, prompt_cache=chunked, prefill_step_size=step
@@ -47,7 +47,7 @@ def test_chunked_prefill_equals_one_shot(model, step):
     assert [t for t, _ in last_one_shot] == [t for t, _ in last_chunked]
     for a, b in zip(last_one_shot, last_chunked, strict=True):
         assert np.abs(np.array(a[1]) - np.array(b[1])).max() <= 1e-4
-    for a, b in zip(one_shot, chunked, strict=True):
+    for a, b in zip(one_shot.layers, chunked.layers, strict=True):
         assert np.abs(np.array(a.state[0]) - np.array(b.state[0])).max() <= 1e-5
 
 
@@ -71,7 +71,7 @@ def test_empty_prompt_is_an_error(model):
 
 def test_trimmed_cache_resumes_like_a_fresh_one(model):
     cache = model.make_cache()
-    list(generate_step(mx.array(IDS), model, max_tokens=3, prompt_cache=cache))
+    list(generate_step(mx.array(IDS), model, max_tokens=3, prompt_cache=PromptCache(cache)))
     # The cache now holds the prompt and the generated tokens; drop back to 30 prompt tokens.
     assert trim_prompt_cache(cache, cache[0].offset - 30) > 0
     assert cache[0].offset == 30

@@ -11,7 +11,7 @@ from trained_model import QUESTIONS, answer, trained_checkpoint
 from typer.testing import CliRunner
 
 from smollm3_mlx import Chat, Sampling, cache as cache_module, load
-from smollm3_mlx.cache import KVCache
+from smollm3_mlx.cache import KVCache, KVSettings, PromptCache
 from smollm3_mlx.checkpoint import ModelLoadError, context_window
 from smollm3_mlx.cli import app as cli
 from smollm3_mlx.generate import stream_generate
@@ -177,7 +177,12 @@ def test_rotating_cache_never_applies_a_position_past_the_window(model, monkeypa
     monkeypatch.setattr(RoPE, "__call__", spy)
     window = 16
     tokens = list(
-        generate_step(mx.array(IDS[:10]), model, max_tokens=20 * window, window=window, keep=4)
+        generate_step(
+            mx.array(IDS[:10]),
+            model,
+            max_tokens=20 * window,
+            prompt_cache=PromptCache.new(model, window=window, keep=4),
+        )
     )
     assert len(tokens) == 20 * window  # a chat of 20 windows
     assert max(seen) < window
@@ -185,11 +190,12 @@ def test_rotating_cache_never_applies_a_position_past_the_window(model, monkeypa
 
 def test_rotating_cache_memory_stays_flat_over_twenty_windows(model):
     window, keep = 32, 6
-    cache = model.make_cache(window, keep)
+    pc = PromptCache.new(model, window=window, keep=keep)
+    cache = pc.layers
     sizes, peaks, prefix, wraps, dropped = [], [], None, 0, 0
     mx.reset_peak_memory()
     for i, _ in enumerate(
-        generate_step(mx.array(IDS[:8]), model, max_tokens=20 * window, prompt_cache=cache)
+        generate_step(mx.array(IDS[:8]), model, max_tokens=20 * window, prompt_cache=pc)
     ):
         sizes.append(sum(c.nbytes for c in cache))
         prefix = prefix or [np.array(c.state[0][..., :keep, :]) for c in cache]
@@ -252,7 +258,8 @@ def test_rotating_cache_can_be_trimmed_after_wrapping(model):
 
 
 def test_prompt_longer_than_the_window_prefills_in_chunks(model):
-    tokens = [t for t, _ in generate_step(mx.array(IDS), model, max_tokens=4, window=24, keep=4)]
+    cache = PromptCache.new(model, window=24, keep=4)
+    tokens = [t for t, _ in generate_step(mx.array(IDS), model, max_tokens=4, prompt_cache=cache)]
     assert len(tokens) == 4
 
 
@@ -299,20 +306,25 @@ def test_quantized_cache_uses_less_memory(model):
     assert sizes[4] < sizes[8] < sizes[None]
 
 
-def run_logprobs(model, **kwargs):
-    steps = generate_step(mx.array(IDS[:20]), model, max_tokens=8, **kwargs)
+def run_logprobs(model, **settings):
+    """Logprobs of 8 steps on a cache made from `settings` (those of PromptCache.new)."""
+    cache = PromptCache.new(model, **settings)
+    steps = generate_step(mx.array(IDS[:20]), model, max_tokens=8, prompt_cache=cache)
     return np.stack([np.array(logprobs) for _, logprobs in steps])
 
 
 def test_generate_step_quantizes_a_new_cache_as_asked(model):
     dense = run_logprobs(model)
     for bits in (8, 4):
-        got = run_logprobs(model, kv_bits=bits, kv_group_size=32, window=24, keep=4)
+        got = run_logprobs(model, window=24, keep=4, kv=KVSettings(bits=bits, group_size=32))
         cache = model.make_cache(24, 4, bits=bits, group_size=32)
-        assert np.array_equal(got, run_logprobs(model, prompt_cache=cache))
+        steps = generate_step(
+            mx.array(IDS[:20]), model, max_tokens=8, prompt_cache=PromptCache(cache)
+        )
+        assert np.array_equal(got, np.stack([np.array(logprobs) for _, logprobs in steps]))
         assert cache[0].quantized and not np.allclose(got, dense, atol=1e-4)
     # Dense while the cache holds at most 24 tokens (the prompt's 20, then 4 more), then 8-bit.
-    late = run_logprobs(model, kv_bits=8, kv_group_size=32, kv_start=24)
+    late = run_logprobs(model, kv=KVSettings(bits=8, group_size=32, kv_start=24))
     assert np.abs(late[:5] - dense[:5]).max() <= 1e-6
     assert not np.allclose(late[5:], dense[5:], atol=1e-4)
 

@@ -11,6 +11,7 @@ from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
 from smollm3_mlx import memory
+from smollm3_mlx.cache import PromptCache
 from smollm3_mlx.cli import app as cli
 from smollm3_mlx.loading import load, load_model
 from smollm3_mlx.memory import MemoryBudgetError, estimate, estimate_memory
@@ -41,7 +42,7 @@ def _measured_peak(load_it, context: int, prefill_step: int, kv_bits: int | None
     cache = model.make_cache(bits=kv_bits)
     prompt = mx.arange(context, dtype=mx.uint32) % model.args.vocab_size
     for _ in generate_step(
-        prompt, model, max_tokens=1, prompt_cache=cache, prefill_step_size=prefill_step
+        prompt, model, max_tokens=1, prompt_cache=PromptCache(cache), prefill_step_size=prefill_step
     ):
         pass
     mx.synchronize()

@@ -31,7 +31,7 @@ def chat_model(tmp_path_factory):
 def fill(cache: PromptCache, model, ids: list[int]) -> None:
     """Prefill `ids` past what the cache holds, as a turn would, and settle."""
     n = cache.reuse(ids)
-    list(generate_step(mx.array(ids[n:]), model, max_tokens=0, prompt_cache=cache.layers))
+    list(generate_step(mx.array(ids[n:]), model, max_tokens=0, prompt_cache=cache))
     cache.settle(ids)
 
 
@@ -68,7 +68,7 @@ def test_reuse_after_rotation_keeps_the_window_or_only_the_kept_ids(model):
 
 def test_settle_records_what_the_layers_hold(model):
     cache = PromptCache.new(model)
-    list(generate_step(mx.array(IDS[:12]), model, max_tokens=3, prompt_cache=cache.layers))
+    list(generate_step(mx.array(IDS[:12]), model, max_tokens=3, prompt_cache=cache))
     generated_more = IDS[:12] + [1, 2, 3, 4]  # the layers lack the last ids generated
     cache.settle(generated_more)
     assert cache.ids == generated_more[: cache.offset] and cache.offset == 14

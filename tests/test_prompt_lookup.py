@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from checkpoints import make_tiny_checkpoint, requires_reference
 
-from smollm3_mlx.cache import KVCache
+from smollm3_mlx.cache import KVCache, KVSettings, PromptCache
 from smollm3_mlx.generate import stream_generate
 from smollm3_mlx.loading import load, load_model
 from smollm3_mlx.lookup import lookup_generate_step
@@ -37,7 +37,13 @@ def chaotic(tmp_path_factory):
     return load_model(make_tiny_checkpoint(tmp_path_factory.mktemp("chaotic")))
 
 
-def run(model, prompt, max_tokens=80, **kwargs):
+def run(model, prompt, max_tokens=80, prompt_cache=None, cache=None, **kwargs):
+    """The tokens and stats of a run; `cache`: the settings of a fresh PromptCache."""
+    if prompt_cache is None:
+        prompt_cache = PromptCache.new(model, **(cache or {}))
+    elif isinstance(prompt_cache, list):
+        prompt_cache = PromptCache(prompt_cache)
+    kwargs["prompt_cache"] = prompt_cache
     stats = LookupStats()
     step = lookup_generate_step if "prompt_lookup" in kwargs else generate_step
     steps = step(mx.array(prompt), model, max_tokens=max_tokens, lookup_stats=stats, **kwargs)
@@ -52,9 +58,11 @@ def ban_last_token(tokens, logits):
 
 CASES = {
     "growing cache": {},
-    "rotating cache": dict(window=64, keep=4),
-    "4-bit cache": dict(kv_bits=4, kv_group_size=32),
-    "8-bit cache from token 50": dict(kv_bits=8, kv_group_size=32, kv_start=50),
+    "rotating cache": dict(cache=dict(window=64, keep=4)),
+    "4-bit cache": dict(cache=dict(kv=KVSettings(bits=4, group_size=32))),
+    "8-bit cache from token 50": dict(
+        cache=dict(kv=KVSettings(bits=8, group_size=32, kv_start=50))
+    ),
     "repetition penalty": dict(logits_processors=make_logits_processors(1.1)),
     "history-sensitive processor": dict(logits_processors=[ban_last_token]),
     "top-k 1 sampler": dict(sampler=make_sampler(temperature=1.0, top_k=1)),
