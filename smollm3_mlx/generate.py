@@ -18,7 +18,7 @@ import mlx.core as mx
 from .cache import PromptCache
 from .sample import LogitsProcessor, Sampler, Sampling
 from .step import LookupStats, generate_step
-from .turn import StopStrings
+from .turn import StopStrings, TurnIds, TurnState
 
 GREEDY = Sampling(temperature=0.0, top_p=1.0)  # for a model `load` did not make
 
@@ -54,19 +54,24 @@ class GenerationResponse:
 
 
 class _TextStream:
-    """Token ids -> text, decoded once here for every consumer, held back while it may begin a
-    stop string and cut before one."""
+    """Token ids -> text, decoded once here for every consumer; stop strings cut the answer.
 
-    def __init__(self, tokenizer, stop_strings: Sequence[str]):
+    Stop strings are matched in the answer's text alone, as the turn state reads it from the
+    ids (a chat's reasoning, tool calls and tags are not matched; all of a plain prompt's text
+    is): answer text that may begin one is held back until the next text shows whether it does.
+    """
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str], prompt: Sequence[int] = ()):
         self.detokenizer = tokenizer.detokenizer()
         self.stops = StopStrings(stop_strings)
+        self.turn = TurnState(TurnIds.of(tokenizer), prompt) if stop_strings else None
         self.rest = ""  # the text before a stop string, sent with the last response
 
     def add(self, token: int) -> tuple[str, bool]:
         """The text that is now safe to send, and whether a stop string was reached (then the
         text goes with `end`)."""
         self.detokenizer.add_token(token)
-        text = self.stops.feed(self.detokenizer.last_segment)
+        text = self._release(token, self.detokenizer.last_segment)
         if self.stops.hit:
             self.rest = text
         return text, self.stops.hit
@@ -76,10 +81,21 @@ class _TextStream:
         if self.stops.hit:
             return self.rest, finish
         self.detokenizer.finalize()
-        text = self.stops.feed(self.detokenizer.last_segment)
+        text = self._release(None, self.detokenizer.last_segment)
         if self.stops.hit and finish == "length":
             finish = "stop"
         return text + self.stops.flush(), finish
+
+    def _release(self, token: int | None, text: str) -> str:
+        turn = self.turn
+        if turn is None:
+            return text
+        if token is not None:
+            turn.feed(token)
+        ids = turn.ids
+        if turn.phase == "answer" and token not in (ids.think_end, ids.call_end):
+            return self.stops.feed(text)
+        return self.stops.flush() + text  # not the answer's: what was held back goes first
 
 
 def stream_generate(
@@ -109,7 +125,8 @@ def stream_generate(
         sampling: a Sampling; the model folder's generation_config.json by default.
         sampler: replaces the one `sampling` makes.
         logits_processors: replace those `sampling` makes (its repetition penalty).
-        stop_strings: generation ends before the first of these appears in the text.
+        stop_strings: generation ends before the first of these appears in the answer (a
+            chat's reasoning and tool calls are not searched; a plain prompt's text all is).
         prompt_cache: reused for the longest prefix it holds of `prompt`, and left holding the
             prompt and the ids generated (multi-turn reuse); a fresh cache when None.
         cancel: a threading.Event: once set, generation ends after the current token (during
@@ -131,7 +148,7 @@ def stream_generate(
     start = time.perf_counter()
     reused = prompt_cache.reuse(ids) if prompt_cache is not None else 0
     meter = _Meter(ids, reused, kwargs.setdefault("lookup_stats", LookupStats()), start)
-    text = _TextStream(tokenizer, stop_strings)
+    text = _TextStream(tokenizer, stop_strings, ids)
     generated = meter.generated
     steps = _choose_step(kwargs, cancel)(
         mx.array(ids[reused:], dtype=mx.uint32),

@@ -162,7 +162,8 @@ class StopStrings:
         return out
 
     def flush(self) -> str:
-        """The held-back tail, once the text has ended (it began no stop string)."""
+        """The held-back tail (it began no stop string): the text ended, or what follows is
+        not searched."""
         out, self.pending = ("" if self.hit else self.pending), ""
         return out
 

@@ -167,3 +167,63 @@ def test_split_with_the_real_tokenizer(tok):
         for kind, text in state.split(i, detok.last_segment):
             out[kind] = out.get(kind, "") + text
     assert out == {"thinking": "\nLet me see 🤗\n", "answer": "\nThe answer is 42."}
+
+
+class _Pieces:
+    """A stand-in tokenizer: each id is one piece of text (the marks spell their tags)."""
+
+    TEXT = {HEADER: "<|im_start|>", THINK: "<think>", END_THINK: "</think>", CALL: "<tool_call>"}
+    TEXT |= {END_CALL: "</tool_call>", 6: "\n", 7: "END", 8: "ok "}
+    im_start_id, think_start_id, think_end_id, eos_token_ids = HEADER, THINK, END_THINK, {EOS}
+
+    def token_to_id(self, text):
+        return {"<tool_call>": CALL, "</tool_call>": END_CALL}.get(text)
+
+    def detokenizer(self):
+        pieces = self.TEXT
+
+        class Detokenizer:
+            last = ""
+
+            def add_token(self, token):
+                self.last += pieces[token]
+
+            @property
+            def last_segment(self):
+                out, self.last = self.last, ""
+                return out
+
+            def finalize(self):
+                pass
+
+        return Detokenizer()
+
+
+def _stream(prompt, ids, stop=("END",)):
+    from smollm3_mlx.generate import _TextStream
+
+    text, out = _TextStream(_Pieces(), stop, prompt), []
+    for token in ids:
+        piece, stopped = text.add(token)
+        if stopped:
+            return "".join(out) + text.end("stop")[0], "stop"
+        out.append(piece)
+    piece, finish = text.end("length")
+    return "".join(out) + piece, finish
+
+
+def test_stop_strings_are_matched_in_the_answer_not_the_reasoning_or_a_tool_call():
+    thought = [THINK, 8, 7, 8, END_THINK, 6]
+    assert _stream([HEADER], [*thought, 8, 8]) == ("<think>ok ENDok </think>\nok ok ", "length")
+    assert _stream([HEADER], [*thought, 8, 7, 8]) == ("<think>ok ENDok </think>\nok ", "stop")
+    call = [CALL, 7, END_CALL, 8]
+    assert _stream([HEADER], call) == ("<tool_call>END</tool_call>ok ", "length")
+
+
+def test_all_of_a_plain_prompts_text_is_searched():
+    assert _stream([], [8, 7, 8]) == ("ok ", "stop")
+    assert _stream([], [8, 8], stop=("ok ok",)) == ("", "stop")
+
+
+def test_held_back_answer_text_goes_out_before_text_not_searched():
+    assert _stream([], [7, CALL, 8], stop=("ENDX",)) == ("END<tool_call>ok ", "length")
