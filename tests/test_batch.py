@@ -17,6 +17,8 @@ from smollm3_mlx.batch_cache import BatchCache, BatchLayer
 from smollm3_mlx.cache import KVCache, KVSettings, PromptCache
 from smollm3_mlx.generate import stream_generate
 from smollm3_mlx.loading import load
+from smollm3_mlx.memory import estimate, estimate_memory, largest_batch
+from smollm3_mlx.model import ModelArgs
 from smollm3_mlx.sample import Sampling, make_sampler
 
 RNG = np.random.default_rng(11)
@@ -255,3 +257,40 @@ def test_a_batch_cache_refuses_a_row_of_another_model(loaded):
     with pytest.raises(ValueError, match="cannot join rows"):
         batch.add(short)
     assert batch.extract(0).layers and len(batch) == 0
+
+
+def test_an_estimate_for_a_batch_counts_each_rows_kv_cache():
+    args = ModelArgs(num_hidden_layers=2, vocab_size=1024)
+    one = estimate(args, 10**9, context=4096, dtype=mx.float32, device="cpu")
+    eight = estimate(args, 10**9, context=4096, dtype=mx.float32, device="cpu", batch=8)
+    assert eight.kv_cache == 8 * one.kv_cache and eight.weights == one.weights
+    assert "8 rows x 4096 tokens" in eight.rows()[1][2]
+    budget = one.weights + one.activations + 5 * one.kv_cache + one.kv_cache // 2
+    assert largest_batch(one, budget) == 5 and largest_batch(one, 0) == 1
+    with pytest.raises(ValueError, match="batch must be at least 1"):
+        estimate(args, 10**9, context=4096, batch=0)
+
+
+def test_peak_memory_of_eight_rows_is_within_15_percent_of_the_estimate(tmp_path):
+    context, step = 512, 256
+    path = make_tiny_checkpoint(tmp_path, head_dim=64, max_position_embeddings=4096)
+    est = estimate_memory(path, max_context=context, prefill_step=step, dtype="float32", batch=8)
+    mx.synchronize()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    model, tokenizer = load(path, dtype="float32", max_context=context)
+    rng = np.random.default_rng(5)
+    # Two chunks each, one chunk a step: the first row still decodes when the last joins.
+    prompts = [rng.integers(0, 512, 400 - i).tolist() for i in range(8)]
+    gen = BatchGenerator(model, tokenizer, prefill_step_size=step)
+    for p in prompts:
+        gen.insert(p, max_tokens=100, sampling=GREEDY, logits_processors=[])
+    together = 0
+    while len(gen):
+        gen.step()
+        together = max(together, len(gen.decoding))
+    mx.synchronize()
+    assert together == 8
+    peak = mx.get_peak_memory() - before
+    assert est.total == pytest.approx(peak, rel=0.15)
