@@ -172,16 +172,33 @@ class BatchGenerator:
                     return self._leave(row, "cancelled")
         return None
 
-    def step(self) -> list[tuple[int, GenerationResponse]]:
+    def step(self) -> list[tuple[int, GenerationResponse | Exception]]:
         """One prefill chunk (of the oldest row prefilling) and one decode step for all rows
-        decoding; the responses of this step as (request id, response)."""
-        out = [(r.uid, self._leave(r, "cancelled")) for r in self._cancelled()]
+        decoding; the responses of this step as (request id, response).
+
+        A request that fails (its logits processor raised, say) leaves with its error in place
+        of a response; the others go on. An error in the batch's forward pass fails its rows.
+        """
+        out: list[tuple[int, GenerationResponse | Exception]] = [
+            (r.uid, self._leave(r, "cancelled")) for r in self._cancelled()
+        ]
         self._admit()
         if self.prefilling:
-            self._prefill_chunk(self.prefilling[0])
+            row = self.prefilling[0]
+            try:
+                self._prefill_chunk(row)
+            except Exception as e:
+                out.append((row.uid, self._fail(row, e)))
         if self.decoding:
-            out += self._decode()
+            try:
+                out += self._decode()
+            except Exception as e:
+                out += [(r.uid, self._fail(r, e)) for r in list(self.decoding)]
         return out
+
+    def _fail(self, row: _Row, error: Exception) -> Exception:
+        self._leave(row, "cancelled")
+        return error
 
     def _cancelled(self) -> list[_Row]:
         rows = [*self.waiting, *self.prefilling, *self.decoding]
@@ -217,18 +234,20 @@ class BatchGenerator:
         row.next = row.ids[-1]
         self.decoding.append(row)
 
-    def _decode(self) -> list[tuple[int, GenerationResponse]]:
+    def _decode(self) -> list[tuple[int, GenerationResponse | Exception]]:
         rows = self.decoding
         batch = BatchCache([r.cache for r in rows])
         inputs = mx.array([[r.next] for r in rows], dtype=mx.uint32)
         logits = self.model(inputs, cache=batch.layers)[:, -1, :]
-        picked = []
-        for i, r in enumerate(rows):
+        picked, out = [], []
+        for i, r in enumerate(list(rows)):
             r.stats.passes += 1
             if r.closing is None:
-                picked.append((r, *self._pick(r, logits[i : i + 1])))
+                try:
+                    picked.append((r, *self._pick(r, logits[i : i + 1])))
+                except Exception as e:  # this request fails, not the batch
+                    out.append((r.uid, self._fail(r, e)))
         mx.eval([p[1:] for p in picked], [c.state for c in batch.layers])
-        out = []
         for r in [r for r in rows if r.closing is not None]:  # their last token is in now
             out.append((r.uid, self._leave(r, r.closing)))
         for r, y, logprobs in picked:
@@ -332,6 +351,8 @@ def stream_batch(
     try:
         while len(gen):
             for uid, response in gen.step():
+                if isinstance(response, Exception):
+                    raise response  # as stream_generate would raise it
                 yield index[uid], response
     finally:
         for uid in list(index):

@@ -294,3 +294,27 @@ def test_peak_memory_of_eight_rows_is_within_15_percent_of_the_estimate(tmp_path
     assert together == 8
     peak = mx.get_peak_memory() - before
     assert est.total == pytest.approx(peak, rel=0.15)
+
+
+def test_a_row_whose_processor_raises_fails_alone_and_the_others_go_on(loaded):
+    model, tokenizer = loaded
+    calls = []
+
+    def broken(tokens, logits):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("the grammar broke")
+        return logits
+
+    gen = BatchGenerator(model, tokenizer)
+    ok = gen.insert(PROMPTS[3], max_tokens=8, sampling=GREEDY)
+    bad = gen.insert(PROMPTS[4], max_tokens=8, sampling=GREEDY, logits_processors=[broken])
+    tokens, errors = [], []
+    while len(gen):
+        for uid, r in gen.step():
+            if isinstance(r, Exception):
+                errors.append((uid, str(r)))
+            elif uid == ok and r.finish_reason is None:
+                tokens.append(r.token)
+    assert errors == [(bad, "the grammar broke")]
+    assert tokens == alone(model, tokenizer, PROMPTS[3], max_tokens=8, sampling=GREEDY)[0]
