@@ -2,8 +2,11 @@
 thinking on and off, answers held to a schema, tool grammars and thinking budgets, each row
 token for token what it is alone."""
 
+import subprocess
+import sys
+
 import pytest
-from checkpoints import requires_reference
+from checkpoints import REPO_ROOT, requires_reference
 from trained_model import QUESTIONS, TOOLS, answer, trained_checkpoint
 
 from smollm3_mlx import Sampling, load
@@ -88,3 +91,23 @@ def test_chat_turns_batched_are_token_for_token_the_turns_alone(loaded, size):
         assert (end.finish_reason, end.parsed) == (want_end.finish_reason, want_end.parsed)
     assert tokenizer.decode(got[1]) == answer("hi")  # the model answers as it was trained
     assert last[1].finish_reason == "stop"
+
+
+def test_the_batch_example_answers_every_question_as_alone(loaded, tmp_path_factory):
+    path = trained_checkpoint(tmp_path_factory)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "examples" / "batch.py"),
+            str(path),
+            QUESTIONS["math"],
+            QUESTIONS["hi"],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO_ROOT,
+    )
+    assert r.returncode == 0, r.stderr
+    assert f"> {QUESTIONS['hi']}\n{answer('hi')}\n" in r.stdout
+    assert f"> {QUESTIONS['math']}\n{answer('math')}\n" in r.stdout
