@@ -32,16 +32,9 @@ import mlx.core as mx
 
 from .batch_cache import BatchCache
 from .cache import PromptCache
-from .generate import (
-    GREEDY,
-    Cancel,
-    GenerationResponse,
-    LookupStats,
-    _fit_context,
-    _TextStream,
-    default_prefill_step,
-)
+from .generate import GREEDY, Cancel, GenerationResponse, _fit_context, _TextStream
 from .sample import LogitsProcessor, Sampler, Sampling, make_sampler
+from .step import LookupStats, default_prefill_step
 
 DEFAULT_MAX_BATCH = 8
 
