@@ -101,3 +101,16 @@ def _leaves(tree):
     from mlx.utils import tree_flatten
 
     return [v for _, v in tree_flatten(tree)]
+
+
+def test_estimate_answers_for_a_batch():
+    from checkpoints import REFERENCE_MODEL_DIR
+    from typer.testing import CliRunner
+
+    from smollm3_mlx.cli import app as cli
+
+    args = ["estimate", "-m", str(REFERENCE_MODEL_DIR), "--bits", "4", "--max-context", "4096"]
+    one = CliRunner().invoke(cli.app, args)
+    four = CliRunner().invoke(cli.app, [*args, "--batch", "4"])
+    assert one.exit_code == four.exit_code == 0, four.output
+    assert "4 rows x 4096 tokens" in four.output and "rows x" not in one.output
