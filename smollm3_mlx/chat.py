@@ -41,7 +41,7 @@ from .events import (
     TurnStats,
     split_thinking,
 )
-from .files import write_atomic
+from .files import parse_json, write_atomic
 from .generate import GenerationResponse, prefill_cache, stream_generate
 from .sample import Sampling
 from .tokenizer import ASSISTANT_TAGS
@@ -540,10 +540,12 @@ class Chat:
             path, self.model, expect=expect, recompute=mismatch == "recompute"
         )  # None on a mismatch, where asked: the first turn prefills the conversation again
         try:
-            saved = json.loads(read_metadata(path).get("chat", "{}"))
-            messages, think = saved.get("messages", []), saved.get("think")
-        except (json.JSONDecodeError, AttributeError):
-            raise PromptCacheError(f"{path}: corrupt conversation metadata") from None
+            saved = parse_json(read_metadata(path).get("chat", "{}"))
+        except ValueError as e:  # not JSON, or nested too deep for a conversation
+            raise PromptCacheError(f"{path}: corrupt conversation metadata ({e})") from None
+        if not isinstance(saved, dict):
+            raise PromptCacheError(f"{path}: corrupt conversation metadata (not a JSON object)")
+        messages, think = saved.get("messages", []), saved.get("think")
         if keep_system:  # the given system message wins; the cache still serves what matches
             return
         self.messages = list(messages)
