@@ -560,10 +560,13 @@ def serve(
     )
     try:
         from .engine import WarmUpError
-        from .server import exposure_problem, serve as run_server
+        from .server import api_key_problem, exposure_problem, serve as run_server
     except ImportError as e:
         console.error(f"serve needs the server extra: pip install 'smollm3-mlx[server]' ({e})")
         raise typer.Exit(1) from None
+    if api_key_problem(api_key):  # a bad option value, as the others
+        console.error(api_key_problem(api_key))
+        raise typer.Exit(2)
     problem = exposure_problem(host, api_key, allow_unauthenticated)
     if problem:
         console.error(problem)

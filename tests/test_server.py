@@ -30,7 +30,12 @@ from smollm3_mlx.engine import Engine, Finished, Job, PromptCacheLRU, WarmUpErro
 from smollm3_mlx.generate import stream_generate
 from smollm3_mlx.loading import load
 from smollm3_mlx.sample import Sampling
-from smollm3_mlx.server import exposure_problem, make_app
+from smollm3_mlx.server import (
+    DEFAULT_READ_TIMEOUT,
+    exposure_problem,
+    header_deadline,
+    make_app,
+)
 
 pytestmark = requires_reference
 MODEL = "smollm3-tiny"
@@ -54,7 +59,15 @@ def running(loaded, *, queue_size=4, cache_bytes=256 * 1024**2, cache_dir=None, 
     engine = Engine(model, tokenizer, queue_size=queue_size, cache_bytes=cache_bytes,
                     cache_dir=cache_dir)  # fmt: skip
     app = make_app(engine, model_name=MODEL, **options)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    timeout = options.get("read_timeout", DEFAULT_READ_TIMEOUT)  # serve's protocol, as it runs
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=0,
+        log_level="warning",
+        lifespan="on",
+        http=header_deadline(timeout),
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -169,6 +169,8 @@ def test_version_prints_the_package_and_mlx_versions():
         (["serve", "--cache-dir-bytes", "-1G"], "--cache-dir-bytes must be a size like 2G"),
         (["serve", "--cache-bytes", "inf"], "--cache-bytes must be a size like 2G"),
         (["serve", "--cache-dir", __file__], "--cache-dir " + __file__ + ": cannot use it as a"),
+        (["serve", "--api-key", "clé"], "--api-key must be visible ASCII characters"),
+        (["serve", "--api-key", "two words"], "--api-key must be visible ASCII characters"),
     ],
 )
 def test_bad_option_values_are_one_line_before_loading(args, message):
