@@ -245,7 +245,7 @@ def load_prompt_cache(
         if parse_json(meta["crc32"]) != [_crc(arrays[n]) for n in names]:
             raise ValueError("checksum")
         return PromptCache.restore(model, arrays, parse_json(meta["cache"]))
-    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+    except (RuntimeError, ValueError, LookupError, TypeError, AttributeError, ArithmeticError) as e:
         problem = "its data fail their checksum" if str(e) == "checksum" else str(e).split("\n")[0]
         raise PromptCacheError(f"{path}: corrupt prompt-cache file ({problem})") from None
 

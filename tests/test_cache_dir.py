@@ -51,8 +51,9 @@ def cached(model, tokenizer, word: str) -> PromptCache:
     """A prompt cache of about 300 ids, as the server's engine leaves one."""
     cache = PromptCache.new(model)
     prompt = tokenizer.encode(f"{word} " * 300)
-    for _ in stream_generate(model, tokenizer, prompt, max_tokens=1, prompt_cache=cache,
-                             sampling=Sampling(temperature=0)):  # fmt: skip
+    for _ in stream_generate(
+        model, tokenizer, prompt, max_tokens=1, prompt_cache=cache, sampling=Sampling(temperature=0)
+    ):
         pass
     return cache
 
@@ -154,8 +155,9 @@ def test_a_full_disk_under_save_cache_is_one_line_and_the_chat_goes_on(
     monkeypatch.setattr(mx, "save_safetensors", full_disk)
     out = tmp_path / "chat.cache"
     lines = [QUESTIONS["math"], f"/save_cache {out}", QUESTIONS["hi"], "/exit"]
-    r = CliRunner().invoke(cli.app, ["chat", "-m", str(path), "--dtype", "float32"],
-                           input="\n".join(lines) + "\n")  # fmt: skip
+    r = CliRunner().invoke(
+        cli.app, ["chat", "-m", str(path), "--dtype", "float32"], input="\n".join(lines) + "\n"
+    )
     assert r.exit_code == 0, r.output
     assert r.stderr == f"error: {out}: cannot write it ({FULL_DISK}; is the disk full?)\n"
     assert "Traceback" not in r.output and not list(tmp_path.iterdir())
@@ -169,9 +171,18 @@ def test_a_full_disk_under_cache_prompt_is_one_line_and_exit_1(trained, tmp_path
     out = tmp_path / "sys.cache"
     r = CliRunner().invoke(
         cli.app,
-        ["cache-prompt", "-m", str(path), "--system", str(tmp_path / "system.txt"), "-o",
-         str(out), "--dtype", "float32"],
-    )  # fmt: skip
+        [
+            "cache-prompt",
+            "-m",
+            str(path),
+            "--system",
+            str(tmp_path / "system.txt"),
+            "-o",
+            str(out),
+            "--dtype",
+            "float32",
+        ],
+    )
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert r.stderr == f"error: {out}: cannot write it ({FULL_DISK}; is the disk full?)\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["system.txt"]
@@ -194,8 +205,12 @@ def test_a_writer_killed_mid_file_leaves_a_temporary_the_next_start_removes(trai
     CacheDir(folder, model, tokenizer)
     target = folder / ("a" * 32 + ".safetensors")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
-    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(target)],
-                              stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    writer = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(target)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     left = folder / writer.stdout.readline().strip()
     assert left.is_file() and left.name.startswith(f".{target.name}.")
     alive = folder / left.name.replace(f"-{writer.pid}-", f"-{os.getpid()}-")  # a live writer's
@@ -220,8 +235,11 @@ def test_deeply_nested_metadata_is_one_line_from_chat_and_skipped_by_a_cache_dir
         with pytest.raises(PromptCacheError) as e:
             Chat(model, prompt_cache=file)
         assert "\n" not in str(e.value) and str(file) in str(e.value)
-        r = CliRunner().invoke(cli.app, ["chat", "-m", str(path), "--dtype", "float32",
-                                         "--prompt-cache", str(file)], input="/exit\n")  # fmt: skip
+        r = CliRunner().invoke(
+            cli.app,
+            ["chat", "-m", str(path), "--dtype", "float32", "--prompt-cache", str(file)],
+            input="/exit\n",
+        )
         assert r.exit_code == 1 and "Traceback" not in r.output, r.output
         assert len(r.stderr.splitlines()) == 1 and str(file) in r.stderr
     folder = tmp_path / "caches"
