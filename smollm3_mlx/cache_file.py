@@ -19,6 +19,7 @@ import errno
 import hashlib
 import json
 import re
+import stat
 import weakref
 import zlib
 from collections.abc import Sequence
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 FORMAT, VERSION = "smollm3-mlx-prompt-cache", "1"
 KINDS = ("model", "tokenizer", "template", "dtype", "kv")  # what a fingerprint compares
 CACHE_FILE_NAME = re.compile(r"[0-9a-f]{32}\.safetensors")  # what cache_file_name makes
+MAX_METADATA = 16 * 2**20  # header bytes: the ids of 131072 tokens and a long chat take ~2 MB
 _TOKENIZER_HASHES: weakref.WeakKeyDictionary[Any, tuple[str, str]] = weakref.WeakKeyDictionary()
 
 
@@ -179,6 +181,13 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     """
     path = Path(path).expanduser()
     try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block, /dev/zero never end
+            raise PromptCacheError(f"{path}: not a regular file")
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+        if n > MAX_METADATA:  # read before any of it is parsed
+            raise PromptCacheError(f"{path}: a header of {n} bytes, more than a prompt cache's")
         _, meta, end = read_safetensors(path)
         size = path.stat().st_size
     except OSError as e:

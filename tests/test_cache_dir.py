@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from trained_model import QUESTIONS, trained_checkpoint
 from typer.testing import CliRunner
 
-from smollm3_mlx import cli
+from smollm3_mlx import cache_file, cli
 from smollm3_mlx.cache import PromptCache
 from smollm3_mlx.cache_dir import MARKER, CacheDir
 from smollm3_mlx.cache_file import (
@@ -250,6 +250,24 @@ def test_deeply_nested_metadata_is_one_line_from_chat_and_skipped_by_a_cache_dir
     rewrite_metadata(deep_kv, kv=DEEP)
     rewrite_metadata(deep_ids, ids=DEEP)
     assert CacheDir(folder, model, tokenizer).index == {}  # no RecursionError: a server starts
+
+
+def test_special_and_oversized_files_are_refused_before_reading(trained, tmp_path):
+    """A FIFO would block and /dev/zero never end; a header too big for a prompt cache is not
+    parsed. From `chat --prompt-cache`: one line; in a cache folder: skipped."""
+    _, model, tokenizer = trained
+    fifo = tmp_path / ("1" * 32 + ".safetensors")
+    os.mkfifo(fifo)
+    huge = tmp_path / ("2" * 32 + ".safetensors")
+    meta = {"format": cache_file.FORMAT, "version": cache_file.VERSION}
+    head = json.dumps({"__metadata__": {**meta, "pad": "x" * cache_file.MAX_METADATA}}).encode()
+    huge.write_bytes(len(head).to_bytes(8, "little") + head)
+    refused = {fifo: "not a regular file", huge: "more than a prompt cache's"}
+    for path, why in [*refused.items(), ("/dev/zero", "not a regular file")]:
+        with pytest.raises(PromptCacheError, match=why):
+            Chat(model, prompt_cache=path)
+    disk = CacheDir(tmp_path, model, tokenizer)
+    assert disk.index == {} and fifo.exists() and huge.exists()  # not our folder: left alone
 
 
 FOLDER_FUZZ = settings(
