@@ -186,7 +186,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
             raise PromptCacheError(f"{path}: not a regular file")
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
-        if n > MAX_METADATA:  # read before any of it is parsed
+        if MAX_METADATA < n <= st.st_size - 8:  # refused before any of it is parsed
             raise PromptCacheError(f"{path}: a header of {n} bytes, more than a prompt cache's")
         _, meta, end = read_safetensors(path)
         size = path.stat().st_size
