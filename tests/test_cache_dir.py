@@ -19,9 +19,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from trained_model import QUESTIONS, trained_checkpoint
 from typer.testing import CliRunner
 
-from smollm3_mlx import cache_file, cli
+from smollm3_mlx import cache_file
 from smollm3_mlx.cache import PromptCache
-from smollm3_mlx.cache_dir import MARKER, CacheDir
 from smollm3_mlx.cache_file import (
     CACHE_FILE_NAME,
     PromptCacheError,
@@ -30,9 +29,11 @@ from smollm3_mlx.cache_file import (
     save_prompt_cache,
 )
 from smollm3_mlx.chat import Chat
+from smollm3_mlx.cli import app as cli
 from smollm3_mlx.generate import stream_generate
 from smollm3_mlx.loading import load
 from smollm3_mlx.sample import Sampling
+from smollm3_mlx.serve.cache_dir import MARKER, CacheDir
 
 pytestmark = requires_reference
 REPO = Path(__file__).resolve().parents[1]

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, assume, event, given, settings, strategies a
 from test_server import MODEL, OPENAI_TOOLS, ask, chat_body, client, no_think, post, running, user
 from trained_model import answer, trained_checkpoint
 
-from smollm3_mlx.cache_dir import MARKER
 from smollm3_mlx.loading import load
+from smollm3_mlx.serve.cache_dir import MARKER
 
 pytestmark = requires_reference
 DEEP = 1000  # levels: past Python's recursion limit, as the trial sent

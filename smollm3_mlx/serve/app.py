@@ -28,6 +28,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ..files import parse_json
+from ..sample import Sampling
 from .cache_dir import DEFAULT_DIR_BYTES
 from .engine import (
     DEFAULT_CACHE_BYTES,
@@ -41,8 +43,7 @@ from .engine import (
     Started,
     Token,
 )
-from .files import parse_json
-from .openai_reply import (
+from .reply import (
     Delta,
     Reply,
     chat_chunk,
@@ -51,7 +52,7 @@ from .openai_reply import (
     text_chunk,
     text_response,
 )
-from .openai_request import (
+from .request import (
     ChatRequest,
     CompletionRequest,
     RequestError,
@@ -67,7 +68,6 @@ from .openai_request import (
     thinking,
     tools as request_tools,
 )
-from .sample import Sampling
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 DEFAULT_MAX_BODY = 4 * 1024**2
@@ -263,7 +263,7 @@ class _Api:
         asked = wanted["response_format"] or wanted["tool_choice"] != "auto"
         if not (tools or asked or wanted["thinking_token_budget"] is not None):
             return []  # nothing to hold: the grammar engine is not even loaded
-        from .constrain import ConstraintError, make_answer_constraint, make_think_budget
+        from ..constrain import ConstraintError, make_answer_constraint, make_think_budget
 
         try:
             answer = make_answer_constraint(

@@ -17,8 +17,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .cache import KVSettings, PromptCache, is_prefix, longest_shared
-from .cache_file import (
+from ..cache import KVSettings, PromptCache, is_prefix, longest_shared
+from ..cache_file import (
     CACHE_FILE_NAME,
     Fingerprint,
     PromptCacheError,
@@ -30,7 +30,7 @@ from .cache_file import (
     read_metadata,
     save_prompt_cache,
 )
-from .files import parse_json, remove_stale_files
+from ..files import parse_json, remove_stale_files
 
 DEFAULT_DIR_BYTES = 8 * 1024**3
 MIN_TOKENS = 256  # a shorter prompt prefills faster than a file is written and read
