@@ -505,7 +505,13 @@ class Chat:
 
     def prefill(self) -> int:
         """Prefill the conversation as it stands (a long system prompt, say) into the prompt
-        cache without a turn; returns how many tokens the cache holds."""
+        cache without a turn; returns how many tokens the cache holds.
+
+        Raises:
+            ValueError: there is nothing to prefill (no system message, no messages).
+        """
+        if not self.messages:  # the template cannot render an empty conversation
+            raise ValueError("nothing to prefill yet: no system message and no messages")
         with self._turn_lock():
             ids = self.render(add_generation_prompt=False)
             if self.prompt_cache is None:  # all of it is the system block when nothing follows
@@ -517,7 +523,12 @@ class Chat:
     def save_prompt_cache(self, path: str | Path) -> Path:
         """Write the prompt cache and the conversation it stands for to `path` (safetensors,
         atomically); `Chat(model, prompt_cache=path)` takes up from it. Prefills first if no
-        turn has run yet."""
+        turn has run yet.
+
+        Raises:
+            OSError: the file could not be written (a full disk, whatever MLX's writer raised).
+            ValueError: nothing to save yet (no system message, no messages).
+        """
         from .cache_file import fingerprint, save_prompt_cache
 
         if self.prompt_cache is None:

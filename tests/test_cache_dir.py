@@ -165,6 +165,18 @@ def test_a_full_disk_under_save_cache_is_one_line_and_the_chat_goes_on(
     assert r.stdout.count("tok/s") == 2  # the next message was answered too
 
 
+def test_save_cache_before_anything_to_save_is_one_line_and_the_chat_goes_on(trained, tmp_path):
+    path, _, _ = trained
+    out = tmp_path / "chat.cache"
+    lines = [f"/save_cache {out}", QUESTIONS["hi"], "/exit"]
+    r = CliRunner().invoke(
+        cli.app, ["chat", "-m", str(path), "--dtype", "float32"], input="\n".join(lines) + "\n"
+    )
+    assert r.exit_code == 0, r.output
+    assert r.stderr == "error: nothing to prefill yet: no system message and no messages\n"
+    assert r.stdout.count("tok/s") == 1 and not out.exists()
+
+
 def test_a_full_disk_under_cache_prompt_is_one_line_and_exit_1(trained, tmp_path, monkeypatch):
     path, _, _ = trained
     monkeypatch.setattr(mx, "save_safetensors", full_disk)

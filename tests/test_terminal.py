@@ -179,6 +179,19 @@ def test_bad_option_values_are_one_line_before_loading(args, message):
     assert r.output.count("\n") == 1 and message in r.output, r.output
 
 
+def test_files_we_read_for_a_command_are_one_line_before_loading(tmp_path):
+    """A schema nested deeper than any reader of it could go; an empty system prompt."""
+    deep, empty = tmp_path / "deep.json", tmp_path / "empty.txt"
+    deep.write_text("[" * 5000 + "]" * 5000)
+    empty.write_text(" \n")
+    for args, message in [
+        (["generate", "--json-schema", str(deep), "hi"], "nested more than 64 levels deep"),
+        (["cache-prompt", "--system", str(empty), "-o", str(tmp_path / "x")], "is empty"),
+    ]:
+        r = CliRunner().invoke(cli.app, [*args, "-m", "/nonexistent/model"])
+        assert r.exit_code == 1 and r.output.count("\n") == 1 and message in r.output, r.output
+
+
 @requires_reference
 def test_generate_json_includes_the_tool_call_and_the_thinking(model_dir):
     r = subprocess.run(
