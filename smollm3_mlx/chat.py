@@ -571,7 +571,7 @@ class Chat:
         return TurnStats(
             prompt_tokens=r.prompt_tokens,
             cached_tokens=r.cached_tokens,
-            prefill_tokens=r.prompt_tokens - r.cached_tokens,
+            prefill_tokens=r.prefill_tokens,
             generation_tokens=r.generation_tokens,
             thinking_tokens=parser.thinking_tokens,
             thinking_seconds=parser.thinking_seconds(end),
