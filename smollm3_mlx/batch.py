@@ -301,7 +301,8 @@ class BatchGenerator:
         now = time.perf_counter()
         first = row.first or now
         prompt_time, decode_time = first - row.start, now - first
-        n, prefilled = len(row.generated), len(row.ids) - row.reused
+        n = len(row.generated)
+        prefilled = len(row.ids) - row.reused if n else row.done  # fewer if cancelled meanwhile
         return GenerationResponse(
             text=piece,
             token=token,
@@ -313,6 +314,7 @@ class BatchGenerator:
             time_to_first_token=prompt_time,
             finish_reason=finish,
             cached_tokens=row.reused,
+            prefill_tokens=prefilled,
             lookup=LookupStats(passes=row.stats.passes),
             logprobs=logprobs,
         )

@@ -71,6 +71,7 @@ def test_greedy_rows_are_token_for_token_what_they_are_alone(loaded, size):
         assert end.finish_reason == want_end.finish_reason
         assert end.generation_tokens == want_end.generation_tokens
         assert end.prompt_tokens == len(p) and end.text == want_end.text
+        assert end.prefill_tokens == want_end.prefill_tokens == len(p)
 
 
 def test_a_seeded_sampled_row_draws_what_it_draws_alone(loaded):
