@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -280,8 +279,10 @@ def generate(
 
 
 def _read_schema(path: Path) -> dict:
+    from ..files import parse_json
+
     try:
-        schema = json.loads(path.read_text(encoding="utf-8"))
+        schema = parse_json(path.read_text(encoding="utf-8"))  # nesting bounded
     except (OSError, UnicodeDecodeError, ValueError) as e:
         console.error(f"{path}: cannot read a JSON schema ({getattr(e, 'strerror', None) or e})")
         raise typer.Exit(1) from None
@@ -430,10 +431,20 @@ def serve(
         int,
         typer.Option(
             metavar="N",
-            help="Requests that may wait while one runs; beyond, 429.",
+            help="Requests that may wait while the batch is full; beyond, 429.",
             callback=in_range("--queue", 0),
         ),
     ] = 8,
+    max_batch: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            help="Requests decoded together (default: the most the memory estimate allows: "
+            "the weights, each one's KV cache at the whole context, activations).",
+            show_default=False,
+            callback=in_range("--max-batch", 1),
+        ),
+    ] = None,
     dtype: DType = "auto",
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (needs smollm3-mlx[server])."""
@@ -442,11 +453,14 @@ def serve(
         _bytes("--cache-dir-bytes", cache_dir_bytes),
     )
     try:
-        from ..serve.app import exposure_problem, serve as run_server
+        from ..serve.app import api_key_problem, exposure_problem, serve as run_server
         from ..serve.engine import WarmUpError
     except ImportError as e:
         console.error(f"serve needs the server extra: pip install 'smollm3-mlx[server]' ({e})")
         raise typer.Exit(1) from None
+    if api_key_problem(api_key):  # a bad option value, as the others
+        console.error(api_key_problem(api_key))
+        raise typer.Exit(2)
     problem = exposure_problem(host, api_key, allow_unauthenticated)
     if problem:
         console.error(problem)
@@ -467,7 +481,7 @@ def serve(
         run_server(
             m, tokenizer, model_name=name, host=host, port=port, api_key=api_key,
             cors_origins=cors_origin or (), queue_size=queue, cache_bytes=budget,
-            kv_bits=kv_bits, cache_dir=cache_dir, cache_dir_bytes=dir_budget,
+            kv_bits=kv_bits, cache_dir=cache_dir, cache_dir_bytes=dir_budget, max_batch=max_batch,
             on_ready=lambda url: console.serving(url, name, api_key is not None),
         )  # fmt: skip
     except OSError as e:  # the port is taken, the address is not ours, ...
@@ -512,6 +526,9 @@ def cache_prompt(
     except (OSError, UnicodeDecodeError) as e:
         console.error(f"cannot read the prompt: {e}")
         raise typer.Exit(1) from None
+    if not text.strip():
+        console.error(f"{system}: the system prompt is empty: nothing to cache")
+        raise typer.Exit(1)
     settings = ChatSettings(
         model=model,
         dtype=dtype,
@@ -564,8 +581,17 @@ def estimate(
         str | None,
         typer.Option(help="gpu or cpu (default: where MLX computes here).", show_default=False),
     ] = None,
+    batch: Annotated[
+        int,
+        typer.Option(
+            metavar="N",
+            help="Rows decoded together, each with its KV cache (serve's --max-batch).",
+            callback=in_range("--batch", 1),
+        ),
+    ] = 1,
 ) -> None:
-    """Show the memory a chat session needs (weights, KV cache, activations) and what is free."""
+    """Show the memory a chat session (or a batch of --batch) needs (weights, KV cache,
+    activations) and what is free."""
     from ..checkpoint import ModelLoadError
     from ..hub import resolve_model_path
     from ..memory import available_memory, estimate_memory
@@ -578,7 +604,7 @@ def estimate(
         est = estimate_memory(
             path, max_context=max_context, kv_bits=kv_bits, kv_group_size=kv_group_size,
             kv_start=kv_start, prefill_step=prefill_step,
-            dtype=compute_dtype(dtype), bits=bits, device=device,
+            dtype=compute_dtype(dtype), bits=bits, device=device, batch=batch,
         )  # fmt: skip
     except (ModelLoadError, ValueError, OSError) as e:
         console.error(str(e))
