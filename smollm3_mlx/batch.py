@@ -147,10 +147,10 @@ class BatchGenerator:
             ids=ids,
             cache=cache,
             reused=0,
-            max_tokens=_fit_context(model, len(ids), limit, None, cache),
+            max_tokens=_fit_context(model, len(ids), limit, cache),
             sampler=sampler,
             processors=processors,
-            text=_TextStream(tokenizer, stop_strings),
+            text=_TextStream(tokenizer, stop_strings, ids),
             cancel=cancel,
             constraint=constraint,
         )
@@ -210,10 +210,10 @@ class BatchGenerator:
 
     def _prefill_chunk(self, row: _Row) -> None:
         """Run one chunk of `row`'s prompt on its own cache, as `stream_generate` would."""
-        layers = row.cache.layers
+        pc, layers = row.cache, row.cache.layers
         size = self.prefill_step_size
-        if layers[0].window is not None:  # a prefill chunk must fit beside the kept tokens
-            size = min(size, layers[0].window - layers[0].keep)
+        if pc.window is not None:  # a prefill chunk must fit beside the kept tokens
+            size = min(size, pc.window - pc.keep)
         start = row.reused + row.done
         n = min(size, row.todo)
         self.model(mx.array(row.ids[start : start + n], dtype=mx.uint32)[None], cache=layers)

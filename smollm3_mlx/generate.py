@@ -138,8 +138,7 @@ def stream_generate(
             `constrain.make_response_format`); the last response's `parsed` has its value. A
             chat prompt's answer starts after its think block; a plain prompt's at once.
         **kwargs: passed to the step: `generate_step` (prefill_step_size, prompt_progress),
-            or with `prompt_lookup` (and `prompt_lookup_ngram`)
-            `lookup.lookup_generate_step`.
+            or with `prompt_lookup` (and `prompt_lookup_ngram`) `lookup.lookup_generate_step`.
     """
     plan = _Plan.make(model, tokenizer, sampling, sampler, logits_processors, response_format)
     max_tokens = plan.max_tokens if max_tokens is None else max_tokens

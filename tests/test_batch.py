@@ -127,7 +127,7 @@ def test_rotating_and_quantized_rows_batch_as_they_run_alone(loaded):
     model, tokenizer = loaded
     kinds = [
         dict(window=24, keep=4),
-        dict(kv=KVSettings(bits=8, group_size=32, start=8)),
+        dict(kv=KVSettings(bits=8, group_size=32, kv_start=8)),
         dict(kv=KVSettings(bits=4, group_size=32)),
         {},
     ]
