@@ -219,7 +219,9 @@ def convert(
             (tmp / "README.md").write_text(_model_card(result, config))
             _check(tmp)
             unmark(tmp)
-            replace_folder(tmp, out)
+            held = replace_folder(tmp, out)
+            if held:
+                raise _stopped_after_swap(held[0], out)
         except BaseException as e:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -247,6 +249,14 @@ def _one_line_error(e: BaseException, out: Path) -> ConvertError | None:
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
         return ConvertError(f"disk full writing {out} ({e.strerror}); nothing was written")
     return ConvertError(f"conversion to {out} failed: {error_line(e)}")
+
+
+def _stopped_after_swap(signum: int, out: Path) -> ConvertInterrupted:
+    """A signal held during the final swap: the conversion is complete and `out` holds it."""
+    what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    return ConvertInterrupted(
+        f"{what} after {out} was written: it holds the new conversion", signum
+    )
 
 
 def _check_out(out: Path, source: Path | None) -> None:
