@@ -596,7 +596,8 @@ def test_cli_takes_every_option_of_the_issue(tmp_path, monkeypatch):
     assert callable(progress) and callable(note)
     assert seen == dict(
         source="org/model", out=out, bits=8, group_size=32, recipe="uniform", dtype="float16",
-        revision="v1", upload_repo="me/q8", force=True,
+        revision="v1", upload_repo="me/q8", force=True, target_bpw=None, measure=None,
+        measure_windows=None,
     )  # fmt: skip
     assert "uploaded https://huggingface.co/me/q8" in r.stdout
 
