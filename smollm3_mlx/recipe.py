@@ -183,9 +183,12 @@ def plan(
         m.weight.size for m in modules.values()
     )
     budget = target_bpw * n_params - 16 * fixed  # the norms stay in 16 bits
+    # A floor under the Fisher (a small share of its mean): where the text gave no gradient
+    # (tokens it never holds), plain squared error still ranks the options.
+    floor = 1e-3 * sum(f.sum().item() for f in F.values()) / sum(f.size for f in F.values())
     costs, importance = {}, {}
     for p, m in modules.items():
-        w, f = m.weight, F[p]
+        w, f = m.weight, F[p] + floor
         col = f.sum(axis=0)
         importance[p] = np.array(col)
         costs[p] = {}
