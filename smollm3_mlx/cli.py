@@ -503,8 +503,8 @@ def convert(
 
 @app.command("compare-models")
 def compare_models(
-    source: Annotated[Path, typer.Argument(help="The reference model folder.")],
-    quantized: Annotated[Path, typer.Argument(help="The model folder to measure against it.")],
+    source: Annotated[str, typer.Argument(help="The reference model: folder or hub repo id.")],
+    quantized: Annotated[str, typer.Argument(help="The model to measure against it.")],
     windows: Annotated[
         int | None,
         typer.Option(metavar="N", help="Only N windows, evenly spaced.", show_default=False),

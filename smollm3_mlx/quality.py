@@ -148,19 +148,19 @@ def compare(
     """Measure how far the model in `quantized` is from the one in `source`, on the same text.
 
     Args:
-        source, quantized: model folders (any mix of full-precision and quantized) sharing a
-            tokenizer; `source` is the reference distribution.
+        source, quantized: model folders or hub repo ids (any mix of full-precision and
+            quantized) sharing a tokenizer; `source` is the reference distribution.
         split: the shipped text to use, "evaluation" (held out) or "calibration".
         text: other text instead (its name in the result is "custom").
         window: tokens per window.
         windows: measure only this many windows, evenly spaced (default: all).
         progress: called as progress(layers done, layers in all).
     """
-    from .loading import ModelLoadError, load_model
+    from .loading import ModelLoadError, load_model, resolve_model_path
     from .tokenizer import Tokenizer
 
-    source, quantized = Path(source), Path(quantized)
     try:
+        source, quantized = (resolve_model_path(p) for p in (source, quantized))
         tokenizer = Tokenizer.from_folder(source)
         models = [load_model(p, dtype="float32", lazy=True) for p in (source, quantized)]
     except (ModelLoadError, FileNotFoundError) as e:

@@ -128,3 +128,9 @@ def test_a_target_below_the_smallest_recipe_is_one_line(ckpt, tmp_path):
                                      "--target-bpw", "2"])  # fmt: skip
     assert r.exit_code == 1
     assert r.stderr.startswith("error: target bits per weight must be from 3.5 to 8.5")
+
+
+def test_compare_models_refuses_a_folder_without_a_model_in_one_line(ckpt, tmp_path):
+    r = CliRunner().invoke(cli.app, ["compare-models", str(ckpt), str(tmp_path)])
+    assert r.exit_code == 1
+    assert r.stderr.startswith("error: ") and len(r.stderr.splitlines()) == 1, r.stderr
