@@ -134,3 +134,16 @@ def test_compare_models_refuses_a_folder_without_a_model_in_one_line(ckpt, tmp_p
     r = CliRunner().invoke(cli.app, ["compare-models", str(ckpt), str(tmp_path)])
     assert r.exit_code == 1
     assert r.stderr.startswith("error: ") and len(r.stderr.splitlines()) == 1, r.stderr
+
+
+def test_bits_go_where_the_estimate_says_they_buy_the_most():
+    costs = {
+        "sensitive": {(3, 64): 10.0, (4, 64): 2.0, (8, 64): 0.1},
+        "robust": {(3, 64): 1.0, (4, 64): 0.9, (8, 64): 0.8},
+    }
+    sizes = {"sensitive": 100, "robust": 100}
+    choice = recipe._allocate(costs, sizes, budget=800)
+    assert choice == {"sensitive": (4, 64), "robust": (3, 64)}
+    assert recipe._allocate(costs, sizes, budget=1300)["sensitive"] == (8, 64)
+    with pytest.raises(ValueError, match="below the smallest recipe"):
+        recipe._allocate(costs, sizes, budget=600)
