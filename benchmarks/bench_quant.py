@@ -78,7 +78,7 @@ RECIPES = {
 
 
 def bits_per_weight(folder: Path, n_params: int) -> float:
-    from smollm3_mlx.loading import read_safetensors_header
+    from smollm3_mlx.checkpoint import read_safetensors_header
 
     total = 0
     for f in folder.glob("*.safetensors"):

@@ -6,7 +6,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from ._version import __version__
 
 
 def model_card(r: Any, config: dict[str, Any], plan: Any = None) -> str:

@@ -28,6 +28,16 @@ from mlx.utils import tree_flatten, tree_map
 
 from . import recipe as recipe_module
 from .card import model_card
+from .checkpoint import (
+    DTYPES,
+    ModelLoadError,
+    check_tensors,
+    error_line,
+    load_config,
+    model_args,
+    read_safetensors_header,
+    weight_files,
+)
 from .convert_checks import (
     ConvertError,
     ConvertInterrupted,
@@ -46,22 +56,8 @@ from .files import (
     signals_as_interrupt,
     unmark,
 )
-from .loading import (
-    DEFAULT_REPO,
-    DTYPES,
-    ModelLoadError,
-    Progress,
-    check_tensors,
-    error_line,
-    hub_error,
-    load_config,
-    load_model,
-    local_source,
-    model_args,
-    read_safetensors_header,
-    snapshot,
-    weight_files,
-)
+from .hub import DEFAULT_REPO, Progress, hub_error, local_source, snapshot
+from .loading import load_model
 from .model import Model, ModelArgs
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
@@ -364,14 +360,11 @@ def _data_bytes(header: bytes) -> int:
 
 
 def _local_source(source: str, revision: str | None) -> Path | None:
-    """The folder `source` names; None when it is a hub repo id (OWNER/NAME or a bare NAME)."""
+    """The folder `source` names; None when it is a hub repo id (OWNER/NAME), as for `load`."""
     try:
-        local = local_source(source, revision)
+        return local_source(source, revision)
     except ModelLoadError as e:
         raise ConvertError(str(e)) from None
-    if local is None and source.count("/") > 1:
-        raise ConvertError(f"{Path(source).expanduser()}: not a model folder")
-    return local
 
 
 def _fetch(source: str, revision: str | None, progress: Progress | None) -> tuple[Path, str]:

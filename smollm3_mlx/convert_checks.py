@@ -9,8 +9,9 @@ import signal
 import threading
 from pathlib import Path
 
+from .checkpoint import error_line
 from .files import existing_parent, human_size
-from .loading import download_bar, error_line
+from .hub import download_bar
 
 
 class ConvertError(ValueError):

@@ -156,7 +156,9 @@ def compare(
         windows: measure only this many windows, evenly spaced (default: all).
         progress: called as progress(layers done, layers in all).
     """
-    from .loading import ModelLoadError, load_model, resolve_model_path
+    from .checkpoint import ModelLoadError
+    from .hub import resolve_model_path
+    from .loading import load_model
     from .tokenizer import Tokenizer
 
     try:

@@ -13,7 +13,8 @@ import pytest
 from checkpoints import REPO_ROOT, make_tiny_checkpoint
 from typer.testing import CliRunner
 
-from smollm3_mlx import cli, files
+from smollm3_mlx import files
+from smollm3_mlx.cli import app as cli
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def test_sigterm_while_the_old_out_is_removed_finishes_the_swap_and_says_out_is_
 
 KILLED_IN_REMOVAL = """
 import os, signal, shutil, sys
-from smollm3_mlx.cli import app
+from smollm3_mlx.cli.app import app
 
 def first_unlink_then_killed(path, *args, **kwargs):
     # SIGKILL after rmtree's first unlink, taking names in sorted order (rmtree's own order is

@@ -11,7 +11,8 @@ import pytest
 from checkpoints import make_tiny_checkpoint
 from typer.testing import CliRunner
 
-from smollm3_mlx import cli, quality, recipe
+from smollm3_mlx import quality, recipe
+from smollm3_mlx.cli import app as cli
 from smollm3_mlx.convert import convert
 from smollm3_mlx.loading import load_model
 from smollm3_mlx.tokenizer import Tokenizer

@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..files import parse_json
+
 if TYPE_CHECKING:
-    from .tokenizer import Tokenizer
+    from ..tokenizer import Tokenizer
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 4
@@ -303,8 +305,8 @@ def _assistant_text(m: Message, text: str, i: int) -> str:
     calls = []
     for j, call in enumerate(m.tool_calls or ()):
         try:
-            arguments = json.loads(call.function.arguments or "{}")
-        except ValueError:
+            arguments = parse_json(call.function.arguments or "{}")
+        except ValueError:  # not JSON, or nested deeper than a reader of it could go
             raise RequestError(
                 "tool call arguments are not JSON",
                 f"messages.{i}.tool_calls.{j}.function.arguments",
