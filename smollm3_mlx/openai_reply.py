@@ -67,15 +67,17 @@ class _StopMatcher:
 
     def __init__(self, stop: Sequence[str]):
         self.stop, self.pending, self.hit = tuple(stop), "", False
+        self.matched: str | None = None  # the stop string met
 
     def feed(self, text: str) -> str:
         if self.hit or not self.stop:
             return "" if self.hit else text
         self.pending += text
-        hits = [i for s in self.stop if (i := self.pending.find(s)) >= 0]
+        hits = [(i, s) for s in self.stop if (i := self.pending.find(s)) >= 0]
         if hits:
+            at, self.matched = min(hits)
             self.hit = True
-            out, self.pending = self.pending[: min(hits)], ""
+            out, self.pending = self.pending[:at], ""
             return out
         keep = max(
             (k for s in self.stop for k in range(min(len(s) - 1, len(self.pending)), 0, -1)
