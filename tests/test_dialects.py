@@ -22,6 +22,22 @@ from smollm3_mlx.serve.shape import Blocks
 from smollm3_mlx.tokenizer import Tokenizer
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+CALLED = [  # a question, the call it got (with the reasoning before it), the call's result
+    {"role": "user", "content": "Wx?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "reasoning_content": "Call it.",
+        "tool_calls": [
+            {
+                "id": "c1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+]
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 
 
@@ -91,20 +107,7 @@ def test_responses_items_become_messages_with_calls_reasoning_and_results_in_pla
     messages = rs.input_messages(items)
     assert messages == [
         {"role": "developer", "content": "Use tools."},
-        {"role": "user", "content": "Wx?"},
-        {
-            "role": "assistant",
-            "content": None,
-            "reasoning_content": "Call it.",
-            "tool_calls": [
-                {
-                    "id": "c1",
-                    "type": "function",
-                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
-                }
-            ],
-        },
-        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        *CALLED,
         {"role": "assistant", "content": "Sunny.", "tool_calls": []},
         {"role": "user", "content": "Thanks"},
     ]
@@ -159,7 +162,7 @@ def test_anthropic_system_blocks_tool_use_results_and_thinking_map_to_chat_messa
                     {"type": "redacted_thinking", "data": "sealed"},
                     {
                         "type": "tool_use",
-                        "id": "t1",
+                        "id": "c1",
                         "name": "get_weather",
                         "input": {"city": "Paris"},
                     },
@@ -170,7 +173,7 @@ def test_anthropic_system_blocks_tool_use_results_and_thinking_map_to_chat_messa
                 "content": [
                     {
                         "type": "tool_result",
-                        "tool_use_id": "t1",
+                        "tool_use_id": "c1",
                         "content": [{"type": "text", "text": "sunny"}],
                     },
                     {"type": "text", "text": "And?"},
@@ -181,20 +184,7 @@ def test_anthropic_system_blocks_tool_use_results_and_thinking_map_to_chat_messa
     )
     assert body["messages"] == [
         {"role": "system", "content": "A.\n\nB."},
-        {"role": "user", "content": "Wx?"},
-        {
-            "role": "assistant",
-            "content": None,
-            "reasoning_content": "Call it.",
-            "tool_calls": [
-                {
-                    "id": "t1",
-                    "type": "function",
-                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
-                }
-            ],
-        },
-        {"role": "tool", "tool_call_id": "t1", "content": "sunny"},
+        *CALLED,
         {"role": "user", "content": "And?"},
     ]
     r = chat(body)
