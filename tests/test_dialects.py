@@ -373,3 +373,24 @@ def test_blocks_open_and_close_in_order_and_a_call_is_one_block():
         ("add", "tool", "{}"),
         ("close", "tool", ""),
     ]
+
+
+def test_anthropic_system_turns_among_the_messages_join_the_one_system_prompt():
+    """Claude Code sends a system turn after the first user message; SmolLM3's template has one
+    system block, at the start."""
+    body = messages_body(
+        system="A.",
+        messages=[
+            {"role": "user", "content": "Hi"},
+            {"role": "system", "content": "Agents: none."},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": [{"type": "text", "text": "Bye"}]},
+        ],
+    )
+    assert body["messages"] == [
+        {"role": "system", "content": "A.\n\nAgents: none."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye"},
+    ]
+    chat(body)

@@ -43,7 +43,7 @@ class _Body(BaseModel):
 
 
 class _Message(_Body):
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]  # Claude Code sends system turns mid-way
     content: str | list[dict[str, Any]]
 
 
@@ -68,7 +68,7 @@ class MessagesRequest(CountTokensRequest):
 
 def chat_body(r: CountTokensRequest) -> dict[str, Any]:
     """The chat route's body for `r`."""
-    system = _system(r.system)
+    system = _system(r.system, [m for m in r.messages if m.role == "system"])
     body: dict[str, Any] = {"model": r.model, "messages": [*system, *chat_messages(r.messages)]}
     if isinstance(r, MessagesRequest):
         body |= {"max_tokens": r.max_tokens, "stream": r.stream}
@@ -93,11 +93,14 @@ def chat_body(r: CountTokensRequest) -> dict[str, Any]:
     return body
 
 
-def _system(system: str | list[dict[str, Any]] | None) -> list[dict[str, Any]]:
-    if not system:
-        return []
-    text = system if isinstance(system, str) else "\n\n".join(_texts(system, "system"))
-    return [{"role": "system", "content": text}]
+def _system(system: str | list[dict[str, Any]] | None, turns: list[_Message]) -> list[dict]:
+    """The system prompt, with the system turns among the messages joined to it: SmolLM3's
+    template has one system block, at the start."""
+    blocks = [{"type": "text", "text": system}] if isinstance(system, str) else system or []
+    for m in turns:
+        blocks += [{"type": "text", "text": m.content}] if isinstance(m.content, str) else m.content
+    texts = [t for t in _texts(blocks, "system") if t]
+    return [{"role": "system", "content": "\n\n".join(texts)}] if texts else []
 
 
 def _texts(blocks: list[dict[str, Any]], where: str) -> list[str]:
@@ -111,13 +114,14 @@ def _texts(blocks: list[dict[str, Any]], where: str) -> list[str]:
 
 def chat_messages(messages: list[_Message]) -> list[dict[str, Any]]:
     """Anthropic messages as chat messages: tool results become tool messages (before the text
-    that follows them), thinking and tool use go into the assistant message."""
+    that follows them), thinking and tool use go into the assistant message (system turns are
+    the system prompt's)."""
     out: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
         blocks = [{"type": "text", "text": m.content}] if isinstance(m.content, str) else m.content
         if m.role == "user":
             out += _user(blocks, f"messages.{i}.content")
-        else:
+        elif m.role == "assistant":
             out.append(_assistant(blocks, f"messages.{i}.content"))
     return out
 
