@@ -293,3 +293,83 @@ def test_anthropic_errors_come_in_its_envelope_and_x_api_key_is_accepted(loaded)
         assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
         bearer = openai.OpenAI(base_url=s.url + "/v1", api_key="sesame", max_retries=0)
         assert bearer.responses.create(model=MODEL, input=QUESTIONS["hi"], **GREEDY).output_text
+
+
+# --- other clients, as their docs show them ------------------------------------------------------
+
+
+def test_langchain_openai_on_the_responses_api_answers_streams_and_calls_tools(srv):
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(
+        base_url=srv.url + "/v1",
+        api_key="unused",
+        model=MODEL,
+        temperature=0,
+        use_responses_api=True,
+    )
+    r = llm.invoke(QUESTIONS["math"])
+    assert [b["text"] for b in r.content if b["type"] == "text"] == [answer("math")]
+    assert r.usage_metadata["output_token_details"]["reasoning"] > 0
+    chunks = list(llm.stream(QUESTIONS["math"]))
+    whole = sum(chunks[1:], chunks[0])
+    assert [b["text"] for b in whole.content if b["type"] == "text"] == [answer("math")]
+    tools = [{"type": "function", "function": t} for t in TOOLS]
+    (call,) = llm.bind_tools(tools).invoke(QUESTIONS["weather"]).tool_calls
+    assert (call["name"], call["args"]) == ("get_weather", {"city": "Paris"})
+
+
+def pydantic_ai_model(srv, dialect):
+    if dialect == "responses":
+        from pydantic_ai.models.openai import OpenAIResponsesModel
+        from pydantic_ai.providers.openai import OpenAIProvider
+
+        provider = OpenAIProvider(base_url=srv.url + "/v1", api_key="unused")
+        return OpenAIResponsesModel(MODEL, provider=provider)
+    from pydantic_ai.models.anthropic import AnthropicModel
+    from pydantic_ai.providers.anthropic import AnthropicProvider
+
+    return AnthropicModel(MODEL, provider=AnthropicProvider(base_url=srv.url, api_key="unused"))
+
+
+@pytest.mark.parametrize("dialect", ["responses", "anthropic"])
+def test_a_pydantic_ai_agent_runs_its_tool_and_answers_through_each_dialect(srv, dialect):
+    from pydantic_ai import Agent
+
+    agent = Agent(
+        pydantic_ai_model(srv, dialect), model_settings={"temperature": 0, "max_tokens": 200}
+    )
+    called = []
+
+    @agent.tool_plain
+    def get_weather(city: str) -> str:
+        """Get the current weather in a city.
+
+        Args:
+            city: The city's name, for example Paris.
+        """
+        called.append(city)
+        return TOOL_RESULT
+
+    run = agent.run_sync(QUESTIONS["weather"])
+    assert called == ["Paris"] and run.output == answer("after_tool")
+    parts = [type(p).__name__ for m in run.all_messages() for p in m.parts]
+    assert parts == [
+        "UserPromptPart",
+        "ThinkingPart",
+        "ToolCallPart",
+        "ToolReturnPart",
+        "ThinkingPart",
+        "TextPart",
+    ]
+
+
+def test_a_pydantic_ai_agent_gets_native_structured_output_from_the_responses_api(srv):
+    from pydantic_ai import Agent, NativeOutput
+
+    agent = Agent(
+        pydantic_ai_model(srv, "responses"),
+        output_type=NativeOutput(Sum),
+        model_settings={"temperature": 0, "max_tokens": 200},
+    )
+    assert isinstance(agent.run_sync(QUESTIONS["math"]).output, Sum)
