@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import uvicorn
 
-from smollm3_mlx.engine import Engine
-from smollm3_mlx.server import make_app
+from smollm3_mlx.serve.app import make_app
+from smollm3_mlx.serve.engine import Engine
 
 MODEL = "smollm3-tiny"
 

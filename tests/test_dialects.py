@@ -15,10 +15,10 @@ from openai.lib.streaming.responses._responses import ResponseStreamState
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from smollm3_mlx.openai_reply import Reply
-from smollm3_mlx.openai_request import ChatRequest, RequestError, parse
 from smollm3_mlx.serve import anthropic as am, responses as rs
-from smollm3_mlx.serve.shape import Blocks
+from smollm3_mlx.serve.blocks import Blocks
+from smollm3_mlx.serve.reply import Reply
+from smollm3_mlx.serve.request import ChatRequest, RequestError, parse
 from smollm3_mlx.tokenizer import Tokenizer
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
@@ -351,7 +351,7 @@ def test_an_anthropic_stop_sequence_is_named_in_the_reply(tok):
 
 
 def test_blocks_open_and_close_in_order_and_a_call_is_one_block():
-    from smollm3_mlx.openai_reply import Delta
+    from smollm3_mlx.serve.reply import Delta
 
     call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     blocks = Blocks()

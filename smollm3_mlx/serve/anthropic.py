@@ -14,9 +14,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..openai_reply import Delta, Reply, new_id
-from ..openai_request import RequestError
-from .shape import Block, Blocks, Shape, Sse, whole_blocks
+from .blocks import Block, Blocks, whole_blocks
+from .reply import Delta, Reply, Shape, Sse, new_id
+from .request import RequestError
 
 ERROR_TYPES = {
     400: "invalid_request_error",

@@ -13,9 +13,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..openai_reply import Delta, Reply, new_id
-from ..openai_request import MAX_TOP_LOGPROBS, RequestError
-from .shape import Block, Blocks, Shape, Sse, whole_blocks
+from .blocks import Block, Blocks, whole_blocks
+from .reply import Delta, Reply, Shape, Sse, new_id
+from .request import MAX_TOP_LOGPROBS, RequestError
 
 DEFAULT_STORED = 64  # conversations kept for previous_response_id, least recently used dropped
 TEXT_PARTS = ("input_text", "output_text", "text")

@@ -1,10 +1,12 @@
 """The OpenAI-compatible HTTP server: routes, auth, limits, streaming (`smollm3-mlx serve`).
 
-Starlette + uvicorn + sse-starlette (the `server` extra), imported only here. Requests are checked
-and rendered, and replies shaped, on the event loop's side (openai_request.py, openai_reply.py);
-generation runs on the engine's single worker thread (engine.py). Safe by default: loopback only,
-a Host check against DNS rebinding, JSON bodies only (no cross-site form posts), bounded bodies,
-no CORS unless asked.
+Starlette + uvicorn + sse-starlette (the `server` extra), imported only here. Three dialects
+(OpenAI chat and completions, OpenAI's Responses API, Anthropic's Messages API) map their bodies
+onto one plan (request.py, responses.py, anthropic.py) and answer through one tail, `_answer`,
+whose replies each dialect's Shape forms (reply.py, responses.py, anthropic.py); all of that on
+the event loop's side. Generation runs on the engine's single worker thread (engine.py). Safe by
+default: loopback only, a Host check against DNS rebinding, JSON bodies only (no cross-site form
+posts), bounded bodies, no CORS unless asked.
 """
 
 from __future__ import annotations
@@ -29,6 +31,14 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ..sample import Sampling
+from .anthropic import (
+    AnthropicShape,
+    CountTokensRequest,
+    MessagesRequest,
+    chat_body as anthropic_chat_body,
+    error_body as anthropic_error_body,
+)
 from .cache_dir import DEFAULT_DIR_BYTES
 from .engine import (
     DEFAULT_CACHE_BYTES,
@@ -42,16 +52,8 @@ from .engine import (
     Started,
     Token,
 )
-from .openai_reply import (
-    Delta,
-    Reply,
-    chat_chunk,
-    chat_response,
-    new_id,
-    text_chunk,
-    text_response,
-)
-from .openai_request import (
+from .reply import ChatShape, Delta, Reply, Shape, Sse, TextShape, new_id
+from .request import (
     ChatRequest,
     CompletionRequest,
     RequestError,
@@ -67,21 +69,12 @@ from .openai_request import (
     thinking,
     tools as request_tools,
 )
-from .sample import Sampling
-from .serve.anthropic import (
-    AnthropicShape,
-    CountTokensRequest,
-    MessagesRequest,
-    chat_body as anthropic_chat_body,
-    error_body as anthropic_error_body,
-)
-from .serve.responses import (
+from .responses import (
     ResponsesRequest,
     ResponsesShape,
     ResponseStore,
     chat_body as responses_chat_body,
 )
-from .serve.shape import Shape, Sse
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 DEFAULT_MAX_BODY = 4 * 1024**2
@@ -105,53 +98,6 @@ def _openai_error(status: int, e: Fault | RequestError) -> dict[str, Any]:
 
 def _anthropic_error(status: int, e: Fault | RequestError) -> dict[str, Any]:
     return anthropic_error_body(status, e.message)
-
-
-class ChatShape(Shape):
-    """A chat.completion, or its chunks: the role first, usage last when asked, then [DONE]."""
-
-    def __init__(self, reply: Reply, meta: dict[str, Any], usage: bool):
-        super().__init__(reply)
-        self.meta, self.usage = meta, usage
-
-    def chunk(self, delta: Delta | None, finish: str | None) -> dict[str, Any]:
-        return chat_chunk(self.meta, delta, finish, self.usage)
-
-    def opened(self) -> list[Sse]:
-        first = self.chunk(None, None)
-        first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-        return [(None, first)]
-
-    def delta(self, delta: Delta) -> list[Sse]:
-        return [(None, self.chunk(delta, None))]
-
-    def closed(self, finish: str) -> list[Sse]:
-        usage = {**self.chunk(None, None), "choices": [], "usage": self.reply.usage.body()}
-        return [
-            (None, self.chunk(None, finish)),
-            *([(None, usage)] if self.usage else []),
-            (None, "[DONE]"),
-        ]
-
-    def whole(self, finish: str) -> dict[str, Any]:
-        return chat_response(self.meta, self.reply, finish)
-
-    def failed(self, status: int, message: str) -> list[Sse]:
-        kind = "server_error" if status >= 500 else "invalid_request_error"
-        return [(None, error_body(message, kind))]
-
-
-class TextShape(ChatShape):
-    """A text_completion, or its chunks."""
-
-    def chunk(self, delta: Delta | None, finish: str | None) -> dict[str, Any]:
-        return text_chunk(self.meta, self.reply, delta, finish, self.usage)
-
-    def opened(self) -> list[Sse]:
-        return []
-
-    def whole(self, finish: str) -> dict[str, Any]:
-        return text_response(self.meta, self.reply, finish)
 
 
 @dataclass(frozen=True)
@@ -357,7 +303,7 @@ class _Api:
         asked = wanted["response_format"] or wanted["tool_choice"] != "auto"
         if not (tools or asked or wanted["thinking_token_budget"] is not None):
             return []  # nothing to hold: the grammar engine is not even loaded
-        from .constrain import ConstraintError, make_answer_constraint, make_think_budget
+        from ..constrain import ConstraintError, make_answer_constraint, make_think_budget
 
         try:
             answer = make_answer_constraint(

@@ -1,9 +1,5 @@
-"""How a dialect shapes a reply: the `Shape` the server's one answer path drives (Deltas in,
-stream events and the whole body out), and the reply as content blocks (reasoning, text, tool
-call) opened, extended and closed in order, as the Responses and Anthropic streams both send it.
-
-Imports no MLX and no HTTP stack.
-"""
+"""A reply as content blocks (reasoning, text, tool call) opened, extended and closed in order,
+as the Responses and Anthropic streams both send it. Imports no MLX and no HTTP stack."""
 
 from __future__ import annotations
 
@@ -11,36 +7,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..openai_reply import Delta, Reply
+from .reply import Delta, Reply
 
 Kind = Literal["reasoning", "text", "tool"]
-Sse = tuple[
-    str | None, Any
-]  # a server-sent event: its name (None: none), its JSON data or "[DONE]"
-
-
-class Shape:
-    """One reply in one dialect: `opened` once the prompt is in, `delta` for each Delta of the
-    reply, then `closed` with the finish reason; or `whole` once, for a reply not streamed.
-    `failed` is an error met once the stream began (its status line is sent already)."""
-
-    def __init__(self, reply: Reply):
-        self.reply = reply
-
-    def opened(self) -> list[Sse]:
-        return []
-
-    def delta(self, delta: Delta) -> list[Sse]:
-        raise NotImplementedError
-
-    def closed(self, finish: str) -> list[Sse]:
-        raise NotImplementedError
-
-    def whole(self, finish: str) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def failed(self, status: int, message: str) -> list[Sse]:
-        raise NotImplementedError
 
 
 @dataclass
