@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 
+from .events import TOOL_CALL_START
 from .grammar import (
     ConstraintError as ConstraintError,
     ResponseFormat as ResponseFormat,
@@ -38,6 +39,12 @@ DEFAULT_HANDOFF = (
     "\n\nConsidering the limited time, I have to give the solution based on the thinking "
     "directly now.\n"
 )
+
+
+# The tokens a turn whose answer has a shape (a response format, a required or named tool call)
+# keeps for that answer: its thinking closes by max_tokens - DEFAULT_ANSWER_RESERVE (README).
+DEFAULT_ANSWER_RESERVE = 256
+_CLOSE_TOKENS = 3  # <think>, </think> and the newline after it: neither thinking nor answer
 
 
 def _force(logits: mx.array, token: int) -> mx.array:
@@ -207,6 +214,7 @@ def make_answer_constraint(
     *,
     tools: Sequence[dict[str, Any]] | None = None,
     tool_choice: ToolChoice = "auto",
+    parallel_tool_calls: bool = True,
 ) -> AnswerConstraint | None:
     """A processor holding the answer to `response_format` and well-formed tool calls, or None
     when there is nothing to constrain. Errors come here, before any token.
@@ -215,14 +223,81 @@ def make_answer_constraint(
         tokenizer: the model's Tokenizer (the grammar works on its full vocabulary).
         response_format: see `make_response_format`.
         tools: the offered tools (JSON schemas with a name and parameters).
-        tool_choice: "auto", "none", "required", or a tool's name (or OpenAI's dict for it).
+        tool_choice: "auto", "none", "required", a tool's name, or OpenAI's dicts for those
+            (see `tool_choice_mode`).
+        parallel_tool_calls: False: one call at most.
 
     Raises:
-        ConstraintError: an invalid or unsupported schema, pattern, tool list or tool choice.
+        ConstraintError: an invalid or unsupported schema, pattern, tool list or tool choice;
+            its `param` says which.
     """
     fmt = make_response_format(response_format)
-    grammar = make_answer_grammar(tokenizer, fmt, tools, tool_choice)
-    return None if grammar is None else AnswerConstraint(tokenizer, grammar, fmt)
+    grammar = make_answer_grammar(
+        tokenizer, fmt, tools, tool_choice, parallel_tool_calls=parallel_tool_calls
+    )
+    if grammar is None:
+        return None
+    try:
+        return AnswerConstraint(tokenizer, grammar, fmt)
+    except ConstraintError as e:
+        raise ConstraintError(str(e), _at_fault(tokenizer, fmt)) from None
+
+
+def _at_fault(tokenizer: Tokenizer, fmt: ResponseFormat | None) -> str:
+    """Which part of a grammar that does not compile is at fault: the response format if it
+    fails alone, else the tools."""
+    if fmt is None:
+        return "tools"
+    bad, _ = engine().LLMatcher.validate_grammar_with_warnings(
+        f"start: {fmt.lark(engine())}\n", ll_tokenizer(tokenizer)
+    )
+    return "response_format" if bad else "tools"
+
+
+def answer_shaped(
+    response_format: Any = None,
+    tools: Sequence[dict[str, Any]] | None = None,
+    tool_choice: ToolChoice = "auto",
+) -> bool:
+    """Whether the answer has a required shape: a response format, or a required or named tool
+    call (what `DEFAULT_ANSWER_RESERVE` keeps room for)."""
+    if make_response_format(response_format) is not None:
+        return True
+    return bool(tools) and tool_choice_mode(tool_choice)[0] == "required"
+
+
+def reserved_think_budget(
+    budget: int | None, room: int | None, reserve: int = DEFAULT_ANSWER_RESERVE
+) -> int | None:
+    """The thinking budget of a turn whose answer has a shape: `budget` when one is given (it
+    wins), else what `room` (the tokens the turn may generate; None: unbounded) leaves once
+    `reserve` tokens are kept for the answer."""
+    if budget is not None or room is None:
+        return budget
+    return max(0, room - reserve - _CLOSE_TOKENS)
+
+
+class CallBan:
+    """Keeps `<tool_call>` out of a turn that may not call a tool (no tools offered, or
+    tool_choice "none"): the id is never sampled, so no call is opened or parsed. Stateless."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        call = tokenizer.token_to_id(TOOL_CALL_START)
+        self._ids = None if call is None else mx.array([call])
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        return logits if self._ids is None else _ban(logits, self._ids)
+
+
+def make_call_ban(
+    tokenizer: Tokenizer,
+    tools: Sequence[dict[str, Any]] | None = None,
+    tool_choice: ToolChoice = "auto",
+) -> CallBan | None:
+    """A CallBan when no call may be made (no tools, or tool_choice "none"), else None."""
+    if tools and tool_choice_mode(tool_choice)[0] != "none":
+        return None
+    return CallBan(tokenizer)
 
 
 class ThinkBudget(_Stepper):
