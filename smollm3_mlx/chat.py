@@ -26,10 +26,7 @@ from .constrain import (
     ConstraintError,
     ThinkBudget,
     ToolChoice,
-    answer_shaped,
-    make_answer_constraint,
-    make_call_ban,
-    reserved_think_budget,
+    make_turn_processors,
     tool_choice_mode,
 )
 from .events import (
@@ -492,28 +489,26 @@ class Chat:
     ) -> tuple[list[Any], AnswerConstraint | None]:
         """The turn's logits processors: sampling's, the thinking budget (room kept for an
         answer with a shape), the answer constraint, or the ban on calls."""
-        processors = list(self.sampling.logits_processors())
-        choice = self.tool_choice if turn.tool_choice is None else turn.tool_choice
-        budget = self.think_budget if turn.think_budget is None else turn.think_budget
-        if not turn.open_answer and answer_shaped(turn.response_format, self.tools, choice):
-            room = self.sampling.max_tokens
-            if self.max_context is not None:
-                room = min(room, max(self.max_context - prompt_tokens, 0))
-            budget = reserved_think_budget(budget, room, self.answer_reserve)
-        if budget is not None or not self.prompt_lookup:  # a budget turns drafting off
-            processors.append(
-                ThinkBudget(self.tokenizer, budget, handoff=self.handoff, stop=self._answer_now)
-            )
         if turn.open_answer and turn.response_format is not None:
             raise ConstraintError("a response_format holds a whole answer: not with a prefill")
-        constraint = make_answer_constraint(
+        budget = self.think_budget if turn.think_budget is None else turn.think_budget
+        room = self.sampling.max_tokens
+        if self.max_context is not None:
+            room = min(room, max(self.max_context - prompt_tokens, 0))
+        # stop_thinking needs the budget processor; with no budget, drafting (prompt_lookup) wins
+        stop = None if budget is None and self.prompt_lookup else self._answer_now
+        held, constraint = make_turn_processors(
             self.tokenizer,
-            turn.response_format,
+            response_format=turn.response_format,
             tools=self.tools,
-            tool_choice=choice,
+            tool_choice=self.tool_choice if turn.tool_choice is None else turn.tool_choice,
+            think_budget=budget,
+            answer_reserve=self.answer_reserve,
+            room=room,
+            handoff=self.handoff,
+            stop=stop,
         )
-        ban = make_call_ban(self.tokenizer, self.tools, choice)
-        return processors + [p for p in (constraint, ban) if p is not None], constraint
+        return [*self.sampling.logits_processors(), *held], constraint
 
     def _new_cache(self, prompt: list[int]) -> PromptCache:
         """The cache of this chat, its window and kept system block read off the first prompt."""

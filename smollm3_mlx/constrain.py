@@ -289,6 +289,43 @@ class CallBan:
         return logits if self._ids is None else _ban(logits, self._ids)
 
 
+def make_turn_processors(
+    tokenizer: Tokenizer,
+    *,
+    response_format: Any = None,
+    tools: Sequence[dict[str, Any]] | None = None,
+    tool_choice: ToolChoice = "auto",
+    parallel_tool_calls: bool = True,
+    think_budget: int | None = None,
+    answer_reserve: int = DEFAULT_ANSWER_RESERVE,
+    room: int | None = None,
+    handoff: str = DEFAULT_HANDOFF,
+    stop: threading.Event | None = None,
+) -> tuple[list[Any], AnswerConstraint | None]:
+    """A turn's processors (the thinking budget, the answer constraint, the ban on calls; those
+    it needs) and its answer constraint: what Chat and the server both hold a turn to.
+
+    An answer with a shape (`answer_shaped`) gets its thinking closed so that `answer_reserve`
+    of the `room` (the tokens the turn may generate) are left for it, unless a `think_budget`
+    is given. The other arguments are those of `make_answer_constraint` and `make_think_budget`.
+
+    Raises:
+        ConstraintError: see `make_answer_constraint` (before any token).
+    """
+    constraint = make_answer_constraint(
+        tokenizer,
+        response_format,
+        tools=tools,
+        tool_choice=tool_choice,
+        parallel_tool_calls=parallel_tool_calls,
+    )
+    if answer_shaped(response_format, tools, tool_choice):
+        think_budget = reserved_think_budget(think_budget, room, answer_reserve)
+    budget = make_think_budget(tokenizer, think_budget, handoff=handoff, stop=stop)
+    ban = make_call_ban(tokenizer, tools, tool_choice)
+    return [p for p in (budget, constraint, ban) if p is not None], constraint
+
+
 def make_call_ban(
     tokenizer: Tokenizer,
     tools: Sequence[dict[str, Any]] | None = None,

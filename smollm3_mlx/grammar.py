@@ -294,9 +294,12 @@ def make_answer_grammar(
     "none", or no tools: no `<tool_call>` at all; "required" / a name: one or more calls, and
     nothing else. `parallel_tool_calls=False`: one call at most.
     """
-    llg = engine()
     mode, names = tool_choice_mode(tool_choice)
-    value = response_format.lark(llg) if response_format else None
+    if response_format is None and (not tools or mode == "none"):
+        if mode == "required":
+            raise ConstraintError(f"tool_choice {tool_choice!r} needs tools", "tool_choice")
+        return None  # nothing to hold (a call is kept out by constrain.CallBan): no llguidance
+    value = response_format.lark(engine()) if response_format else None
     call_ids = (tokenizer.token_to_id(TOOL_CALL_START), tokenizer.token_to_id(TOOL_CALL_END))
     if not tools or mode == "none":
         if mode == "required":

@@ -64,7 +64,7 @@ from .openai_request import (
     settings as request_settings,
     template_messages,
     thinking,
-    tools as request_tools,
+    unsupported,
 )
 from .sample import Sampling
 
@@ -185,11 +185,13 @@ class _Api:
         self.guard(request)
         r = parse(ChatRequest, await self.body(request))
         settings = request_settings(r, self.served)
+        unsupported(r)
         wanted = constraint(r)
-        messages, think, tools = template_messages(r.messages), thinking(r), request_tools(r)
+        messages, think, tools = template_messages(r.messages), thinking(r), wanted["tools"]
         prompt = await anyio.to_thread.run_sync(lambda: self._render(messages, think, tools))
         check_context(len(prompt), settings.max_tokens, self.engine.context)  # before a grammar
-        processors = await anyio.to_thread.run_sync(lambda: self._processors(wanted, tools))
+        room = settings.max_tokens or self.engine.context - len(prompt)
+        processors = await anyio.to_thread.run_sync(lambda: self._processors(wanted, room))
         reply = Reply(self.tokenizer, prompt, stop=settings.stop,
                       top_logprobs=settings.top_logprobs)  # fmt: skip
         job, items = self._submit(prompt, settings, processors)
@@ -238,22 +240,16 @@ class _Api:
         assert isinstance(ids, list)
         return ids
 
-    def _processors(self, wanted: dict[str, Any], tools) -> list[Any]:
-        """The request's constraints as logits processors (the grammar is compiled here)."""
-        asked = wanted["response_format"] or wanted["tool_choice"] != "auto"
-        if not (tools or asked or wanted["thinking_token_budget"] is not None):
-            return []  # nothing to hold: the grammar engine is not even loaded
-        from .constrain import ConstraintError, make_answer_constraint, make_think_budget
+    def _processors(self, wanted: dict[str, Any], room: int) -> list[Any]:
+        """The request's constraints as logits processors (a grammar is compiled here; none,
+        and no grammar engine loaded, when nothing but the ban on calls is asked)."""
+        from .constrain import ConstraintError, make_turn_processors
 
         try:
-            answer = make_answer_constraint(
-                self.tokenizer, wanted["response_format"], tools=tools,
-                tool_choice=wanted["tool_choice"],
-            )  # fmt: skip
-            budget = make_think_budget(self.tokenizer, wanted["thinking_token_budget"])
+            processors, _ = make_turn_processors(self.tokenizer, room=room, **wanted)
         except ConstraintError as e:
-            raise RequestError(str(e), "response_format") from None
-        return [p for p in (budget, answer) if p is not None]
+            raise RequestError(str(e), e.param) from None
+        return processors
 
     def _submit(
         self, prompt: list[int], s: Settings, processors: Sequence[Any] = ()
