@@ -35,7 +35,11 @@ _ANY = {
     "anyOf": [
         {"type": ["string", "number", "boolean", "null"]},
         {"type": "array", "items": {"$ref": "#/$defs/any"}},
-        {"type": "object", "additionalProperties": {"$ref": "#/$defs/any"}},
+        {
+            "type": "object",  # keys bounded as strings are (llguidance has no propertyNames)
+            "patternProperties": {f"^.{{0,{DEFAULT_MAX_STRING}}}$": {"$ref": "#/$defs/any"}},
+            "additionalProperties": False,
+        },
     ]
 }
 ANY_OBJECT = {
