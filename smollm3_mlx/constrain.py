@@ -142,6 +142,12 @@ class AnswerConstraint(_Stepper):
         self._bits = np.zeros((lt.vocab_size + 31) // 32, dtype=np.int32)
         self.stage = "answer"
         self.answer_ids: list[int] = []  # what the grammar has consumed
+        # Once this many tokens are generated, a complete answer ends (no further call is
+        # begun): set for a required shape, whose room must not go to extra calls.
+        self.wrap_up_after: int | None = None
+        self._generated = 0
+        eos = tokenizer.eos_token_ids
+        self.end = tokenizer.im_end_id if tokenizer.im_end_id in eos else min(eos)
 
     def _start(self, prompt: list[int]) -> None:
         self.stage, _ = _stage(prompt, self.tokenizer)
@@ -163,11 +169,15 @@ class AnswerConstraint(_Stepper):
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         for token in self._arrived(tokens):
+            self._generated += 1
             self._advance(token)
         if self.stage == "thinking":
             return _ban(logits, self._eos)
         if self.stage == "close":
             return _force(logits, self.newline)
+        late = self.wrap_up_after is not None and self._generated >= self.wrap_up_after
+        if late and self.complete:
+            return _force(logits, self.end)
         return self._mask(logits)
 
     def mask(self) -> np.ndarray:
@@ -321,6 +331,8 @@ def make_turn_processors(
     )
     if answer_shaped(response_format, tools, tool_choice):
         think_budget = reserved_think_budget(think_budget, room, answer_reserve)
+        if constraint is not None and room is not None:  # the reserve is for one shape
+            constraint.wrap_up_after = max(room - answer_reserve, 0)
     budget = make_think_budget(tokenizer, think_budget, handoff=handoff, stop=stop)
     ban = make_call_ban(tokenizer, tools, tool_choice)
     return [p for p in (budget, constraint, ban) if p is not None], constraint
