@@ -43,8 +43,9 @@ from .events import (
     split_thinking,
 )
 from .files import write_atomic
-from .generate import GenerationResponse, prefill_cache, stream_generate
+from .generate import GenerationResponse, stream_generate
 from .sample import Sampling
+from .step import prefill_cache
 from .tokenizer import ASSISTANT_TAGS
 from .tools import Tool, as_text, run_tool, tool_schema, tool_schemas
 

@@ -20,8 +20,8 @@ from smollm3_mlx.chat import (
     ThinkingDelta,
     ToolCall,
 )
-from smollm3_mlx.generate import generate_step
 from smollm3_mlx.loading import load
+from smollm3_mlx.step import generate_step
 from smollm3_mlx.tokenizer import Tokenizer
 
 pytestmark = requires_reference

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .events import (
+from ..events import (
     TOOL_CALL_END,
     TOOL_CALL_START,
     AnswerDelta,
@@ -23,7 +23,7 @@ from .events import (
 )
 
 if TYPE_CHECKING:
-    from .tokenizer import Tokenizer
+    from ..tokenizer import Tokenizer
 
 
 def new_id(prefix: str) -> str:

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .grammar import ConstraintError, tool_choice_mode
+from ..grammar import ConstraintError, tool_choice_mode
 
 if TYPE_CHECKING:
-    from .tokenizer import Tokenizer
+    from ..tokenizer import Tokenizer
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 4
