@@ -329,7 +329,7 @@ def make_turn_processors(
         tool_choice=tool_choice,
         parallel_tool_calls=parallel_tool_calls,
     )
-    if answer_shaped(response_format, tools, tool_choice):
+    if answer_shaped(response_format, tools, tool_choice) and tokenizer.think_end_id is not None:
         think_budget = reserved_think_budget(think_budget, room, answer_reserve)
         if constraint is not None and room is not None:  # the reserve is for one shape
             constraint.wrap_up_after = max(room - answer_reserve, 0)

@@ -13,7 +13,7 @@ import openai
 import pytest
 from checkpoints import make_tiny_checkpoint, requires_reference
 from pydantic import BaseModel
-from shapes import MODELS, SCHEMAS, Order, Person, Weather
+from shapes import MODELS, SCHEMAS, Choice, Order, Person, Weather
 from test_server import MODEL, OPENAI_TOOLS, running, user
 from trained_model import TOOL_RESULT, answer, trained_checkpoint
 
@@ -112,9 +112,9 @@ def test_json_schemas_with_refs_definitions_and_recursion_hold_when_streamed(noi
 
 
 def test_a_nested_pydantic_tool_is_called_validly_and_once_when_parallel_is_off(noise):
-    tools = [openai.pydantic_function_tool(Order), openai.pydantic_function_tool(Person)]
+    tools = [openai.pydantic_function_tool(Order), openai.pydantic_function_tool(Choice)]
     counts = []
-    runs = [(seed, parallel, "none") for seed in (0, 1) for parallel in (True, False)]
+    runs = [(seed, parallel, "none") for seed in (1, 2) for parallel in (True, False)]
     runs += [(seed, False, None) for seed in (0, 1)]  # thinking, at the default effort
     for seed, parallel, effort in runs:
         r = sdk(noise).chat.completions.parse(
@@ -130,7 +130,7 @@ def test_a_nested_pydantic_tool_is_called_validly_and_once_when_parallel_is_off(
         choice = r.choices[0]
         assert choice.finish_reason == "tool_calls" and not choice.message.content
         for call in choice.message.tool_calls:
-            model = {"Order": Order, "Person": Person}[call.function.name]
+            model = {"Order": Order, "Choice": Choice}[call.function.name]
             assert isinstance(call.function.parsed_arguments, model)
         counts.append((parallel, len(choice.message.tool_calls)))
     assert all(n == 1 for parallel, n in counts if not parallel)
