@@ -67,7 +67,7 @@ from .request import (
     settings as request_settings,
     template_messages,
     thinking,
-    tools as request_tools,
+    unsupported,
 )
 from .responses import (
     ResponsesRequest,
@@ -259,22 +259,26 @@ class _Api:
         r = parse(CountTokensRequest, await self.body(request))
         chat = parse(ChatRequest, anthropic_chat_body(r))
         request_settings(chat, self.served)
-        return JSONResponse({"input_tokens": len(await self._prompt(chat))})
+        unsupported(chat)
+        prompt = await self._prompt(chat, constraint(chat)["tools"])
+        return JSONResponse({"input_tokens": len(prompt)})
 
     async def _plan(self, r: ChatRequest) -> _Plan:
         """A chat request (whichever dialect it came in) as the plan every answer runs."""
         settings = request_settings(r, self.served)
-        wanted, tools = constraint(r), request_tools(r)
-        prompt = await self._prompt(r)
+        unsupported(r)
+        wanted = constraint(r)
+        prompt = await self._prompt(r, wanted["tools"])
         check_context(len(prompt), settings.max_tokens, self.engine.context)  # before a grammar
-        processors = await anyio.to_thread.run_sync(lambda: self._processors(wanted, tools))
+        room = settings.max_tokens or self.engine.context - len(prompt)
+        processors = await anyio.to_thread.run_sync(lambda: self._processors(wanted, room))
         reply = Reply(
             self.tokenizer, prompt, stop=settings.stop, top_logprobs=settings.top_logprobs
         )
         return _Plan(prompt, settings, processors, reply)
 
-    async def _prompt(self, r: ChatRequest) -> list[int]:
-        messages, think, tools = template_messages(r.messages), thinking(r), request_tools(r)
+    async def _prompt(self, r: ChatRequest, tools: list[dict[str, Any]] | None) -> list[int]:
+        messages, think = template_messages(r.messages), thinking(r)
         return await anyio.to_thread.run_sync(lambda: self._render(messages, think, tools))
 
     async def _answer(self, request: Request, plan: _Plan, shape: Shape, stream: bool) -> Response:
@@ -298,22 +302,16 @@ class _Api:
         assert isinstance(ids, list)
         return ids
 
-    def _processors(self, wanted: dict[str, Any], tools) -> list[Any]:
-        """The request's constraints as logits processors (the grammar is compiled here)."""
-        asked = wanted["response_format"] or wanted["tool_choice"] != "auto"
-        if not (tools or asked or wanted["thinking_token_budget"] is not None):
-            return []  # nothing to hold: the grammar engine is not even loaded
-        from ..constrain import ConstraintError, make_answer_constraint, make_think_budget
+    def _processors(self, wanted: dict[str, Any], room: int) -> list[Any]:
+        """The request's constraints as logits processors (a grammar is compiled here; none,
+        and no grammar engine loaded, when nothing but the ban on calls is asked)."""
+        from ..constrain import ConstraintError, make_turn_processors
 
         try:
-            answer = make_answer_constraint(
-                self.tokenizer, wanted["response_format"], tools=tools,
-                tool_choice=wanted["tool_choice"],
-            )  # fmt: skip
-            budget = make_think_budget(self.tokenizer, wanted["thinking_token_budget"])
+            processors, _ = make_turn_processors(self.tokenizer, room=room, **wanted)
         except ConstraintError as e:
-            raise RequestError(str(e), "response_format") from None
-        return [p for p in (budget, answer) if p is not None]
+            raise RequestError(str(e), e.param) from None
+        return processors
 
     def _submit(self, plan: _Plan) -> tuple[Job, asyncio.Queue[Item]]:
         loop, s = asyncio.get_running_loop(), plan.settings

@@ -13,7 +13,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..events import AnswerDelta, EventParser, ThinkingDelta, ToolCall, ToolCallError
+from ..events import (
+    TOOL_CALL_END,
+    TOOL_CALL_START,
+    AnswerDelta,
+    EventParser,
+    ThinkingDelta,
+    ToolCall,
+    ToolCallError,
+)
 from .request import error_body
 
 if TYPE_CHECKING:
@@ -145,6 +153,10 @@ class Reply:
         self.content: list[str] = []
         self.tool_calls: list[dict[str, Any]] = []
         self.logprobs: list[dict[str, Any]] = []
+        # Logprobs wait until the content holds their token's text (a trimmed, held or cut text
+        # never gets one): (entry, characters of content it stands for).
+        self._pending: list[tuple[dict[str, Any], int]] = []
+        self._content_chars = self._logprob_chars = 0
 
     @property
     def stopped(self) -> bool:
@@ -157,18 +169,27 @@ class Reply:
         if self.stopped:
             return delta
         self.usage.completion_tokens += 1
+        entry = None
         if token in self.tags:
             self.thinking = token == self.tokenizer.think_start_id
         elif self.thinking:
             self.usage.reasoning_tokens += 1
         elif logprob is not None and self.top_logprobs is not None:
-            delta.logprobs.append(self._logprob(token, logprob, top))
+            entry = self._logprob(token, logprob, top)
+        started = self.trim_content.started
         if self.parser is None:
             self.detokenizer.add_token(token)
             self._answer(delta, self.detokenizer.last_segment)
         else:
             self._events(delta, self.parser.feed(token))
-        self.logprobs += delta.logprobs
+            calls = (self.parser.call_start, self.parser.call_end)
+            if token in calls or self.parser.call is not None:
+                entry = None  # a tool call's token: not content
+        if entry is not None:
+            text = entry["token"] if started else entry["token"].lstrip()
+            if text:  # leading whitespace, which the content trims, has no logprob either
+                self._pending.append((entry, len(text)))
+        self._release(delta)
         return delta
 
     def flush(self) -> Delta:
@@ -178,11 +199,25 @@ class Reply:
             self.detokenizer.finalize()
             self._answer(delta, self.detokenizer.last_segment)
         else:
-            self._events(delta, self.parser.flush())
+            self._events(delta, self.parser.flush(), closed=False)
         text = self.trim_content.feed(self.stop.flush())
         delta.content += text
         self.content.append(text)
+        self._content_chars += len(text)
+        self._release(delta)
+        self._pending = []  # their text never reached the content (trimmed, or past a stop)
         return delta
+
+    def _release(self, delta: Delta) -> None:
+        """The pending logprobs whose text the content now holds, in order."""
+        while self._pending:
+            entry, size = self._pending[0]
+            if self._logprob_chars + size > self._content_chars:
+                return
+            self._pending.pop(0)
+            self._logprob_chars += size
+            delta.logprobs.append(entry)
+            self.logprobs.append(entry)
 
     def finish_reason(self, engine_reason: str) -> str:
         if self.stopped:
@@ -191,7 +226,9 @@ class Reply:
             return "tool_calls"
         return engine_reason
 
-    def _events(self, delta: Delta, events: Sequence[Any]) -> None:
+    def _events(self, delta: Delta, events: Sequence[Any], closed: bool = True) -> None:
+        """Events into the delta; `closed=False`: at the end, where a call error is a call the
+        turn ended inside (its `</tool_call>` never written)."""
         for e in events:
             if isinstance(e, ThinkingDelta):
                 text = self.trim_reasoning.feed(e.text)
@@ -212,12 +249,14 @@ class Reply:
                 self.tool_calls.append(call)
                 delta.tool_calls.append(call)
             elif isinstance(e, ToolCallError):  # not a valid call: the client sees what was written
-                self._answer(delta, f"<tool_call>{e.text}</tool_call>")
+                end = TOOL_CALL_END if closed else ""
+                self._answer(delta, f"{TOOL_CALL_START}\n{e.text}\n{end}".rstrip())
 
     def _answer(self, delta: Delta, text: str) -> None:
         text = self.trim_content.feed(self.stop.feed(text))
         delta.content += text
         self.content.append(text)
+        self._content_chars += len(text)
 
     def _logprob(self, token: int, logprob: float, top: Sequence) -> dict[str, Any]:
         def entry(t: int, lp: float) -> dict[str, Any]:
