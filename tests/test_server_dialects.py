@@ -11,9 +11,12 @@ import anthropic
 import httpx
 import openai
 import pytest
+import test_server_clients
 from checkpoints import requires_reference
 from pydantic import BaseModel
 from serving import MODEL, running
+from shapes import SCHEMAS
+from test_server_clients import MAX_TOKENS, closed
 from trained_model import QUESTIONS, THOUGHTS, TOOL_RESULT, TOOLS, answer, trained_checkpoint
 
 from smollm3_mlx.loading import load
@@ -24,6 +27,7 @@ ANTHROPIC_TOOLS = [
     {"name": t["name"], "description": t["description"], "input_schema": t["parameters"]}
     for t in TOOLS
 ]
+noise = test_server_clients.noise  # the fixture: a server on a random SmolLM3
 GREEDY = {"temperature": 0}  # the anthropic SDK has no temperature argument: sent as extra_body
 
 
@@ -293,6 +297,58 @@ def test_anthropic_errors_come_in_its_envelope_and_x_api_key_is_accepted(loaded)
         assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
         bearer = openai.OpenAI(base_url=s.url + "/v1", api_key="sesame", max_retries=0)
         assert bearer.responses.create(model=MODEL, input=QUESTIONS["hi"], **GREEDY).output_text
+
+
+# --- every shape, on noise ----------------------------------------------------------------------
+
+
+def shaped_by_responses(srv, schema, seed, stream):
+    fmt = {"type": "json_schema", "name": "s", "schema": schema, "strict": True}
+    ask = {
+        "model": MODEL,
+        "input": QUESTIONS["hi"],
+        "text": {"format": fmt},
+        "extra_body": {"seed": seed},
+        "max_output_tokens": MAX_TOKENS,
+    }
+    if not stream:
+        r = oai(srv).responses.create(**ask)
+        return r.status, r.output_text
+    with oai(srv).responses.stream(**ask) as s:
+        text = "".join(e.delta for e in s if e.type == "response.output_text.delta")
+        final = s.get_final_response()
+    assert text == final.output_text
+    return final.status, text
+
+
+def shaped_by_anthropic(srv, schema, seed, stream):
+    ask = {
+        "model": MODEL,
+        "max_tokens": MAX_TOKENS,
+        "messages": [user("hi")],
+        "output_config": {"format": {"type": "json_schema", "schema": schema}},
+        "extra_body": {"seed": seed},
+    }
+    if not stream:
+        m = claude(srv).messages.create(**ask)
+    else:
+        with claude(srv).messages.stream(**ask) as s:
+            text = "".join(s.text_stream)
+            m = s.get_final_message()
+        assert text == "".join(b.text for b in m.content if b.type == "text")
+    status = {"end_turn": "completed"}.get(m.stop_reason, m.stop_reason)
+    return status, "".join(b.text for b in m.content if b.type == "text")
+
+
+@pytest.mark.parametrize("dialect", ["responses", "anthropic"])
+def test_every_shape_holds_within_max_tokens_through_each_dialect_with_thinking_on(noise, dialect):
+    """A random model, thinking at its default (on): the answer still parses and validates
+    within MAX_TOKENS, for every schema, half of them streamed."""
+    shaped = shaped_by_responses if dialect == "responses" else shaped_by_anthropic
+    for seed, schema in enumerate(SCHEMAS):
+        status, text = shaped(noise, schema, seed, stream=seed % 2 == 1)
+        assert status == "completed", (schema, text)
+        closed(json.loads(text), schema)
 
 
 # --- other clients, as their docs show them ------------------------------------------------------
