@@ -394,3 +394,24 @@ def test_anthropic_system_turns_among_the_messages_join_the_one_system_prompt():
         {"role": "user", "content": "Bye"},
     ]
     chat(body)
+
+
+RECORD = {"type": "object", "propertyNames": {"type": "string"}, "additionalProperties": {}}
+
+
+@requires_reference
+def test_a_tool_whose_records_name_string_keys_compiles_as_claude_code_sends_it(tok):
+    """Claude Code's TaskCreate/TaskUpdate (Zod records) say `propertyNames: {"type": "string"}`,
+    which every JSON key already is; llguidance has no propertyNames, so it is dropped there.
+    Other property names still cannot be held: refused in one line."""
+    from smollm3_mlx.constrain import ConstraintError, make_answer_constraint
+
+    def tool(names):
+        record = {**RECORD, "propertyNames": names}
+        params = {"type": "object", "properties": {"metadata": record}, "required": ["metadata"]}
+        return [{"name": "TaskCreate", "parameters": params}]
+
+    for names in ({"type": "string"}, {}, True):
+        assert make_answer_constraint(tok, tools=tool(names), tool_choice="required") is not None
+    with pytest.raises(ConstraintError, match="propertyNames"):
+        make_answer_constraint(tok, tools=tool({"pattern": "^a"}), tool_choice="required")
