@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import uvicorn
 
-from smollm3_mlx.serve.app import make_app
+from smollm3_mlx.serve.app import DEFAULT_READ_TIMEOUT, header_deadline, make_app
 from smollm3_mlx.serve.engine import Engine
 
 MODEL = "smollm3-tiny"
@@ -23,7 +23,15 @@ def running(loaded, *, queue_size=4, cache_bytes=256 * 1024**2, cache_dir=None, 
         model, tokenizer, queue_size=queue_size, cache_bytes=cache_bytes, cache_dir=cache_dir
     )
     app = make_app(engine, model_name=MODEL, **options)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    timeout = options.get("read_timeout", DEFAULT_READ_TIMEOUT)  # serve's protocol, as it runs
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=0,
+        log_level="warning",
+        lifespan="on",
+        http=header_deadline(timeout),
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

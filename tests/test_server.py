@@ -211,6 +211,8 @@ def test_follow_up_prefills_only_its_new_tokens_and_two_conversations_stay_warm(
 
 
 def test_cache_dir_keeps_prompt_caches_across_restarts_and_drops_a_corrupt_file(loaded, tmp_path):
+    """In a folder it made, a file named as its own that cannot be read is deleted; a file it
+    did not write is never touched (tests/test_cache_dir.py has the rest)."""
     system = {"role": "system", "content": "Answer briefly and kindly. " * 80}
     first = [system, user("math")]
     follow_up = [*first, {"role": "assistant", "content": answer("math")}, user("hi")]
@@ -220,9 +222,11 @@ def test_cache_dir_keeps_prompt_caches_across_restarts_and_drops_a_corrupt_file(
         wait_idle(s.engine, 0)
     saved = list(tmp_path.glob("*.safetensors"))
     assert len(saved) == 1
-    (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    broken, theirs = tmp_path / ("0" * 32 + ".safetensors"), tmp_path / "broken.safetensors"
+    for f in (broken, theirs):
+        f.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with running(loaded, cache_dir=tmp_path) as s:  # a fresh server, memory empty
-        assert not (tmp_path / "broken.safetensors").exists()
+        assert not broken.exists() and theirs.exists()
         warm = ask(s, follow_up, max_tokens=30, extra_body=no_think())
     with running(loaded) as s:
         cold = ask(s, follow_up, max_tokens=30, extra_body=no_think())

@@ -6,7 +6,8 @@ onto one plan (request.py, responses.py, anthropic.py) and answer through one ta
 whose replies each dialect's Shape forms (reply.py, responses.py, anthropic.py); all of that on
 the event loop's side. Generation runs on the engine's single worker thread (engine.py). Safe by
 default: loopback only, a Host check against DNS rebinding, JSON bodies only (no cross-site form
-posts), bounded bodies, no CORS unless asked.
+posts), bounded bodies (size, nesting, and the time a client takes to send its headers and body),
+no CORS unless asked.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import json
 import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -31,6 +31,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ..files import parse_json
 from ..sample import Sampling
 from .anthropic import (
     AnthropicShape,
@@ -52,12 +53,11 @@ from .engine import (
     Started,
     Token,
 )
-from .reply import ChatShape, Delta, Reply, Shape, Sse, TextShape, new_id
+from .reply import ChatShape, Delta, Plan, Reply, Shape, Sse, TextShape, new_id
 from .request import (
     ChatRequest,
     CompletionRequest,
     RequestError,
-    Settings,
     check_context,
     completion_prompt,
     constraint,
@@ -78,6 +78,7 @@ from .responses import (
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 DEFAULT_MAX_BODY = 4 * 1024**2
+DEFAULT_READ_TIMEOUT = 30.0  # seconds for a request's headers, then as many for its body
 LOOPBACK_NAMES = ("localhost",)
 
 
@@ -89,30 +90,12 @@ class Fault(Exception):
         self.status, self.message, self.kind, self.code = status, message, kind, code
         self.headers = headers
 
-
-def _openai_error(status: int, e: Fault | RequestError) -> dict[str, Any]:
-    if isinstance(e, RequestError):
-        return e.body()
-    return error_body(e.message, e.kind, None, e.code)
-
-
-def _anthropic_error(status: int, e: Fault | RequestError) -> dict[str, Any]:
-    return anthropic_error_body(status, e.message)
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """What every answering route runs, whichever dialect its body came in: the prompt's ids,
-    the settings, the constraints' processors and the reply that reads the generated ids."""
-
-    prompt: list[int]
-    settings: Settings
-    processors: list[Any]
-    reply: Reply
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.kind, None, self.code)
 
 
 def is_loopback(host: str) -> bool:
-    if host in LOOPBACK_NAMES:
+    if host.lower() in LOOPBACK_NAMES:  # host names are case-insensitive
         return True
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
@@ -128,6 +111,14 @@ def exposure_problem(host: str, api_key: str | None, allow_open: bool) -> str | 
         f"--host {host} reaches beyond this machine: pass --api-key (or set SMOLLM3_MLX_API_KEY), "
         "or --allow-unauthenticated if an open server is really what you want"
     )
+
+
+def api_key_problem(api_key: str | None) -> str | None:
+    """Why `api_key` is refused (None: it is fine): an Authorization header carries visible
+    ASCII only, so a key with anything else could never be sent."""
+    if api_key and not all("!" <= c <= "~" for c in api_key):
+        return "--api-key must be visible ASCII characters (no spaces): no client could send it"
+    return None
 
 
 def _host_name(header: str) -> str:
@@ -146,11 +137,12 @@ class _Api:
         api_key: str | None,
         loopback: bool,
         max_body: int,
+        read_timeout: float,
     ):
         self.engine, self.tokenizer = engine, engine.tokenizer
         self.served = (model_name,)
         self.api_key = api_key.encode() if api_key else None
-        self.loopback, self.max_body = loopback, max_body
+        self.loopback, self.max_body, self.read_timeout = loopback, max_body, read_timeout
         self.created = now()
         self.stored = ResponseStore()
 
@@ -182,13 +174,22 @@ class _Api:
         if declared.isdigit() and int(declared) > self.max_body:
             raise self._too_large()
         data = bytearray()
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > self.max_body:
-                raise self._too_large()
         try:
-            return json.loads(data)
-        except (ValueError, UnicodeDecodeError) as e:
+            with anyio.fail_after(self.read_timeout):  # a stalled client holds nothing for long
+                async for chunk in request.stream():
+                    data += chunk
+                    if len(data) > self.max_body:
+                        raise self._too_large()
+        except TimeoutError:
+            raise Fault(
+                408,
+                f"the body did not arrive within {self.read_timeout:g} s",
+                "invalid_request_error",
+                Connection="close",
+            ) from None
+        try:
+            return parse_json(data)  # nesting bounded: a recursive reader never overflows
+        except ValueError as e:
             raise RequestError(f"the body is not valid JSON: {e}") from None
 
     def _too_large(self) -> Fault:
@@ -232,7 +233,7 @@ class _Api:
         meta = {"id": new_id("cmpl-"), "created": now(), "model": r.model}
         usage = r.stream_options is not None and r.stream_options.include_usage
         shape = TextShape(reply, meta, usage)
-        return await self._answer(request, _Plan(prompt, settings, [], reply), shape, r.stream)
+        return await self._answer(request, Plan(prompt, settings, [], reply), shape, r.stream)
 
     async def responses(self, request: Request) -> Response:
         self.guard(request)
@@ -263,7 +264,7 @@ class _Api:
         prompt = await self._prompt(chat, constraint(chat)["tools"])
         return JSONResponse({"input_tokens": len(prompt)})
 
-    async def _plan(self, r: ChatRequest) -> _Plan:
+    async def _plan(self, r: ChatRequest) -> Plan:
         """A chat request (whichever dialect it came in) as the plan every answer runs."""
         settings = request_settings(r, self.served)
         unsupported(r)
@@ -275,13 +276,13 @@ class _Api:
         reply = Reply(
             self.tokenizer, prompt, stop=settings.stop, top_logprobs=settings.top_logprobs
         )
-        return _Plan(prompt, settings, processors, reply)
+        return Plan(prompt, settings, processors, reply)
 
     async def _prompt(self, r: ChatRequest, tools: list[dict[str, Any]] | None) -> list[int]:
         messages, think = template_messages(r.messages), thinking(r)
         return await anyio.to_thread.run_sync(lambda: self._render(messages, think, tools))
 
-    async def _answer(self, request: Request, plan: _Plan, shape: Shape, stream: bool) -> Response:
+    async def _answer(self, request: Request, plan: Plan, shape: Shape, stream: bool) -> Response:
         """The one tail of every answering route: submit the plan, then stream the shape's
         events, or collect the reply and send the shape's whole body."""
         job, items = self._submit(plan)
@@ -313,7 +314,7 @@ class _Api:
             raise RequestError(str(e), e.param) from None
         return processors
 
-    def _submit(self, plan: _Plan) -> tuple[Job, asyncio.Queue[Item]]:
+    def _submit(self, plan: Plan) -> tuple[Job, asyncio.Queue[Item]]:
         loop, s = asyncio.get_running_loop(), plan.settings
         items: asyncio.Queue[Item] = asyncio.Queue()
 
@@ -437,6 +438,7 @@ def make_app(
     cors_origins: Sequence[str] = (),
     loopback: bool = True,
     max_body: int = DEFAULT_MAX_BODY,
+    read_timeout: float = DEFAULT_READ_TIMEOUT,
 ) -> Starlette:
     """The ASGI app; it starts the engine's worker when it starts, and stops it when it stops.
 
@@ -447,17 +449,24 @@ def make_app(
         cors_origins: browser origins allowed to call the API (none by default).
         loopback: the server is bound to loopback: refuse Host headers naming anything else.
         max_body: the largest request body, in bytes.
+        read_timeout: seconds a client has to send a body once its headers came (then 408);
+            `serve` also drops a connection that takes as long to send its headers.
     """
-    api = _Api(engine, model_name, api_key, loopback, max_body)
+    problem = api_key_problem(api_key)
+    if problem:
+        raise ValueError(problem)
+    api = _Api(engine, model_name, api_key, loopback, max_body, read_timeout)
 
-    def route(path: str, handler: Callable, methods: list[str], errors=_openai_error) -> Route:
+    def route(path: str, handler: Callable, methods: list[str], errors=None) -> Route:
         async def endpoint(request: Request) -> Response:
             try:
                 return await handler(request)
             except Fault as e:
-                return _error(e.status, errors(e.status, e), e.headers)
+                return _error(
+                    e.status, errors(e.status, e.message) if errors else e.body(), e.headers
+                )
             except RequestError as e:
-                return _error(400, errors(400, e))
+                return _error(400, errors(400, e.message) if errors else e.body())
             except ClientDisconnect:
                 return Response(status_code=499)
 
@@ -494,8 +503,8 @@ def make_app(
             route("/v1/chat/completions", api.chat, ["POST"]),
             route("/v1/completions", api.completions, ["POST"]),
             route("/v1/responses", api.responses, ["POST"]),
-            route("/v1/messages", api.messages, ["POST"], _anthropic_error),
-            route("/v1/messages/count_tokens", api.count_tokens, ["POST"], _anthropic_error),
+            route("/v1/messages", api.messages, ["POST"], anthropic_error_body),
+            route("/v1/messages/count_tokens", api.count_tokens, ["POST"], anthropic_error_body),
         ],
         middleware=middleware,
         exception_handlers={HTTPException: http_error, Exception: http_error},
@@ -518,27 +527,42 @@ def serve(
     cache_dir: str | None = None,
     cache_dir_bytes: int = DEFAULT_DIR_BYTES,
     max_body: int = DEFAULT_MAX_BODY,
+    read_timeout: float = DEFAULT_READ_TIMEOUT,
     on_ready: Callable[[str], None] = print,
 ) -> None:
     """Serve `model` until interrupted (Ctrl-C shuts down cleanly); `on_ready(url)` once bound."""
     engine = Engine(model, tokenizer, queue_size=queue_size, cache_bytes=cache_bytes,
                     kv_bits=kv_bits, cache_dir=cache_dir,
                     cache_dir_bytes=cache_dir_bytes)  # fmt: skip
-    app = make_app(engine, model_name=model_name, api_key=api_key, cors_origins=cors_origins,
-                   loopback=is_loopback(host), max_body=max_body)  # fmt: skip
+    app = make_app(
+        engine,
+        model_name=model_name,
+        api_key=api_key,
+        cors_origins=cors_origins,
+        loopback=is_loopback(host),
+        max_body=max_body,
+        read_timeout=read_timeout,
+    )
     sockets = _bind(host, port)
     try:
         engine.start()  # warmed up before it listens (a failure is one line, not a traceback)
-        _server(app, engine, host, on_ready).run(sockets=sockets)
+        _server(app, engine, host, on_ready, read_timeout).run(sockets=sockets)
     finally:  # however serving ended (in the normal case the app's lifespan stopped the engine)
         engine.stop()
         for sock in sockets:
             sock.close()
 
 
-def _server(app: Starlette, engine: Engine, host: str, on_ready: Callable[[str], None]):
-    """A uvicorn Server for `app`: at shutdown the answers in progress end at once, and
-    `on_ready(url)` is called once it listens."""
+def _server(
+    app: Starlette,
+    engine: Engine,
+    host: str,
+    on_ready: Callable[[str], None],
+    read_timeout: float = DEFAULT_READ_TIMEOUT,
+):
+    """A uvicorn Server for `app`: at shutdown the answers in progress end at once,
+    `on_ready(url)` is called once it listens, and a connection that has not sent a request's
+    headers `read_timeout` seconds after it opened (or after its last response) is dropped."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -553,9 +577,52 @@ def _server(app: Starlette, engine: Engine, host: str, on_ready: Callable[[str],
                 shown = f"[{host}]" if ":" in host else host
                 on_ready(f"http://{shown}:{bound}/v1")
 
-    config = uvicorn.Config(app, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=3, lifespan="on")  # fmt: skip
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=3,
+        lifespan="on",
+        http=header_deadline(read_timeout),
+    )
     return Server(config)
+
+
+def header_deadline(seconds: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol, dropping a connection that waits for a request's headers (none
+    sent yet, or half of them) longer than `seconds`: uvicorn waits forever for a first request,
+    and its keep-alive timeout stops counting once any byte arrives."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class Protocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            cycle = self.cycle
+            self._arm()  # between requests, bytes of the next one's headers start the clock
+            super().data_received(data)
+            if self.cycle is not cycle:  # its headers are complete: the app has it
+                self._disarm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            idle = self.cycle is None or self.cycle.response_complete
+            if idle and self._deadline is None:
+                self._deadline = self.loop.call_later(seconds, self.transport.close)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+    return Protocol
 
 
 def _bind(host: str, port: int) -> list[socket.socket]:

@@ -22,7 +22,7 @@ from ..events import (
     ToolCall,
     ToolCallError,
 )
-from .request import error_body
+from .request import Settings, error_body
 
 if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
@@ -356,6 +356,17 @@ class Shape:
 
     def failed(self, status: int, message: str) -> list[Sse]:
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every answering route runs, whichever dialect its body came in: the prompt's ids,
+    the settings, the constraints' processors and the reply that reads the generated ids."""
+
+    prompt: list[int]
+    settings: Settings
+    processors: list[Any]
+    reply: Reply
 
 
 class ChatShape(Shape):
