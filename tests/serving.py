@@ -16,11 +16,18 @@ MODEL = "smollm3-tiny"
 
 
 @contextmanager
-def running(loaded, *, queue_size=4, cache_bytes=256 * 1024**2, cache_dir=None, **options):
+def running(
+    loaded, *, queue_size=4, cache_bytes=256 * 1024**2, cache_dir=None, max_batch=4, **options
+):
     """A real server (uvicorn, loopback, a free port) in a thread, its engine exposed."""
     model, tokenizer = loaded
     engine = Engine(
-        model, tokenizer, queue_size=queue_size, cache_bytes=cache_bytes, cache_dir=cache_dir
+        model,
+        tokenizer,
+        queue_size=queue_size,
+        cache_bytes=cache_bytes,
+        cache_dir=cache_dir,
+        max_batch=max_batch,
     )
     app = make_app(engine, model_name=MODEL, **options)
     timeout = options.get("read_timeout", DEFAULT_READ_TIMEOUT)  # serve's protocol, as it runs

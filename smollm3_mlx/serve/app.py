@@ -241,12 +241,8 @@ class _Api:
         history = self.stored.get(r.previous_response_id) if r.previous_response_id else []
         body = responses_chat_body(r, history)
         plan = await self._plan(parse(ChatRequest, body))
-        conversation = body["messages"][1 if r.instructions else 0 :]
-
-        def store(response_id: str, message: dict[str, Any]) -> None:
-            self.stored.put(response_id, [*conversation, message])
-
-        shape = ResponsesShape(plan.reply, r, store if r.store else None)
+        conversation = body["messages"][1 if r.instructions else 0 :]  # instructions: not kept
+        shape = ResponsesShape(plan.reply, r, self.stored if r.store else None, conversation)
         return await self._answer(request, plan, shape, r.stream)
 
     async def messages(self, request: Request) -> Response:
@@ -528,12 +524,14 @@ def serve(
     cache_dir_bytes: int = DEFAULT_DIR_BYTES,
     max_body: int = DEFAULT_MAX_BODY,
     read_timeout: float = DEFAULT_READ_TIMEOUT,
+    max_batch: int | None = None,
     on_ready: Callable[[str], None] = print,
 ) -> None:
-    """Serve `model` until interrupted (Ctrl-C shuts down cleanly); `on_ready(url)` once bound."""
+    """Serve `model` until interrupted (Ctrl-C shuts down cleanly); `on_ready(url)` once bound.
+    `max_batch` requests are decoded together (None: the most the memory estimate allows)."""
     engine = Engine(model, tokenizer, queue_size=queue_size, cache_bytes=cache_bytes,
-                    kv_bits=kv_bits, cache_dir=cache_dir,
-                    cache_dir_bytes=cache_dir_bytes)  # fmt: skip
+                    kv_bits=kv_bits, cache_dir=cache_dir, cache_dir_bytes=cache_dir_bytes,
+                    max_batch=max_batch)  # fmt: skip
     app = make_app(
         engine,
         model_name=model_name,

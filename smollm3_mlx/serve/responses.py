@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -245,9 +246,17 @@ class ResponsesShape(Shape):
     """A reply as a Response, or as the typed events of one (`response.created` ... one
     output item per block ... `response.completed`), as the SDK's stream helpers read them."""
 
-    def __init__(self, reply: Reply, r: ResponsesRequest, on_done=None):
+    def __init__(
+        self,
+        reply: Reply,
+        r: ResponsesRequest,
+        store: ResponseStore | None = None,
+        conversation: Sequence[dict[str, Any]] = (),
+    ):
+        """`store`: where the conversation (`conversation`, then this reply) is kept once the
+        response completes; None: not kept."""
         super().__init__(reply)
-        self.r, self.on_done = r, on_done
+        self.r, self.store, self.conversation = r, store, list(conversation)
         self.id, self.created = new_id("resp_"), time.time()
         self.blocks, self.ids = Blocks(), {}
         self.sequence = 0
@@ -345,8 +354,8 @@ class ResponsesShape(Shape):
         body = self._body(status.get(finish, "cancelled"), blocks, usage=True)
         if finish == "length":
             body["incomplete_details"] = {"reason": "max_output_tokens"}
-        if self.on_done is not None and body["status"] == "completed":
-            self.on_done(self.id, assistant_message(self.reply))
+        if self.store is not None and body["status"] == "completed":
+            self.store.put(self.id, [*self.conversation, assistant_message(self.reply)])
         return body
 
     def _body(self, status: str, blocks: list[Block], *, usage: bool) -> dict[str, Any]:
