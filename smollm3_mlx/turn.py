@@ -144,6 +144,7 @@ class StopStrings:
         self.stop = tuple(stop)
         self.pending = ""  # received, not yet released
         self.hit = False  # a stop string was met: nothing more is released
+        self.matched: str | None = None  # the stop string met
 
     def feed(self, text: str) -> str:
         """The text now safe to release (all of it, up to a stop string once one is met)."""
@@ -152,10 +153,11 @@ class StopStrings:
         if not self.stop:
             return text
         self.pending += text
-        hits = [i for s in self.stop if (i := self.pending.find(s)) >= 0]
+        hits = [(i, s) for s in self.stop if (i := self.pending.find(s)) >= 0]
         if hits:
+            at, self.matched = min(hits)
             self.hit = True
-            out, self.pending = self.pending[: min(hits)], ""
+            out, self.pending = self.pending[:at], ""
             return out
         cut = len(self.pending) - self._held_back()
         out, self.pending = self.pending[:cut], self.pending[cut:]
