@@ -42,7 +42,7 @@ from .events import (
     TurnStats,
     split_thinking,
 )
-from .files import write_atomic
+from .files import parse_json, write_atomic
 from .generate import GenerationResponse, stream_generate
 from .sample import Sampling
 from .step import prefill_cache
@@ -521,7 +521,13 @@ class Chat:
 
     def prefill(self) -> int:
         """Prefill the conversation as it stands (a long system prompt, say) into the prompt
-        cache without a turn; returns how many tokens the cache holds."""
+        cache without a turn; returns how many tokens the cache holds.
+
+        Raises:
+            ValueError: there is nothing to prefill (no system message, no messages).
+        """
+        if not self.messages:  # the template cannot render an empty conversation
+            raise ValueError("nothing to prefill yet: no system message and no messages")
         with self._turn_lock():
             ids = self.render(add_generation_prompt=False)
             if self.prompt_cache is None:  # all of it is the system block when nothing follows
@@ -533,7 +539,12 @@ class Chat:
     def save_prompt_cache(self, path: str | Path) -> Path:
         """Write the prompt cache and the conversation it stands for to `path` (safetensors,
         atomically); `Chat(model, prompt_cache=path)` takes up from it. Prefills first if no
-        turn has run yet."""
+        turn has run yet.
+
+        Raises:
+            OSError: the file could not be written (a full disk, whatever MLX's writer raised).
+            ValueError: nothing to save yet (no system message, no messages).
+        """
         from .cache_file import fingerprint, save_prompt_cache
 
         if self.prompt_cache is None:
@@ -557,10 +568,12 @@ class Chat:
             path, self.model, expect=expect, recompute=mismatch == "recompute"
         )  # None on a mismatch, where asked: the first turn prefills the conversation again
         try:
-            saved = json.loads(read_metadata(path).get("chat", "{}"))
-            messages, think = saved.get("messages", []), saved.get("think")
-        except (json.JSONDecodeError, AttributeError):
-            raise PromptCacheError(f"{path}: corrupt conversation metadata") from None
+            saved = parse_json(read_metadata(path).get("chat", "{}"))
+        except ValueError as e:  # not JSON, or nested too deep for a conversation
+            raise PromptCacheError(f"{path}: corrupt conversation metadata ({e})") from None
+        if not isinstance(saved, dict):
+            raise PromptCacheError(f"{path}: corrupt conversation metadata (not a JSON object)")
+        messages, think = saved.get("messages", []), saved.get("think")
         if keep_system:  # the given system message wins; the cache still serves what matches
             return
         self.messages = list(messages)
@@ -574,7 +587,7 @@ class Chat:
         return TurnStats(
             prompt_tokens=r.prompt_tokens,
             cached_tokens=r.cached_tokens,
-            prefill_tokens=r.prompt_tokens - r.cached_tokens,
+            prefill_tokens=r.prefill_tokens,
             generation_tokens=r.generation_tokens,
             thinking_tokens=parser.thinking_tokens,
             thinking_seconds=parser.thinking_seconds(end),

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..files import parse_json
 from ..grammar import ConstraintError, tool_choice_mode
 
 if TYPE_CHECKING:
@@ -349,8 +350,8 @@ def _assistant_text(m: Message, text: str, i: int) -> str:
     calls = []
     for j, call in enumerate(m.tool_calls or ()):
         try:
-            arguments = json.loads(call.function.arguments or "{}")
-        except ValueError:
+            arguments = parse_json(call.function.arguments or "{}")
+        except ValueError:  # not JSON, or nested deeper than a reader of it could go
             raise RequestError(
                 "tool call arguments are not JSON",
                 f"messages.{i}.tool_calls.{j}.function.arguments",
