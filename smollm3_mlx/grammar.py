@@ -188,6 +188,8 @@ def held_schema(schema: Any, *, root: str = "") -> Any:
             out[key] = held_schema(value, root=root)
         elif key == "$ref" and root and isinstance(value, str) and value.startswith("#"):
             out[key] = "#" + root + value[1:]
+    if schema.get("propertyNames") in ({}, True, {"type": "string"}):  # what every key is
+        del out["propertyNames"]  # (Zod's records say it; llguidance has no propertyNames)
     if "enum" in out or "const" in out:
         return out
     types = out.get("type")

@@ -1,5 +1,6 @@
 """OpenAI replies from generated ids: reasoning and answer split, tool calls with ids, stop
-strings, logprobs, usage; and the shapes of responses and stream chunks.
+strings, logprobs, usage; the `Shape` every dialect gives its replies (the server's one answer
+path drives it), and chat's and completions' shapes.
 
 Imports no MLX and no HTTP stack.
 """
@@ -21,6 +22,7 @@ from ..events import (
     ToolCall,
     ToolCallError,
 )
+from .request import Settings, error_body
 
 if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
@@ -75,15 +77,17 @@ class _StopMatcher:
 
     def __init__(self, stop: Sequence[str]):
         self.stop, self.pending, self.hit = tuple(stop), "", False
+        self.matched: str | None = None  # the stop string met
 
     def feed(self, text: str) -> str:
         if self.hit or not self.stop:
             return "" if self.hit else text
         self.pending += text
-        hits = [i for s in self.stop if (i := self.pending.find(s)) >= 0]
+        hits = [(i, s) for s in self.stop if (i := self.pending.find(s)) >= 0]
         if hits:
+            at, self.matched = min(hits)
             self.hit = True
-            out, self.pending = self.pending[: min(hits)], ""
+            out, self.pending = self.pending[:at], ""
             return out
         keep = max(
             (k for s in self.stop for k in range(min(len(s) - 1, len(self.pending)), 0, -1)
@@ -323,3 +327,90 @@ def legacy_logprobs(reply: Reply, entries: list[dict[str, Any]]) -> dict[str, An
         "token_logprobs": [e["logprob"] for e in entries],
         "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
     }
+
+
+Sse = tuple[
+    str | None, Any
+]  # a server-sent event: its name (None: none), its JSON data or "[DONE]"
+
+
+class Shape:
+    """One reply in one dialect: `opened` once the prompt is in, `delta` for each Delta of the
+    reply, then `closed` with the finish reason; or `whole` once, for a reply not streamed.
+    `failed` is an error met once the stream began (its status line is sent already)."""
+
+    def __init__(self, reply: Reply):
+        self.reply = reply
+
+    def opened(self) -> list[Sse]:
+        return []
+
+    def delta(self, delta: Delta) -> list[Sse]:
+        raise NotImplementedError
+
+    def closed(self, finish: str) -> list[Sse]:
+        raise NotImplementedError
+
+    def whole(self, finish: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def failed(self, status: int, message: str) -> list[Sse]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every answering route runs, whichever dialect its body came in: the prompt's ids,
+    the settings, the constraints' processors and the reply that reads the generated ids."""
+
+    prompt: list[int]
+    settings: Settings
+    processors: list[Any]
+    reply: Reply
+
+
+class ChatShape(Shape):
+    """A chat.completion, or its chunks: the role first, usage last when asked, then [DONE]."""
+
+    def __init__(self, reply: Reply, meta: dict[str, Any], usage: bool):
+        super().__init__(reply)
+        self.meta, self.usage = meta, usage
+
+    def chunk(self, delta: Delta | None, finish: str | None) -> dict[str, Any]:
+        return chat_chunk(self.meta, delta, finish, self.usage)
+
+    def opened(self) -> list[Sse]:
+        first = self.chunk(None, None)
+        first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+        return [(None, first)]
+
+    def delta(self, delta: Delta) -> list[Sse]:
+        return [(None, self.chunk(delta, None))]
+
+    def closed(self, finish: str) -> list[Sse]:
+        usage = {**self.chunk(None, None), "choices": [], "usage": self.reply.usage.body()}
+        return [
+            (None, self.chunk(None, finish)),
+            *([(None, usage)] if self.usage else []),
+            (None, "[DONE]"),
+        ]
+
+    def whole(self, finish: str) -> dict[str, Any]:
+        return chat_response(self.meta, self.reply, finish)
+
+    def failed(self, status: int, message: str) -> list[Sse]:
+        kind = "server_error" if status >= 500 else "invalid_request_error"
+        return [(None, error_body(message, kind))]
+
+
+class TextShape(ChatShape):
+    """A text_completion, or its chunks."""
+
+    def chunk(self, delta: Delta | None, finish: str | None) -> dict[str, Any]:
+        return text_chunk(self.meta, self.reply, delta, finish, self.usage)
+
+    def opened(self) -> list[Sse]:
+        return []
+
+    def whole(self, finish: str) -> dict[str, Any]:
+        return text_response(self.meta, self.reply, finish)
