@@ -28,7 +28,8 @@ _LAZY = {
     "Tokenizer": "tokenizer",
     "Chat": "chat",
     "ChatBusyError": "chat",
-    "ChatFileError": "chat",
+    "ChatFileError": "chat_file",
+    "NotTextWarning": "chat_file",
     "TurnStats": "events",
     "Event": "events",
     "ThinkingDelta": "events",
@@ -67,7 +68,10 @@ if TYPE_CHECKING:
     from .chat import (
         Chat as Chat,
         ChatBusyError as ChatBusyError,
+    )
+    from .chat_file import (
         ChatFileError as ChatFileError,
+        NotTextWarning as NotTextWarning,
     )
     from .constrain import (
         ConstraintError as ConstraintError,

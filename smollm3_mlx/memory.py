@@ -324,6 +324,16 @@ def check_memory(est: MemoryEstimate, available: tuple[int, str] | None = None) 
     )
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """An allocation failure: MemoryError, or MLX's RuntimeError ("[metal::malloc] Attempting to
+    allocate ...", "Insufficient Memory", "out of memory")."""
+    text = str(e).lower()
+    words = ("malloc", "allocate", "out of memory", "insufficient memory", "outofmemory")
+    return isinstance(e, MemoryError) or (
+        isinstance(e, RuntimeError) and any(w in text for w in words)
+    )
+
+
 @contextmanager
 def memory_limits(est: MemoryEstimate) -> Iterator[None]:
     """Set MLX's wired and cache limits for this session on Apple Silicon; restore them on exit.

@@ -97,7 +97,7 @@ COMMANDS = {
 
 def command(chat, line: str) -> bool:
     """Run a /command; False means exit."""
-    from .chat import ChatFileError
+    from .chat_file import ChatFileError
 
     name, _, arg = line.strip().partition(" ")
     arg = arg.strip()
@@ -121,13 +121,13 @@ def command(chat, line: str) -> bool:
             console.error(f"{arg}: {e.strerror or e}")
     elif name == "/load" and arg:
         try:
-            data = chat.restore(arg)
+            saved = chat.restore(arg)
         except ChatFileError as e:
             console.error(str(e))
             return True
         console.info(
             f"loaded {len(chat.messages)} messages, thinking {'on' if chat.think else 'off'}"
-            + (f" (saved with {data['model']})" if data["model"] != chat.model_name else "")
+            + (f" (saved with {saved.model})" if saved.model != chat.model_name else "")
         )
     elif name == "/save_cache" and arg:
         try:

@@ -22,7 +22,15 @@ import openai
 import pytest
 import uvicorn
 from checkpoints import requires_reference
-from trained_model import QUESTIONS, THOUGHTS, TOOL_RESULT, TOOLS, answer, trained_checkpoint
+from trained_model import (
+    QUESTIONS,
+    THOUGHTS,
+    TOOL_RESULT,
+    TOOLS,
+    answer,
+    assistant,
+    trained_checkpoint,
+)
 
 from smollm3_mlx.cache import PromptCache
 from smollm3_mlx.cache_dir import CacheDir
@@ -96,9 +104,10 @@ def no_think():
 
 
 def rendered(srv, messages, *, think=True, tools=None) -> list[int]:
-    """What the model sees for these messages (the template, tags as the model wrote them)."""
+    """What the model sees for these messages (the template; an assistant turn's structure
+    writes its tags as the model did)."""
     return srv.tokenizer.apply_chat_template(
-        messages, tokenize=True, enable_thinking=think, tools=tools, assistant_tags=True
+        messages, tokenize=True, enable_thinking=think, tools=tools
     )
 
 
@@ -226,8 +235,7 @@ def test_follow_up_prefills_only_its_new_tokens_and_two_conversations_stay_warm(
     held_a = rendered(srv, a1) + generated_ids(srv, "math", True)
     held_b = rendered(srv, b1, think=False) + generated_ids(srv, "hi", False)
     # Cached is exactly what the kept cache shares with the new prompt (one id left to prefill).
-    as_written = {"role": "assistant", "content": f"<think>\n{THOUGHTS['math']}\n</think>\n"
-                  + answer("math")}  # fmt: skip
+    as_written = assistant("math", True)
     expect_a = common_prefix(held_a, rendered(srv, [*a1, as_written, user("hi")])[:-1])
     expect_b = common_prefix(held_b, rendered(srv, b2, think=False)[:-1])
     assert expect_a == len(held_a) and expect_b == len(held_b)  # the whole history re-renders
