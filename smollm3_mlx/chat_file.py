@@ -398,8 +398,8 @@ def assistant_message(
     if keep_thinking and wrote:
         message["reasoning_content"] = reasoning
         message |= {"reasoning_open": True} if is_open else {}
-    not_calls = [f"{CALL_START}{e.text}{CALL_END}" for e in errors]
-    not_calls += [f"{CALL_START}{e.text}" for e in unfinished]
+    not_calls = [f"{CALL_START}\n{e.text}\n{CALL_END}" for e in errors]  # spaced as written
+    not_calls += [f"{CALL_START}\n{e.text}" for e in unfinished]
     answer = "".join(parser.answer)
     answer = answer.lstrip() if wrote and "reasoning_content" not in message else answer
     message["content"] = answer + "\n".join(not_calls)

@@ -12,7 +12,7 @@ import time
 import pexpect
 import pytest
 from checkpoints import requires_reference
-from trained_model import QUESTIONS, answer, trained_checkpoint
+from trained_model import QUESTIONS, answer, assistant, trained_checkpoint
 from typer.testing import CliRunner
 
 from smollm3_mlx import cli
@@ -113,9 +113,7 @@ def test_chat_in_a_terminal_thinks_switches_mode_interrupts_and_saves(model_dir,
     assert data["model"] == str(model_dir) and data["sampling"]["temperature"] == 0.0
     roles = [m["role"] for m in data["messages"]]
     assert roles == ["user", "assistant"] * 3
-    assert (
-        data["messages"][1]["content"] == "<think>\nTwo plus two makes four.\n</think>\n2 + 2 = 4."
-    )
+    assert data["messages"][1] == assistant("math", True)  # thinking and answer kept apart
     assert data["messages"][3]["content"] == answer("hi")
     song = data["messages"][5]
     assert song["interrupted"] is True and song["content"].startswith("la la la")
