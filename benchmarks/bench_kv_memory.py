@@ -21,9 +21,9 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from smollm3_mlx.cache import KVCache
-from smollm3_mlx.generate import generate_step
 from smollm3_mlx.loading import load_model
 from smollm3_mlx.model import Model, ModelArgs
+from smollm3_mlx.step import generate_step
 
 LENGTHS = [8192, 32768, 65536, 131072]
 TARGET_GB = 2.6  # the goal for 128K with 4-bit KV

@@ -20,9 +20,9 @@ from dataclasses import replace
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from smollm3_mlx.generate import generate_step
 from smollm3_mlx.memory import estimate
 from smollm3_mlx.model import Model, ModelArgs
+from smollm3_mlx.step import generate_step
 
 
 def measure(args: ModelArgs, context: int, kv_bits: int | None, step: int) -> tuple[int, float]:

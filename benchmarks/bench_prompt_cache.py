@@ -30,8 +30,8 @@ import mlx.nn as nn
 
 from smollm3_mlx.cache import KVSettings, PromptCache
 from smollm3_mlx.cache_file import Fingerprint, load_prompt_cache, save_prompt_cache
-from smollm3_mlx.generate import generate_step
 from smollm3_mlx.model import Model, ModelArgs
+from smollm3_mlx.step import generate_step
 
 
 def build_model() -> Model:

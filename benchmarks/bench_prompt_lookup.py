@@ -33,9 +33,9 @@ from pathlib import Path
 import mlx.core as mx
 
 from smollm3_mlx.convert import convert
-from smollm3_mlx.generate import LookupStats
 from smollm3_mlx.loading import load
 from smollm3_mlx.lookup import lookup_generate_step
+from smollm3_mlx.step import LookupStats
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("SMOLLM3_BENCH_CACHE", REPO_ROOT / "benchmarks" / ".cache"))

@@ -45,7 +45,8 @@ import json, sys, time
 t = [time.perf_counter()]
 import mlx.core as mx
 t.append(time.perf_counter())
-from smollm3_mlx import chat, cli, generate, loading, tokenizer
+from smollm3_mlx import chat, generate, loading, tokenizer
+import smollm3_mlx.cli.app
 t.append(time.perf_counter())
 model = loading.load_model(sys.argv[1], lazy=True)
 t.append(time.perf_counter())
@@ -159,7 +160,7 @@ def main() -> int:
     python = statistics.median(wall("pass") for _ in range(args.runs))
     imports = statistics.median(wall("import mlx_lm.chat") for _ in range(args.runs)) - python
     ours_imports = statistics.median(
-        wall("import smollm3_mlx.cli, smollm3_mlx.chat") for _ in range(args.runs)
+        wall("import smollm3_mlx.cli.app, smollm3_mlx.chat") for _ in range(args.runs)
     )
     print(f"\nPython start: {python:.2f} s; imports beyond it: mlx_lm.chat {imports:.2f} s, "
           f"smollm3_mlx.cli + chat {ours_imports - python:.2f} s")  # fmt: skip

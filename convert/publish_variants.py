@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from smollm3_mlx.convert import ConvertError, convert
-from smollm3_mlx.loading import DEFAULT_REPO
+from smollm3_mlx.hub import DEFAULT_REPO
 
 # name -> convert() arguments; "4bit" is what `smollm3-mlx chat` makes on first use
 VARIANTS = {

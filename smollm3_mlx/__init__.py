@@ -9,16 +9,16 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 _LAZY = {
     "load": "loading",
     "load_model": "loading",
-    "ModelLoadError": "loading",
-    "ModelInfo": "loading",
+    "ModelLoadError": "checkpoint",
+    "ModelInfo": "model",
     "generate": "generate",
     "stream_generate": "generate",
-    "generate_step": "generate",
+    "generate_step": "step",
     "GenerationResponse": "generate",
     "make_sampler": "sample",
     "make_logits_processors": "sample",
@@ -73,6 +73,9 @@ if TYPE_CHECKING:
         ChatFileError as ChatFileError,
         NotTextWarning as NotTextWarning,
     )
+    from .checkpoint import (
+        ModelLoadError as ModelLoadError,
+    )
     from .constrain import (
         ConstraintError as ConstraintError,
         ResponseFormat as ResponseFormat,
@@ -98,12 +101,9 @@ if TYPE_CHECKING:
     from .generate import (
         GenerationResponse as GenerationResponse,
         generate as generate,
-        generate_step as generate_step,
         stream_generate as stream_generate,
     )
     from .loading import (
-        ModelInfo as ModelInfo,
-        ModelLoadError as ModelLoadError,
         load as load,
         load_model as load_model,
     )
@@ -112,10 +112,16 @@ if TYPE_CHECKING:
         MemoryEstimate as MemoryEstimate,
         estimate_memory as estimate_memory,
     )
+    from .model import (
+        ModelInfo as ModelInfo,
+    )
     from .sample import (
         Sampling as Sampling,
         make_logits_processors as make_logits_processors,
         make_sampler as make_sampler,
+    )
+    from .step import (
+        generate_step as generate_step,
     )
     from .tokenizer import (
         Tokenizer as Tokenizer,

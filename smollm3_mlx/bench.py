@@ -1,8 +1,9 @@
 """Measure generation speed: prefill and decode tokens per second, first token, peak memory.
 
 Every runtime is timed on the same clock from outside its `stream_generate`, on the same random
-prompt, greedy, and the runs alternate between runtimes so that other load on the machine falls
-on all of them alike. Nothing here prints.
+prompt, greedy with end of sequence masked (so that every run generates all its tokens, and the
+runtimes do the same work), and the runs alternate between runtimes so that other load on the
+machine falls on all of them alike. Nothing here prints.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class BenchResult:
     runtime: str
     dtype: str
     prompt_tokens: int
-    generation_tokens: int  # generated in the run (fewer only if the model ended its answer)
+    generation_tokens: int  # generated in each run: all that were asked for (EOS is never chosen)
     runs: int
     prefill_tps: float  # prompt tokens / the time of a run generating one token
     decode_tps: float  # the further tokens / the further time a longer run takes
@@ -78,6 +79,25 @@ def nbytes(model) -> int:
 
 def random_prompt(n: int, seed: int = 0) -> mx.array:
     return mx.random.randint(0, PROMPT_VOCAB, (n,), key=mx.random.key(seed)).astype(mx.uint32)
+
+
+def greedy_past_eos(eos_ids: Iterable[int]) -> Callable[[mx.array], mx.array]:
+    """Greedy, never choosing an end-of-sequence id: a run generates every token it was asked
+    for, whatever the prompt (a random one can make a model end its answer at once)."""
+    ids = sorted(eos_ids)
+    masks: dict[int, mx.array] = {}
+
+    def sample(logprobs: mx.array) -> mx.array:
+        n = logprobs.shape[-1]
+        if n not in masks:
+            mask = mx.zeros((n,), dtype=logprobs.dtype)
+            inside = [i for i in ids if i < n]
+            if inside:
+                mask[mx.array(inside)] = -mx.inf
+            masks[n] = mask
+        return mx.argmax(logprobs + masks[n], axis=-1)
+
+    return sample
 
 
 def _floating(v: mx.array) -> bool:
@@ -142,7 +162,7 @@ def bench(
             if generation_tokens > 1:
                 first, end, n, peak2 = _run(runner, prompt, generation_tokens)
                 peak = max(peak, peak2)
-            decode = (n - 1) / (end - prefill) if n > 1 and end > prefill else 0.0
+            decode = _decode_tps(n, prefill, first, end)
             timings[runner.name].append((prefill, first, decode, n, peak))
             if on_run:
                 done = sum(map(len, timings.values()))
@@ -167,21 +187,33 @@ def bench(
     return results
 
 
+def _decode_tps(n: int, prefill: float, first: float, end: float) -> float:
+    """The further tokens of a run over the further time it took past the prefill run; where
+    noise hides that difference (a loaded machine, a tiny model: the longer run took no longer),
+    over its own time after its first token, so that a run of n > 1 tokens always has a figure."""
+    if n <= 1:
+        return 0.0
+    extra = end - prefill if end > prefill else end - first
+    return (n - 1) / extra if extra > 0 else 0.0
+
+
 def smollm3_runner(model, tokenizer, name: str = "smollm3-mlx") -> Runner:
-    """Our `stream_generate`, greedy, no repetition penalty."""
+    """Our `stream_generate`, greedy past end of sequence, no repetition penalty."""
     from .generate import stream_generate
-    from .sample import greedy
+
+    sampler = greedy_past_eos(tokenizer.eos_token_ids)
 
     def stream(prompt: mx.array, max_tokens: int) -> Iterator:
         return stream_generate(
-            model, tokenizer, prompt, max_tokens=max_tokens, sampler=greedy, logits_processors=[]
+            model, tokenizer, prompt, max_tokens=max_tokens, sampler=sampler, logits_processors=[]
         )
 
     return Runner(name, _dtype_name(model), stream, model)
 
 
 def mlx_lm_runners(path: str | Path, dtypes: Iterable[mx.Dtype | None] = (None,)) -> list[Runner]:
-    """mlx-lm's `stream_generate` on the same folder (greedy is its default), one model loaded.
+    """mlx-lm's `stream_generate` on the same folder, greedy past end of sequence as ours, one
+    model loaded.
 
     Args:
         path: the model folder.
@@ -196,8 +228,10 @@ def mlx_lm_runners(path: str | Path, dtypes: Iterable[mx.Dtype | None] = (None,)
     mx.eval(model.parameters())
     stored = model.parameters()
 
+    sampler = greedy_past_eos(tokenizer.eos_token_ids)
+
     def stream(prompt: mx.array, max_tokens: int) -> Iterator:
-        return stream_generate(model, tokenizer, prompt, max_tokens=max_tokens)
+        return stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampler=sampler)
 
     runners: list[Runner] = []
     for dtype in dtypes:

@@ -12,13 +12,10 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import mlx.core as mx
 from mlx.utils import tree_map
-
-if TYPE_CHECKING:
-    from .model import Model
 
 Rotate = Callable[[mx.array, int], mx.array]  # rotate keys by a number of positions
 
@@ -353,13 +350,14 @@ class PromptCache:
     @classmethod
     def new(
         cls,
-        model: Model,
+        model: Any,
         *,
         window: int | None = None,
         keep: int = 0,
         kv: KVSettings = KVSettings(),
     ) -> PromptCache:
-        """An empty cache for `model`; see `KVCache` for the window, `keep` and quantization."""
+        """An empty cache for `model` (anything with `make_cache`, as mlx-lm's cache asks); see
+        `KVCache` for the window, `keep` and quantization."""
         layers = model.make_cache(
             window, keep, bits=kv.bits, group_size=kv.group_size, quantize_after=kv.start
         )
@@ -391,9 +389,7 @@ class PromptCache:
         return arrays, {**settings, "layers": layers}
 
     @classmethod
-    def restore(
-        cls, model: Model, arrays: dict[str, mx.array], meta: dict[str, Any]
-    ) -> PromptCache:
+    def restore(cls, model: Any, arrays: dict[str, mx.array], meta: dict[str, Any]) -> PromptCache:
         """The cache `export` described, on `model`: same ids, offset, dropped span and storage.
 
         Raises:

@@ -27,8 +27,8 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import KVSettings, PromptCache
+from .checkpoint import ModelLoadError, read_safetensors
 from .files import atomic_path
-from .loading import ModelLoadError, read_safetensors
 
 if TYPE_CHECKING:
     from .model import Model
@@ -89,7 +89,7 @@ def _sha(*parts: bytes) -> str:
 def _model_hash(model: Model) -> str:
     """config.json, the weights' headers (names, dtypes, shapes, offsets: cheap, no tensor read)
     and the RoPE actually in effect (YaRN switched on by max_context changes every key)."""
-    from .loading import weight_files
+    from .checkpoint import weight_files
 
     path = model.info.path if model.info is not None else None
     if path is None:

@@ -50,10 +50,11 @@ from .events import (
     ToolCallError,
     TurnStats,
 )
-from .generate import GenerationResponse, prefill_cache, stream_generate
+from .generate import GenerationResponse, stream_generate
 from .memory import out_of_memory
 from .off_loop import Either, off_loop
 from .sample import Sampling
+from .step import prefill_cache
 from .tools import Tool, run_tool, tool_schemas
 
 if TYPE_CHECKING:

@@ -28,7 +28,17 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from . import __version__
+from ._version import __version__
+from .checkpoint import (
+    DTYPES,
+    ModelLoadError,
+    check_tensors,
+    error_line,
+    load_config,
+    model_args,
+    read_safetensors_header,
+    weight_files,
+)
 from .files import (
     Terminated,
     existing_parent,
@@ -39,23 +49,8 @@ from .files import (
     signals_as_interrupt,
     unmark,
 )
-from .loading import (
-    DEFAULT_REPO,
-    DTYPES,
-    ModelLoadError,
-    Progress,
-    check_tensors,
-    download_bar,
-    error_line,
-    hub_error,
-    load_config,
-    load_model,
-    local_source,
-    model_args,
-    read_safetensors_header,
-    snapshot,
-    weight_files,
-)
+from .hub import DEFAULT_REPO, Progress, download_bar, hub_error, local_source, snapshot
+from .loading import load_model
 from .model import Model, ModelArgs
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
@@ -354,14 +349,11 @@ def _data_bytes(header: bytes) -> int:
 
 
 def _local_source(source: str, revision: str | None) -> Path | None:
-    """The folder `source` names; None when it is a hub repo id (OWNER/NAME or a bare NAME)."""
+    """The folder `source` names; None when it is a hub repo id (OWNER/NAME), as for `load`."""
     try:
-        local = local_source(source, revision)
+        return local_source(source, revision)
     except ModelLoadError as e:
         raise ConvertError(str(e)) from None
-    if local is None and source.count("/") > 1:
-        raise ConvertError(f"{Path(source).expanduser()}: not a model folder")
-    return local
 
 
 def _fetch(source: str, revision: str | None, progress: Progress | None) -> tuple[Path, str]:

@@ -15,14 +15,8 @@ from typing import Any
 import mlx.core as mx
 
 from .cache import trim_prompt_cache
-from .generate import (
-    DEFAULT_MAX_TOKENS,
-    Decoder,
-    LookupStats,
-    StepOptions,
-    plain_steps,
-    prefill,
-)
+from .sample import DEFAULT_MAX_TOKENS
+from .step import Decoder, LookupStats, StepOptions, plain_steps, prefill
 
 DEFAULT_LOOKUP_NGRAM = 3
 

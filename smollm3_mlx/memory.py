@@ -22,8 +22,8 @@ from typing import Any
 import mlx.core as mx
 
 from .cache import KVCache
-from .generate import DEFAULT_PREFILL_STEP
 from .model import ModelArgs
+from .step import DEFAULT_PREFILL_STEP
 
 GB = 1e9
 KV_STEP = KVCache.step  # the cache grows by whole steps
@@ -102,7 +102,7 @@ def available_memory() -> tuple[int, str]:
 
 def weights_bytes(files: list[Path], itemsize: int | None, *, tied: bool = True) -> int:
     """Bytes the weights take once loaded: stored sizes, floating tensors cast to `itemsize`."""
-    from .loading import ST_SIZES, WEIGHT_DTYPES, read_safetensors_header
+    from .checkpoint import ST_SIZES, WEIGHT_DTYPES, read_safetensors_header
 
     floats = set(WEIGHT_DTYPES) - {"U32"}  # U32: quantized codes, never cast
 
@@ -246,21 +246,23 @@ def estimate_memory(
             weights `smollm3-mlx convert --bits` would write (None: the bfloat16 checkpoint).
         device: "gpu" or "cpu"; default: where MLX computes now.
     """
-    from . import loading
+    from . import checkpoint
 
     path = Path(path)
-    config = loading.load_config(path)
-    args = loading.model_args(config, path)
-    context, _ = loading.context_window(args, max_context)
-    compute = loading.resolve_dtype(dtype)
+    config = checkpoint.load_config(path)
+    args = checkpoint.model_args(config, path)
+    context, _ = checkpoint.context_window(args, max_context)
+    compute = checkpoint.resolve_dtype(dtype)
     stored_name = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
-    stored = loading.DTYPES.get(stored_name, mx.bfloat16)
+    stored = checkpoint.DTYPES.get(stored_name, mx.bfloat16)
     itemsize = compute.size if compute is not None else None
     has_weights = any(path.glob("*.safetensors"))
     if bits is not None or not has_weights:
         weights = planned_weights_bytes(args, bits, itemsize=itemsize or stored.size)
     else:
-        weights = weights_bytes(loading.weight_files(path), itemsize, tied=args.tie_word_embeddings)
+        weights = weights_bytes(
+            checkpoint.weight_files(path), itemsize, tied=args.tie_word_embeddings
+        )
     kv_dtype = compute or (mx.bfloat16 if args.quantization else stored)
     return estimate(
         args, weights, context=context, kv_bits=kv_bits, kv_group_size=kv_group_size,

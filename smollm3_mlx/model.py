@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
@@ -11,9 +12,10 @@ import mlx.nn as nn
 
 from .cache import Cache, KVCache, check_kv_quantization
 from .rope import make_rope
+from .sample import Sampling
 
 if TYPE_CHECKING:
-    from .loading import ModelInfo
+    from .tokenizer import Tokenizer
 
 # transformers' SmolLM3Config.default_theta, used when a config names no theta (not Llama's 10000).
 DEFAULT_ROPE_THETA = 2_000_000.0
@@ -188,6 +190,23 @@ class SmolLM3Model(nn.Module):
         for layer, c, mask in zip(self.layers, cache, masks, strict=True):
             h = layer(h, mask, c)
         return self.norm(h)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What `load` learnt about a model beside its weights (`model.info`).
+
+    Args:
+        path: the model folder.
+        max_context: the longest context allowed (the trained window, or what YaRN reaches).
+        sampling: the sampling defaults of the folder's generation_config.json.
+        tokenizer: the folder's tokenizer (None from `load_model`, which reads no tokenizer).
+    """
+
+    path: Path | None = None
+    max_context: int | None = None
+    sampling: Sampling = field(default_factory=Sampling)
+    tokenizer: Tokenizer | None = None
 
 
 class Model(nn.Module):

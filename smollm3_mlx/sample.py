@@ -12,12 +12,9 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlx.core as mx
-
-if TYPE_CHECKING:
-    from .model import Model
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
@@ -139,8 +136,9 @@ class Sampling:
             raise ValueError(problem)
 
     @classmethod
-    def from_model(cls, model: Model, **overrides: Any) -> Sampling:
-        """The model folder's generation_config.json defaults, then the `overrides` not None."""
+    def from_model(cls, model: Any, **overrides: Any) -> Sampling:
+        """The model folder's generation_config.json defaults (`model.info.sampling`), then the
+        `overrides` not None."""
         base = model.info.sampling if model.info is not None else cls()
         return base.updated(**overrides)
 

@@ -315,13 +315,7 @@ class Tokenizer:
                 **kwargs,
             )
         )
-        structured = inputs.pop("messages")
-        for i, m in enumerate(structured):
-            if m.get("role") == "assistant" and STRUCTURE_KEYS_SET & m.keys():
-                try:
-                    check_assistant(m)
-                except ValueError as e:
-                    raise ValueError(f"message {i}: {e}") from None
+        structured = _checked_structure(inputs.pop("messages"))
         inputs.update(
             add_generation_prompt=not continue_final_message
             if add_generation_prompt is None
@@ -389,6 +383,17 @@ class Tokenizer:
         if self._template is None or self._template.source != source:
             self._template = compile_template(source, self._added_re)
         return self._template
+
+
+def _checked_structure(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`messages`, once every assistant message's structure is checked (`check_assistant`)."""
+    for i, m in enumerate(messages):
+        if m.get("role") == "assistant" and STRUCTURE_KEYS_SET & m.keys():
+            try:
+                check_assistant(m)
+            except ValueError as e:
+                raise ValueError(f"message {i}: {e}") from None
+    return messages
 
 
 def _as_template_messages(

@@ -14,10 +14,11 @@ from checkpoints import make_tiny_checkpoint, requires_reference
 from trained_model import QUESTIONS, trained_checkpoint
 from typer.testing import CliRunner
 
-from smollm3_mlx import cache_file, cli
+from smollm3_mlx import cache_file
 from smollm3_mlx.cache import KVSettings
 from smollm3_mlx.cache_file import PromptCacheError, PromptCacheMismatch
 from smollm3_mlx.chat import Chat
+from smollm3_mlx.cli import app as cli
 from smollm3_mlx.events import Done, Error
 from smollm3_mlx.loading import load
 from smollm3_mlx.model import Model

@@ -22,9 +22,9 @@ from trained_model import (
 from smollm3_mlx.chat import Chat
 from smollm3_mlx.chat_file import ChatFileError
 from smollm3_mlx.events import AnswerDelta, Done, ThinkingDelta, ToolCall
-from smollm3_mlx.generate import generate_step
 from smollm3_mlx.loading import load
 from smollm3_mlx.sample import Sampling
+from smollm3_mlx.step import generate_step
 from smollm3_mlx.tokenizer import Tokenizer
 
 pytestmark = requires_reference

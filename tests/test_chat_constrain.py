@@ -20,8 +20,8 @@ from smollm3_mlx import (
     ToolCallDelta,
     load,
 )
+from smollm3_mlx.cli.repl import interrupt
 from smollm3_mlx.constrain import DEFAULT_HANDOFF
-from smollm3_mlx.repl import interrupt
 
 pytestmark = requires_reference
 GREEDY = Sampling(temperature=0.0, top_p=1.0)

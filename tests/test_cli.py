@@ -15,7 +15,7 @@ from checkpoints import requires_reference
 from trained_model import QUESTIONS, answer, assistant, trained_checkpoint
 from typer.testing import CliRunner
 
-from smollm3_mlx import cli
+from smollm3_mlx.cli import app as cli
 
 pytestmark = requires_reference
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

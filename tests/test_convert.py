@@ -23,9 +23,11 @@ from hub_server import HubServer, use_hub
 from huggingface_hub import file_download
 from typer.testing import CliRunner
 
-from smollm3_mlx import cli, files
+from smollm3_mlx import files
+from smollm3_mlx.checkpoint import read_safetensors_header
+from smollm3_mlx.cli import app as cli
 from smollm3_mlx.convert import ConvertError, ConvertResult, convert
-from smollm3_mlx.loading import load_model, read_safetensors_header
+from smollm3_mlx.loading import load_model
 
 # The module, whatever the package's lazy `convert` attribute resolves to (the function).
 convert_module = importlib.import_module("smollm3_mlx.convert")
@@ -633,7 +635,7 @@ def test_cli_prints_bits_per_weight_size_and_time_or_one_error_line(ckpt, tmp_pa
 
 CTRL_C = """
 import importlib, sys, time
-from smollm3_mlx.cli import app
+from smollm3_mlx.cli.app import app
 
 convert_module = importlib.import_module("smollm3_mlx.convert")
 
@@ -673,7 +675,7 @@ def test_ctrl_c_in_the_cli_is_one_line_and_leaves_nothing(ckpt, tmp_path):
 HUB_CTRL_C = """
 import sys
 from huggingface_hub import constants
-from smollm3_mlx.cli import app
+from smollm3_mlx.cli.app import app
 
 constants.DOWNLOAD_CHUNK_SIZE = 1024  # blocks of a tiny file, as a real shard comes in 10 MiB
 app(sys.argv[1:])
@@ -993,3 +995,23 @@ def test_a_download_the_cache_cannot_hold_is_refused_before_the_weights(
 
 def _size_text(n):
     return files.human_size(n)
+
+
+def test_convert_and_load_refuse_the_same_names_that_are_neither_a_folder_nor_a_repo_id(
+    tmp_path, monkeypatch
+):
+    from smollm3_mlx.checkpoint import ModelLoadError
+    from smollm3_mlx.loading import load
+
+    with HubServer({}) as hub:
+        use_hub(monkeypatch, hub.url, tmp_path / "hf")
+        monkeypatch.chdir(tmp_path)
+        for name in ("SmolLM3-3B-4bt", "a/b/c"):
+            message = f"{name}: no local folder of that name, and not a hub repo id (OWNER/NAME)"
+            with pytest.raises(ConvertError) as converting:
+                convert(name, tmp_path / "out")
+            with pytest.raises(ModelLoadError) as loading:
+                load(name)
+            assert str(converting.value) == str(loading.value) == message
+        assert hub.requests == []
+    assert not (tmp_path / "out").exists()

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from checkpoints import make_tiny_checkpoint
 
+from smollm3_mlx.checkpoint import load_config, model_args
 from smollm3_mlx.convert import convert
-from smollm3_mlx.loading import load_config, load_model, model_args
+from smollm3_mlx.loading import load_model
 
 IDS = np.random.default_rng(1).integers(0, 512, 48).tolist()
 THETA = 5e6  # far from mlx-lm's fallback of 10000, so a misread moves the logits

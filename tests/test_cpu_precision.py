@@ -10,8 +10,9 @@ from checkpoints import make_tiny_checkpoint
 from mlx.utils import tree_flatten
 
 from smollm3_mlx import loading
+from smollm3_mlx.checkpoint import ModelLoadError, default_dtype
 from smollm3_mlx.convert import convert
-from smollm3_mlx.loading import ModelLoadError, default_dtype, load_model
+from smollm3_mlx.loading import load_model
 from smollm3_mlx.model import Model
 
 IDS = np.random.default_rng(2).integers(0, 512, 48).tolist()
@@ -145,7 +146,7 @@ def test_forcing_half_precision_with_quantized_weights_on_cpu_warns_once(quantiz
 def test_cli_dtype_option_reaches_load(monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
-    from smollm3_mlx.cli import app
+    from smollm3_mlx.cli.app import app
 
     seen = []
 

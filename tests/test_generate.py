@@ -9,9 +9,10 @@ import pytest
 from checkpoints import make_tiny_checkpoint, requires_reference
 
 from smollm3_mlx.cache import KVCache, trim_prompt_cache
-from smollm3_mlx.generate import generate_step, stream_generate
+from smollm3_mlx.generate import stream_generate
 from smollm3_mlx.loading import load, load_model
 from smollm3_mlx.sample import make_logits_processors, make_sampler
+from smollm3_mlx.step import generate_step
 
 IDS = np.random.default_rng(1).integers(0, 512, 40).tolist()
 

@@ -12,7 +12,8 @@ import pytest
 from checkpoints import REPO_ROOT, make_tiny_checkpoint, requires_reference
 from mlx.utils import tree_flatten
 
-from smollm3_mlx.loading import ModelLoadError, load, load_model
+from smollm3_mlx.checkpoint import ModelLoadError
+from smollm3_mlx.loading import load, load_model
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +216,7 @@ from smollm3_mlx import Chat, load, stream_generate
 model, tokenizer = load({str(path)!r})
 list(stream_generate(model, tokenizer, "Hi", max_tokens=2))
 list(Chat(model, tokenizer, max_tokens=2).send("Hi"))
-import smollm3_mlx.cli, smollm3_mlx.console, smollm3_mlx.convert
+import smollm3_mlx.cli.app, smollm3_mlx.cli.console, smollm3_mlx.convert
 print(sorted({{"torch", "transformers", "mlx_lm"}} & set(sys.modules)))
 """
     out = subprocess.run(
@@ -235,7 +236,7 @@ def test_pyproject_declares_the_distribution_and_its_platform_dependencies():
 
     project = _pyproject()["project"]
     assert (project["name"], project["requires-python"]) == ("smollm3-mlx", ">=3.10")
-    assert project["scripts"] == {"smollm3-mlx": "smollm3_mlx.cli:app"}
+    assert project["scripts"] == {"smollm3-mlx": "smollm3_mlx.cli.app:app"}
     deps = [Requirement(r) for r in project["dependencies"]]
 
     def needed(platform):
@@ -248,10 +249,13 @@ def test_pyproject_declares_the_distribution_and_its_platform_dependencies():
         got = needed(platform)
         assert {(n, e) for n, e in got if n == "mlx"} == {(mlx[0], frozenset(mlx[1]))}
         names = {n for n, _ in got}
-        assert {"tokenizers", "jinja2", "huggingface_hub", "typer", "rich", "mlx-lm"} <= names
-        assert not {"torch", "transformers"} & names
-    test = {Requirement(r).name: Requirement(r) for r in project["optional-dependencies"]["test"]}
+        assert {"tokenizers", "jinja2", "huggingface_hub", "typer", "rich"} <= names
+        assert not {"torch", "transformers", "mlx-lm"} & names
+    extras = project["optional-dependencies"]
+    assert [Requirement(r).name for r in extras["compare"]] == ["mlx-lm"]
+    test = {Requirement(r).name: Requirement(r) for r in extras["test"]}
     assert {"pytest", "transformers", "torch"} <= test.keys()
+    assert {"server", "compare"} <= test["smollm3-mlx"].extras
     assert str(test["torch"].specifier) == "==2.13.0"
 
 

@@ -10,12 +10,15 @@ from checkpoints import REFERENCE_MODEL_DIR, hf_logits, make_tiny_checkpoint, re
 from trained_model import QUESTIONS, answer, trained_checkpoint
 from typer.testing import CliRunner
 
-from smollm3_mlx import Chat, Sampling, cache as cache_module, cli, load
+from smollm3_mlx import Chat, Sampling, cache as cache_module, load
 from smollm3_mlx.cache import KVCache
-from smollm3_mlx.generate import generate_step, stream_generate
-from smollm3_mlx.loading import ModelLoadError, context_window, load_model
+from smollm3_mlx.checkpoint import ModelLoadError, context_window
+from smollm3_mlx.cli import app as cli
+from smollm3_mlx.generate import stream_generate
+from smollm3_mlx.loading import load_model
 from smollm3_mlx.model import ModelArgs
 from smollm3_mlx.rope import RoPE
+from smollm3_mlx.step import generate_step
 
 GREEDY = Sampling(temperature=0.0, top_p=1.0)
 RNG = np.random.default_rng(3)

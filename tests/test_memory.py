@@ -10,11 +10,12 @@ from checkpoints import REFERENCE_MODEL_DIR, make_tiny_checkpoint, requires_refe
 from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
-from smollm3_mlx import cli, memory
-from smollm3_mlx.generate import generate_step
+from smollm3_mlx import memory
+from smollm3_mlx.cli import app as cli
 from smollm3_mlx.loading import load, load_model
 from smollm3_mlx.memory import MemoryBudgetError, estimate, estimate_memory
 from smollm3_mlx.model import Model, ModelArgs
+from smollm3_mlx.step import generate_step
 
 # head_dim 64, so that the KV cache can be quantized; a context long enough for attention to show.
 TINY = dict(head_dim=64, max_position_embeddings=4096)
@@ -110,7 +111,7 @@ def _config(path):
 
 
 def _data_bytes(f) -> int:
-    from smollm3_mlx.loading import read_safetensors_header
+    from smollm3_mlx.checkpoint import read_safetensors_header
 
     return sum(
         t["data_offsets"][1] - t["data_offsets"][0] for t in read_safetensors_header(f).values()

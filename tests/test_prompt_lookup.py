@@ -12,10 +12,11 @@ import pytest
 from checkpoints import make_tiny_checkpoint, requires_reference
 
 from smollm3_mlx.cache import KVCache
-from smollm3_mlx.generate import LookupStats, generate_step, stream_generate
+from smollm3_mlx.generate import stream_generate
 from smollm3_mlx.loading import load, load_model
 from smollm3_mlx.lookup import lookup_generate_step
 from smollm3_mlx.sample import make_logits_processors, make_sampler
+from smollm3_mlx.step import LookupStats, generate_step
 
 IDS = np.random.default_rng(1).integers(0, 512, 40).tolist()
 # The n-gram (360, 360, 360) is followed by 360 then 7: drafts that are confirmed, then rejected.

@@ -33,12 +33,12 @@ from trained_model import (
 )
 
 from smollm3_mlx.cache import PromptCache
-from smollm3_mlx.cache_dir import CacheDir
-from smollm3_mlx.engine import Engine, Finished, Job, PromptCacheLRU, WarmUpError
 from smollm3_mlx.generate import stream_generate
 from smollm3_mlx.loading import load
 from smollm3_mlx.sample import Sampling
-from smollm3_mlx.server import exposure_problem, make_app
+from smollm3_mlx.serve.app import exposure_problem, make_app
+from smollm3_mlx.serve.cache_dir import CacheDir
+from smollm3_mlx.serve.engine import Engine, Finished, Job, PromptCacheLRU, WarmUpError
 
 pytestmark = requires_reference
 MODEL = "smollm3-tiny"
@@ -674,7 +674,7 @@ def test_serve_on_a_taken_port_is_one_line_and_exit_1(model_dir):
 def test_serve_binds_every_address_of_its_host_on_one_port(monkeypatch):
     """As asyncio's create_server does: "localhost" that resolves to ::1 and 127.0.0.1 (as on a
     Mac) is served on both, IPv6 as IPv6 only; port 0 gives one port for all."""
-    from smollm3_mlx import server
+    from smollm3_mlx.serve import app as server
 
     both = [
         (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", 0, 0, 0)),
@@ -693,7 +693,7 @@ def test_serve_binds_every_address_of_its_host_on_one_port(monkeypatch):
 
 def test_the_http_stack_is_imported_only_by_serve():
     code = (
-        "import sys, smollm3_mlx, smollm3_mlx.cli, smollm3_mlx.chat;"
+        "import sys, smollm3_mlx, smollm3_mlx.cli.app, smollm3_mlx.chat;"
         "print(sorted({'starlette', 'uvicorn', 'sse_starlette', 'pydantic', 'anyio'}"
         " & set(sys.modules)))"
     )
@@ -704,7 +704,7 @@ def test_the_http_stack_is_imported_only_by_serve():
 
 WARM_UP_CHECK = """
 import pathlib, sys, threading
-from smollm3_mlx.engine import Engine, Finished, Job
+from smollm3_mlx.serve.engine import Engine, Finished, Job
 from smollm3_mlx.loading import load
 from smollm3_mlx.sample import Sampling
 
@@ -744,7 +744,7 @@ def test_the_engine_builds_its_kernels_before_it_is_ready(model_dir, tmp_path):
 
 INTERRUPTED_WARM_UP = """
 import os, signal, sys, threading
-from smollm3_mlx.engine import Engine
+from smollm3_mlx.serve.engine import Engine
 from smollm3_mlx.loading import load
 
 warm_up = Engine._warm_up
@@ -776,7 +776,7 @@ def test_ctrl_c_while_the_engine_warms_up_ends_its_thread_before_it_goes_on(mode
 def test_serve_refuses_in_one_line_a_model_that_fails_its_warm_up(model_dir, monkeypatch):
     from typer.testing import CliRunner
 
-    from smollm3_mlx import cli
+    from smollm3_mlx.cli import app as cli
 
     def fail(self, cancel):
         raise RuntimeError("no memory left")

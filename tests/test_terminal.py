@@ -15,7 +15,7 @@ from checkpoints import REFERENCE_MODEL_DIR, requires_reference
 from trained_model import QUESTIONS, trained_checkpoint
 from typer.testing import CliRunner
 
-from smollm3_mlx import cli
+from smollm3_mlx.cli import app as cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = r"›(?:\x1b\[[0-9;]*m)* "
@@ -195,7 +195,8 @@ def test_generate_json_includes_the_tool_call_and_the_thinking(model_dir):
 def test_chat_prompt_shows_while_the_model_loads_and_the_first_answer_waits_for_it(
     model_dir, monkeypatch
 ):
-    from smollm3_mlx import console, loading
+    from smollm3_mlx import loading
+    from smollm3_mlx.cli import console
 
     asked, real_load, real_reader = threading.Event(), loading.load, console.chat_reader
     order = []
@@ -244,9 +245,10 @@ def test_chat_with_a_wrong_folder_fails_before_the_prompt_and_a_broken_one_at_th
 # prompt); each chunk is counted in a file, so that a test sees how many ran after Ctrl-C.
 SLOW_PREFILL = """
 import importlib, sys, time
-from smollm3_mlx import cli, model
+from smollm3_mlx import model
+from smollm3_mlx.cli import app as cli
 
-importlib.import_module("smollm3_mlx.generate").default_prefill_step = lambda m: 4
+importlib.import_module("smollm3_mlx.step").default_prefill_step = lambda m: 4
 forward, counts = model.Model.__call__, sys.argv[1]
 
 def slow(self, inputs, cache=None):
@@ -308,8 +310,8 @@ def test_a_long_prefill_shows_its_progress_and_ctrl_c_stops_it_within_a_chunk(
 def test_prefill_chunks_are_a_few_tokens_of_the_3b_on_the_cpu_and_512_on_a_gpu(monkeypatch):
     import mlx.core as mx
 
-    from smollm3_mlx.generate import default_prefill_step
     from smollm3_mlx.model import Model, ModelArgs
+    from smollm3_mlx.step import default_prefill_step
 
     config = json.loads((REFERENCE_MODEL_DIR / "config.json").read_text())
     big = Model(ModelArgs.from_dict(config))  # SmolLM3-3B's shapes; lazy, nothing is allocated

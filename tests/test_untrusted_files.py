@@ -13,7 +13,8 @@ import pytest
 from checkpoints import make_tiny_checkpoint
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from smollm3_mlx.loading import ModelLoadError, load_model, read_safetensors_header
+from smollm3_mlx.checkpoint import ModelLoadError, read_safetensors_header
+from smollm3_mlx.loading import load_model
 
 FUZZ = settings(
     max_examples=int(os.environ.get("FUZZ_EXAMPLES", 60)),

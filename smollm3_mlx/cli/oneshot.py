@@ -9,8 +9,8 @@ from typing import Any
 
 import typer
 
+from ..events import Error, ToolCallError
 from . import console
-from .events import Error, ToolCallError
 
 
 def answer(session, prompt, progress, output_format, hide_thinking, stats, schema, prefill):
@@ -66,7 +66,7 @@ def check_context(session, prompt: str, raw: bool, prefill: str | None) -> None:
                 continue_final_message=prefill is not None,
             )
         )
-    from .loading import longest_context
+    from ..checkpoint import longest_context
 
     limit, most = session.model.max_context, longest_context(session.model.args)
     if n >= limit:
@@ -78,8 +78,8 @@ def check_context(session, prompt: str, raw: bool, prefill: str | None) -> None:
 
 
 def complete(session, prompt: str, stats: bool, output_format: str, schema=None):
-    from .cache import PromptCache
-    from .generate import stream_generate
+    from ..cache import PromptCache
+    from ..generate import stream_generate
 
     last, text = None, ""
     responses = stream_generate(

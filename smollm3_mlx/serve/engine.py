@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from .cache import KVSettings, PromptCache, is_prefix, longest_shared
+from ..cache import KVSettings, PromptCache, is_prefix, longest_shared
+from ..generate import stream_generate
+from ..sample import Sampling
 from .cache_dir import DEFAULT_DIR_BYTES, CacheDir
-from .generate import stream_generate
-from .sample import Sampling
 
 DEFAULT_QUEUE = 8
 DEFAULT_CACHE_BYTES = 2 * 1024**3

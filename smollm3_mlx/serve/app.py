@@ -28,6 +28,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ..sample import Sampling
 from .cache_dir import DEFAULT_DIR_BYTES
 from .engine import (
     DEFAULT_CACHE_BYTES,
@@ -41,7 +42,7 @@ from .engine import (
     Started,
     Token,
 )
-from .openai_reply import (
+from .reply import (
     Delta,
     Reply,
     chat_chunk,
@@ -50,7 +51,7 @@ from .openai_reply import (
     text_chunk,
     text_response,
 )
-from .openai_request import (
+from .request import (
     ChatRequest,
     CompletionRequest,
     RequestError,
@@ -66,7 +67,6 @@ from .openai_request import (
     thinking,
     tools as request_tools,
 )
-from .sample import Sampling
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 DEFAULT_MAX_BODY = 4 * 1024**2
@@ -243,7 +243,7 @@ class _Api:
         asked = wanted["response_format"] or wanted["tool_choice"] != "auto"
         if not (tools or asked or wanted["thinking_token_budget"] is not None):
             return []  # nothing to hold: the grammar engine is not even loaded
-        from .constrain import ConstraintError, make_answer_constraint, make_think_budget
+        from ..constrain import ConstraintError, make_answer_constraint, make_think_budget
 
         try:
             answer = make_answer_constraint(

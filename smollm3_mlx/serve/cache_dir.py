@@ -13,8 +13,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .cache import KVSettings, PromptCache, is_prefix, longest_shared
-from .cache_file import (
+from ..cache import KVSettings, PromptCache, is_prefix, longest_shared
+from ..cache_file import (
     Fingerprint,
     PromptCacheError,
     cache_file_name,

@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 
 from . import console
+from .options import ChatSettings
 
 DEFAULT_MODEL_NAME = "SmolLM3-3B-4bit"  # HuggingFaceTB/SmolLM3-3B, 4-bit mixed recipe
 
@@ -30,8 +31,8 @@ def model_name(model: str | None) -> str:
     """`model`, or the default model's folder (downloaded and converted on first use)."""
     if model is not None:
         return model
-    from .convert import ConvertError, ConvertInterrupted, convert
-    from .loading import DEFAULT_REPO
+    from ..convert import ConvertError, ConvertInterrupted, convert
+    from ..hub import DEFAULT_REPO
 
     path = default_model_dir()
     if not (path / "config.json").exists():
@@ -56,8 +57,9 @@ def load_model(
 ):  # fmt: skip
     """Load `model` (see `model_name`): (model, tokenizer, name). First refuses a session that
     would not fit in memory (memory.py), unless check_memory is off; sets MLX's memory limits."""
-    from .loading import ModelLoadError, load
-    from .memory import MemoryBudgetError
+    from ..checkpoint import ModelLoadError
+    from ..loading import load
+    from ..memory import MemoryBudgetError
 
     name = model_name(model)
     try:
@@ -82,7 +84,7 @@ def budget_memory(
 ) -> None:  # fmt: skip
     """Estimate the session's memory (config and headers only; memory.py), refuse it
     (MemoryBudgetError) unless `check_memory` is off, and set MLX's memory limits to it."""
-    from .memory import check_memory as check, estimate_memory, memory_limits
+    from ..memory import check_memory as check, estimate_memory, memory_limits
 
     est = estimate_memory(
         path, max_context=max_context, kv_bits=kv_bits, kv_group_size=kv_group_size,
@@ -97,32 +99,41 @@ def compute_dtype(dtype: str) -> str | None:
     return None if dtype == "stored" else dtype
 
 
-def open_chat(
-    model, dtype, think, system, keep_thinking, max_tokens, temperature, top_p, seed,
-    max_context=None, kv_bits=None, kv_group_size=64, kv_start=0, prompt_lookup=0, loaded=None,
-    think_budget=None, memory_check=True, prompt_cache=None,
-):  # fmt: skip
-    """The Chat for `chat` and `generate`, over the model `loaded` (loaded here when None)."""
+def open_chat(settings: ChatSettings, loaded: tuple | None = None):
+    """The Chat for `chat`, `generate` and `cache-prompt`, over the model `loaded` (loaded here
+    when None)."""
     import mlx.core as mx
 
-    from .cache_file import PromptCacheError
-    from .chat import Chat
-    from .sample import Sampling
+    from ..cache_file import PromptCacheError
+    from ..chat import Chat
+    from ..sample import Sampling
 
+    s = settings
     m, tokenizer, name = loaded or load_model(
-        model, dtype, max_context, kv_bits, kv_group_size, memory_check
+        s.model, s.dtype, s.max_context, s.kv_bits, s.kv_group_size, s.memory_check
     )
-    if seed is not None:
-        mx.random.seed(seed)
+    if s.seed is not None:
+        mx.random.seed(s.seed)
     # The options given, over generation_config.json's defaults
-    sampling = Sampling.from_model(m, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
+    sampling = Sampling.from_model(
+        m, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens
+    )
     try:
         return Chat(
-            m, tokenizer, think=think, system=system, keep_thinking=keep_thinking,
-            sampling=sampling, model_name=name, kv_bits=kv_bits, kv_group_size=kv_group_size,
-            kv_start=kv_start, prompt_lookup=prompt_lookup, think_budget=think_budget,
-            prompt_cache=prompt_cache,
-        )  # fmt: skip
+            m,
+            tokenizer,
+            think=s.think,
+            system=s.system,
+            keep_thinking=s.keep_thinking,
+            sampling=sampling,
+            model_name=name,
+            kv_bits=s.kv_bits,
+            kv_group_size=s.kv_group_size,
+            kv_start=s.kv_start,
+            prompt_lookup=s.prompt_lookup,
+            think_budget=s.think_budget,
+            prompt_cache=s.prompt_cache,
+        )
     except (ValueError, PromptCacheError) as e:
         console.error(str(e))
         raise typer.Exit(1) from None

@@ -21,7 +21,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from .events import AnswerDelta, Done, Error, Event, ThinkingDelta, ToolCall, ToolCallError
+from ..events import AnswerDelta, Done, Error, Event, ThinkingDelta, ToolCall, ToolCallError
 
 out = Console(highlight=False, soft_wrap=True, emoji=False)  # model text: no :emoji: codes
 err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)

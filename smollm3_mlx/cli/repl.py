@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Callable
 
 import typer
 
 from . import console
-from .launch import budget_memory, compute_dtype, model_name
+from .launch import budget_memory, compute_dtype, model_name, open_chat
+from .options import ChatSettings
 
 
 class Loading:
@@ -23,25 +23,26 @@ class Loading:
     would otherwise hold the prompt back.
     """
 
-    def __init__(
-        self, model: str | None, dtype: str, max_context: int | None,
-        kv_bits: int | None = None, kv_group_size: int = 64, check_memory: bool = True,
-    ):  # fmt: skip
-        from .loading import ModelLoadError, resolve_model_path
-        from .memory import MemoryBudgetError
+    def __init__(self, settings: ChatSettings):
+        from ..checkpoint import ModelLoadError
+        from ..hub import resolve_model_path
+        from ..memory import MemoryBudgetError
 
-        self.name = model_name(model)
+        s = settings
+        self.name = model_name(s.model)
         try:  # a hub repo id downloads here, in the open, before the prompt
             self.path = resolve_model_path(self.name)
             # before the prompt: a bad folder, or a session that cannot fit, is one line now
-            budget_memory(self.path, dtype, max_context, kv_bits, kv_group_size, check_memory)
+            budget_memory(
+                self.path, s.dtype, s.max_context, s.kv_bits, s.kv_group_size, s.memory_check
+            )
         except (ModelLoadError, MemoryBudgetError, OSError) as e:
             console.error(str(e))
             raise typer.Exit(1) from None
         self.result: tuple | None = None
         self.error: BaseException | None = None
         self.thread = threading.Thread(
-            target=self._run, args=(compute_dtype(dtype), max_context), name="smollm3-mlx load"
+            target=self._run, args=(compute_dtype(s.dtype), s.max_context), name="smollm3-mlx load"
         )
 
     def start(self) -> None:
@@ -51,7 +52,7 @@ class Loading:
     def _run(self, dtype: str | None, max_context: int | None) -> None:
         import mlx.core as mx
 
-        from .loading import load
+        from ..loading import load
 
         try:
             self.result = load(  # weights too; memory was checked in __init__
@@ -64,7 +65,7 @@ class Loading:
 
     def wait(self) -> tuple:
         """(model, tokenizer, name) once loaded; a load error is one line and exit 1."""
-        from .loading import ModelLoadError
+        from ..checkpoint import ModelLoadError
 
         self.start()
         if self.thread.is_alive():
@@ -97,7 +98,7 @@ COMMANDS = {
 
 def command(chat, line: str) -> bool:
     """Run a /command; False means exit."""
-    from .chat_file import ChatFileError
+    from ..chat_file import ChatFileError
 
     name, _, arg = line.strip().partition(" ")
     arg = arg.strip()
@@ -179,12 +180,10 @@ def turn(chat, text: str, view) -> None:
         signal.signal(signal.SIGINT, previous)
 
 
-def run(
-    loading: Loading, open_chat: Callable, *, think: bool, keep_thinking: bool,
-    hide_thinking: bool,
-) -> None:  # fmt: skip
-    """Read lines until /exit or Ctrl-D; the Chat is opened, by `open_chat(loaded)`, at the
-    first line, once `loading` is done."""
+def run(loading: Loading, settings: ChatSettings) -> None:
+    """Read lines until /exit or Ctrl-D; the Chat is opened (`launch.open_chat`) at the first
+    line, once `loading` is done."""
+    think, keep_thinking = settings.think, settings.keep_thinking
     try:
         console.welcome(loading.name, think, keep_thinking)
         session = None
@@ -201,12 +200,12 @@ def run(
             if not line.strip():
                 continue
             if session is None:
-                session = open_chat(loading.wait())
+                session = open_chat(settings, loading.wait())
             if line.startswith("/"):
                 if not command(session, line):
                     break
                 continue
-            turn(session, line, console.TurnView(hide_thinking=hide_thinking))
+            turn(session, line, console.TurnView(hide_thinking=settings.hide_thinking))
     except KeyboardInterrupt:  # while waiting for the model
         raise typer.Exit(130) from None
     finally:

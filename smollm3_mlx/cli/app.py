@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,6 +13,27 @@ from typer.core import TyperGroup
 
 from . import console, launch
 from .launch import DEFAULT_MODEL_NAME, compute_dtype, default_model_dir, load_model as _load
+from .options import (
+    ChatSettings,
+    DType,
+    HideThinking,
+    KeepThinking,
+    KVBits,
+    KVGroupSize,
+    KVStart,
+    MaxContext,
+    MaxTokens,
+    MemoryCheck,
+    Model,
+    PromptLookup,
+    Seed,
+    System,
+    Temperature,
+    Think,
+    ThinkBudget,
+    TopP,
+    in_range,
+)
 
 
 def _metavars_only(params: list[Any]) -> list[Any]:
@@ -47,39 +67,11 @@ app = typer.Typer(
 )
 
 
-def _in_range(name: str, low: float, high: float | None = None, *, above: bool = False) -> Callable:
-    """An option callback: a value outside [low, high] (or <= low when `above`) is one line."""
-    if high is not None:
-        wanted = (
-            f"{'more than' if above else 'from'} {low} {'and at most' if above else 'to'} {high}"
-        )
-    else:
-        wanted = f"{'more than' if above else 'at least'} {low}"
-
-    def check(value: float | None) -> float | None:
-        if value is None:
-            return value
-        bad = not math.isfinite(value) or value < low or (above and value == low)
-        if bad or (high is not None and value > high):
-            console.error(f"{name} must be {wanted}, not {value}")
-            raise typer.Exit(2)
-        return value
-
-    return check
-
-
-def _kv_bits(bits: int | None) -> int | None:
-    if bits is not None and bits not in (4, 8):
-        console.error(f"--kv-bits must be 4 or 8, not {bits}")
-        raise typer.Exit(2)
-    return bits
-
-
 def _version(value: bool) -> None:
     if value:
         from importlib.metadata import PackageNotFoundError, version
 
-        from . import __version__
+        from .._version import __version__
 
         try:
             mlx = f" (mlx {version('mlx')})"
@@ -99,139 +91,6 @@ def main(
     ] = False,
 ) -> None:
     """Run Hugging Face's SmolLM3-3B on Apple MLX."""
-
-
-Model = Annotated[
-    str | None,
-    typer.Option(
-        "--model",
-        "-m",
-        metavar="FOLDER|REPO",
-        help="Local model folder or hub repo id. Default: the converted model in the cache "
-        "(SMOLLM3_MLX_HOME, else ~/.cache/smollm3-mlx), made on first use by downloading "
-        "HuggingFaceTB/SmolLM3-3B and converting it to 4-bit.",
-        show_default=False,
-    ),
-]
-DType = Annotated[
-    str,
-    typer.Option(
-        metavar="DTYPE",
-        help="Compute dtype: auto (float32 on the CPU, stored dtype on the GPU), "
-        "float32, bfloat16 or float16.",
-    ),
-]
-MaxTokens = Annotated[
-    int,
-    typer.Option(
-        metavar="N",
-        help="The most tokens per answer, thinking included.",
-        callback=_in_range("--max-tokens", 1),
-    ),
-]
-Temperature = Annotated[
-    float | None,
-    typer.Option(
-        "--temp",
-        metavar="T",
-        help="Sampling temperature (default from generation_config.json; 0 is greedy).",
-        callback=_in_range("--temp", 0),
-    ),
-]
-TopP = Annotated[
-    float | None,
-    typer.Option(
-        metavar="P",
-        help="Nucleus sampling mass (default from generation_config.json; 1 keeps all).",
-        callback=_in_range("--top-p", 0, 1, above=True),
-    ),
-]
-Seed = Annotated[
-    int | None,
-    typer.Option(metavar="N", help="Random seed.", callback=_in_range("--seed", 0, 2**64 - 1)),
-]
-Think = Annotated[
-    bool,
-    typer.Option(
-        "--think/--no-think", help="Reasoning mode: think before answering (SmolLM3's /think)."
-    ),
-]
-HideThinking = Annotated[
-    bool,
-    typer.Option(
-        "--hide-thinking",
-        help='Show one line ("thought for 812 tokens, 9.4 s") instead of the reasoning.',
-    ),
-]
-KeepThinking = Annotated[
-    bool,
-    typer.Option(
-        "--keep-thinking/--drop-thinking",
-        help="Keep past reasoning in the history sent back to the model (the default), or drop "
-        "it and keep only the answers (shorter prompts; the model no longer sees how it "
-        "reasoned).",
-    ),
-]
-System = Annotated[str | None, typer.Option(metavar="TEXT", help="A system message.")]
-MaxContext = Annotated[
-    int | None,
-    typer.Option(
-        metavar="N",
-        help="The longest context in tokens. Default: the window the model was trained on "
-        "(max_position_embeddings in its config.json). Past it, up to twice it (or the YaRN "
-        "factor its config names), switches on YaRN. chat keeps going past it by dropping the "
-        "oldest turns (never the system block); generate refuses a longer prompt.",
-        show_default=False,
-        callback=_in_range("--max-context", 1),
-    ),
-]
-KVBits = Annotated[
-    int | None,
-    typer.Option(
-        metavar="BITS",
-        help="Quantize the KV cache to 4 or 8 bits (less memory).",
-        callback=_kv_bits,
-    ),
-]
-KVGroupSize = Annotated[
-    int, typer.Option(metavar="N", help="KV quantization group size: 32, 64 or 128.")
-]
-PromptLookup = Annotated[
-    int,
-    typer.Option(
-        metavar="N",
-        callback=_in_range("--prompt-lookup", 0),
-        help="Prompt-lookup decoding: draft up to N tokens from text already in the context and "
-        "check them in one pass; the output is the same. It pays where a pass over a few tokens "
-        "costs about one step (GPUs); on the CPU it does not (BENCHMARKS.md). 0: off.",
-    ),
-]
-KVStart = Annotated[
-    int,
-    typer.Option(
-        metavar="N",
-        help="With --kv-bits: keep the KV cache dense until it holds this many tokens.",
-        callback=_in_range("--kv-start", 0),
-    ),
-]
-ThinkBudget = Annotated[
-    int | None,
-    typer.Option(
-        "--think-budget",
-        metavar="N",
-        callback=_in_range("--think-budget", 0),
-        help="Close the reasoning after N tokens (with a short hand-off sentence and </think>, "
-        "as the model closes it) and answer.",
-    ),
-]
-MemoryCheck = Annotated[
-    bool,
-    typer.Option(
-        "--memory-check/--no-memory-check",
-        help="Before loading, refuse a session that would need more memory than the machine "
-        "offers (smollm3-mlx estimate shows the numbers).",
-    ),
-]
 
 
 @app.command()
@@ -266,27 +125,39 @@ def chat(
     and stops the answer while it answers, Ctrl-D exits."""
     from .repl import Loading, run
 
+    settings = ChatSettings(
+        model=model,
+        dtype=dtype,
+        think=think,
+        system=system,
+        keep_thinking=keep_thinking,
+        hide_thinking=hide_thinking,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        max_context=max_context,
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
+        kv_start=kv_start,
+        prompt_lookup=prompt_lookup,
+        think_budget=think_budget,
+        memory_check=memory_check,
+        prompt_cache=prompt_cache,
+    )
     try:
         if prompt_cache is not None:  # a bad file is one line before the prompt, not after
-            from .cache_file import PromptCacheError, read_metadata
+            from ..cache_file import PromptCacheError, read_metadata
 
             try:
                 read_metadata(prompt_cache)
             except PromptCacheError as e:
                 console.error(str(e))
                 raise typer.Exit(1) from None
-        loading = Loading(model, dtype, max_context, kv_bits, kv_group_size, memory_check)
+        loading = Loading(settings)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
-
-    def open_chat(loaded):
-        return launch.open_chat(
-            model, dtype, think, system, keep_thinking, max_tokens, temperature, top_p,
-            seed, max_context, kv_bits, kv_group_size, kv_start, prompt_lookup,
-            loaded, think_budget=think_budget, prompt_cache=prompt_cache,
-        )  # fmt: skip
-
-    run(loading, open_chat, think=think, keep_thinking=keep_thinking, hide_thinking=hide_thinking)
+    run(loading, settings)
 
 
 @app.command()
@@ -367,16 +238,28 @@ def generate(
             "--prefill opens the chat template's answer; with --raw, end the prompt with it"
         )
         raise typer.Exit(2)
-    from .constrain import ConstraintError
+    from ..constrain import ConstraintError
     from .oneshot import answer, check_context, complete
 
     try:
-        session = launch.open_chat(
-            model, dtype, think, system, True, max_tokens, temperature, top_p, seed,
-            max_context, kv_bits, kv_group_size, kv_start, prompt_lookup,
+        settings = ChatSettings(
+            model=model,
+            dtype=dtype,
+            think=think,
+            system=system,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            max_context=max_context,
+            kv_bits=kv_bits,
+            kv_group_size=kv_group_size,
+            kv_start=kv_start,
+            prompt_lookup=prompt_lookup,
             think_budget=think_budget,
             memory_check=memory_check,
-        )  # fmt: skip
+        )
+        session = launch.open_chat(settings)
         check_context(session, prompt, raw, prefill)
         with console.prefill_progress() as progress:
             session.prompt_progress = progress
@@ -444,7 +327,7 @@ def convert(
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Quantize SmolLM3 into an MLX folder that smollm3-mlx and mlx-lm both run."""
-    from .convert import ConvertError, ConvertInterrupted, convert as convert_model
+    from ..convert import ConvertError, ConvertInterrupted, convert as convert_model
 
     try:
         with console.progress("converting") as update:
@@ -496,7 +379,7 @@ def serve(
         typer.Option(
             metavar="N",
             help="Port to listen on (0: any free one).",
-            callback=_in_range("--port", 0, 65535),
+            callback=in_range("--port", 0, 65535),
         ),
     ] = 8000,
     api_key: Annotated[
@@ -548,7 +431,7 @@ def serve(
         typer.Option(
             metavar="N",
             help="Requests that may wait while one runs; beyond, 429.",
-            callback=_in_range("--queue", 0),
+            callback=in_range("--queue", 0),
         ),
     ] = 8,
     dtype: DType = "auto",
@@ -559,8 +442,8 @@ def serve(
         _bytes("--cache-dir-bytes", cache_dir_bytes),
     )
     try:
-        from .engine import WarmUpError
-        from .server import exposure_problem, serve as run_server
+        from ..serve.app import exposure_problem, serve as run_server
+        from ..serve.engine import WarmUpError
     except ImportError as e:
         console.error(f"serve needs the server extra: pip install 'smollm3-mlx[server]' ({e})")
         raise typer.Exit(1) from None
@@ -629,10 +512,19 @@ def cache_prompt(
     except (OSError, UnicodeDecodeError) as e:
         console.error(f"cannot read the prompt: {e}")
         raise typer.Exit(1) from None
-    session = launch.open_chat(
-        model, dtype, think, text.strip(), True, 1, None, None, None,
-        max_context, kv_bits, kv_group_size, kv_start, 0, memory_check=memory_check,
-    )  # fmt: skip
+    settings = ChatSettings(
+        model=model,
+        dtype=dtype,
+        think=think,
+        system=text.strip(),
+        max_tokens=1,
+        max_context=max_context,
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
+        kv_start=kv_start,
+        memory_check=memory_check,
+    )
+    session = launch.open_chat(settings)
     start = time.perf_counter()
     try:
         with console.status(
@@ -674,8 +566,9 @@ def estimate(
     ] = None,
 ) -> None:
     """Show the memory a chat session needs (weights, KV cache, activations) and what is free."""
-    from .loading import ModelLoadError, resolve_model_path
-    from .memory import available_memory, estimate_memory
+    from ..checkpoint import ModelLoadError
+    from ..hub import resolve_model_path
+    from ..memory import available_memory, estimate_memory
 
     if device not in (None, "gpu", "cpu"):
         console.error(f"--device must be gpu or cpu, not {device}")
@@ -703,7 +596,7 @@ def bench(
             metavar="N",
             help="Prompt length (random tokens). Default: 512 on the GPU, 8 on the CPU.",
             show_default=False,
-            callback=_in_range("--prompt-tokens", 1),
+            callback=in_range("--prompt-tokens", 1),
         ),
     ] = None,
     generation_tokens: Annotated[
@@ -712,7 +605,7 @@ def bench(
             metavar="N",
             help="Tokens to generate, greedy. Default: 128 on the GPU, 4 on the CPU.",
             show_default=False,
-            callback=_in_range("--generation-tokens", 1),
+            callback=in_range("--generation-tokens", 1),
         ),
     ] = None,
     runs: Annotated[
@@ -721,21 +614,21 @@ def bench(
             metavar="N",
             help="Timed runs; the medians are shown. Default: 3 on the GPU, 2 on the CPU.",
             show_default=False,
-            callback=_in_range("--runs", 1),
+            callback=in_range("--runs", 1),
         ),
     ] = None,
     compare_mlx_lm: Annotated[
         bool,
         typer.Option(
             "--compare-mlx-lm",
-            help="Also time mlx-lm on the same folder, alternating runs (needs mlx-lm). When it "
-            "computes in another dtype by default (bfloat16 on the CPU), it is also timed cast "
-            "to ours.",
+            help="Also time mlx-lm on the same folder, alternating runs (needs mlx-lm: the compare "
+            "extra). When it computes in another dtype by default (bfloat16 on the CPU), it is "
+            "also timed cast to ours.",
         ),
     ] = False,
 ) -> None:
     """Measure prefill and decode speed, time to first token and peak memory on your model."""
-    from .bench import bench as measure, default_sizes, mlx_lm_runners, smollm3_runner
+    from ..bench import bench as measure, default_sizes, mlx_lm_runners, smollm3_runner
 
     sizes = default_sizes()
     prompt_tokens = prompt_tokens if prompt_tokens is not None else sizes[0]
@@ -745,7 +638,7 @@ def bench(
         try:
             import mlx_lm  # noqa: F401
         except ImportError:
-            console.error("--compare-mlx-lm needs mlx-lm: pip install mlx-lm")
+            console.error("--compare-mlx-lm needs mlx-lm: pip install 'smollm3-mlx[compare]'")
             raise typer.Exit(1) from None
     m, tokenizer, name = _load(model, dtype)
     if prompt_tokens + generation_tokens >= m.max_context:

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .events import AnswerDelta, EventParser, ThinkingDelta, ToolCall, ToolCallError
+from ..events import AnswerDelta, EventParser, ThinkingDelta, ToolCall, ToolCallError
 
 if TYPE_CHECKING:
-    from .tokenizer import Tokenizer
+    from ..tokenizer import Tokenizer
 
 
 def new_id(prefix: str) -> str:

@@ -1,0 +1,2 @@
+"""The terminal face: typer commands (app), launch, repl, oneshot, console (all rich rendering),
+editor."""
