@@ -3,7 +3,9 @@ and turns that Ctrl-C answers now or stops instead of ending the chat."""
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 
 import typer
@@ -41,6 +43,9 @@ class Loading:
             raise typer.Exit(1) from None
         self.result: tuple | None = None
         self.error: BaseException | None = None
+        # Set as the thread ends, its MLX streams cleared. Waits are on it, never on the thread's
+        # join: Python 3.11 marks a thread stopped when Ctrl-C interrupts a join of it.
+        self.done = threading.Event()
         self.thread = threading.Thread(
             target=self._run, args=(compute_dtype(s.dtype), s.max_context), name="smollm3-mlx load"
         )
@@ -62,16 +67,17 @@ class Loading:
             self.error = e
         finally:
             mx.clear_streams()  # MLX asks it of a thread that ran MLX work, before it ends
+            self.done.set()
 
     def wait(self) -> tuple:
         """(model, tokenizer, name) once loaded; a load error is one line and exit 1."""
         from ..checkpoint import ModelLoadError
 
         self.start()
-        if self.thread.is_alive():
+        if not self.done.is_set():
             with console.status("loading the model"):
-                while self.thread.is_alive():
-                    self.thread.join(0.05)  # short waits: Ctrl-C is seen at once
+                while not self.done.wait(0.05):  # short waits: Ctrl-C is seen at once
+                    pass
         if isinstance(self.error, (ModelLoadError, OSError)):
             console.error(str(self.error))
             raise typer.Exit(1) from None
@@ -79,6 +85,27 @@ class Loading:
             raise self.error
         assert self.result is not None
         return (*self.result, self.name)
+
+    def abandon(self) -> None:
+        """Ctrl-C while the model loads: end the process now, with 130. The loading thread is
+        inside MLX, and cannot be stopped there; waiting for it would take the rest of the load,
+        and a process that exits beside it aborts ("terminate called without an active
+        exception"). Nothing is being written: leaving without Python's shutdown is safe."""
+        if self.thread.ident is not None and not self.done.is_set():
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
+
+    def finish(self) -> None:
+        """Let the loading thread end before the process does (a Ctrl-C meanwhile abandons it)."""
+        if self.thread.ident is None:
+            return
+        try:
+            while not self.done.wait(0.05):
+                pass
+        except KeyboardInterrupt:
+            self.abandon()
+        self.thread.join()  # past `done`: the thread is only returning
 
 
 COMMANDS = {
@@ -207,7 +234,7 @@ def run(loading: Loading, settings: ChatSettings) -> None:
                 continue
             turn(session, line, console.TurnView(hide_thinking=settings.hide_thinking))
     except KeyboardInterrupt:  # while waiting for the model
+        loading.abandon()
         raise typer.Exit(130) from None
     finally:
-        if loading.thread.ident is not None:
-            loading.thread.join()  # never leave a thread inside MLX at exit
+        loading.finish()  # never leave a thread inside MLX at exit
