@@ -23,7 +23,7 @@ import mlx.core as mx
 
 from .cache import KVCache
 from .model import ModelArgs
-from .step import DEFAULT_PREFILL_STEP
+from .step import prefill_step_for
 
 GB = 1e9
 KV_STEP = KVCache.step  # the cache grows by whole steps
@@ -194,12 +194,15 @@ def estimate(
     kv_bits: int | None = None,
     kv_group_size: int = 64,
     kv_start: int = 0,
-    prefill_step: int = DEFAULT_PREFILL_STEP,
+    prefill_step: int | None = None,
     dtype: mx.Dtype = mx.bfloat16,
     device: str | None = None,
 ) -> MemoryEstimate:
-    """The memory a session of `args` with `weights` bytes needs at `context` tokens."""
+    """The memory a session of `args` with `weights` bytes needs at `context` tokens, its
+    prompt read in chunks of `prefill_step` tokens (default: the chunk generation uses on
+    `device`, `step.prefill_step_for`: a few tokens of the 3B on the CPU)."""
     device = device or ("gpu" if _on_gpu() else "cpu")
+    prefill_step = prefill_step or prefill_step_for(args, gpu=device == "gpu")
     itemsize = dtype.size
     bits = kv_bits if kv_bits and context > kv_start else None  # dense until kv_start tokens
     layer = kv_capacity(context, prefill_step) * kv_bytes_per_token(
@@ -229,7 +232,7 @@ def estimate_memory(
     kv_bits: int | None = None,
     kv_group_size: int = 64,
     kv_start: int = 0,
-    prefill_step: int = DEFAULT_PREFILL_STEP,
+    prefill_step: int | None = None,
     dtype: str | mx.Dtype | None = "auto",
     bits: int | None = None,
     device: str | None = None,
@@ -240,7 +243,7 @@ def estimate_memory(
         path: a model folder (config.json and safetensors weights).
         max_context: the context the session may reach; default: what `load` allows.
         kv_bits, kv_group_size, kv_start: KV cache quantization, as for `Chat`.
-        prefill_step: tokens per prefill chunk.
+        prefill_step: tokens per prefill chunk (default: what generation uses on `device`).
         dtype: the compute dtype, as for `load` ("auto": float32 on the CPU, else as stored).
         bits: for a folder with a config but no weights (the reference folder): estimate the
             weights `smollm3-mlx convert --bits` would write (None: the bfloat16 checkpoint).

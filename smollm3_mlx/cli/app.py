@@ -435,6 +435,7 @@ def serve(
         ),
     ] = 8,
     dtype: DType = "auto",
+    memory_check: MemoryCheck = True,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (needs smollm3-mlx[server])."""
     budget, dir_budget = (
@@ -457,7 +458,9 @@ def serve(
         except OSError as e:
             console.error(f"--cache-dir {cache_dir}: cannot use it as a folder ({e.strerror})")
             raise typer.Exit(2) from None
-    m, tokenizer, name = _load(model, dtype, max_context)
+    m, tokenizer, name = _load(
+        model, dtype, max_context, kv_bits=kv_bits, check_memory=memory_check
+    )
     import mlx.core as mx
 
     with console.status("reading the weights"):
@@ -551,7 +554,14 @@ def estimate(
     kv_bits: KVBits = None,
     kv_group_size: KVGroupSize = 64,
     kv_start: KVStart = 0,
-    prefill_step: Annotated[int, typer.Option(help="Prompt tokens per prefill chunk.")] = 512,
+    prefill_step: Annotated[
+        int | None,
+        typer.Option(
+            help="Prompt tokens per prefill chunk (default: what generation uses on the device: "
+            "512 on a GPU, a few tokens of the 3B on the CPU).",
+            show_default=False,
+        ),
+    ] = None,
     bits: Annotated[
         int | None,
         typer.Option(
