@@ -91,6 +91,15 @@ def main(
     ] = False,
 ) -> None:
     """Run Hugging Face's SmolLM3-3B on Apple MLX."""
+    # Bytes that are not UTF-8 on stdin arrive as escapes, never an error: every text that
+    # goes on is made valid (console.text), with one warning line.
+    reconfigure = getattr(sys.stdin, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="surrogateescape")
+
+
+def _text(value: str | None, what: str) -> str | None:
+    return None if value is None else console.text(value, what)
 
 
 @app.command()
@@ -129,7 +138,7 @@ def chat(
         model=model,
         dtype=dtype,
         think=think,
-        system=system,
+        system=_text(system, "--system"),
         keep_thinking=keep_thinking,
         hide_thinking=hide_thinking,
         max_tokens=max_tokens,
@@ -228,6 +237,7 @@ def generate(
             prompt = console.read_prompt() if sys.stdin.isatty() else sys.stdin.read()
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
+    prompt, prefill = console.text(prompt, "the prompt"), _text(prefill, "--prefill")
     if not raw:
         prompt = prompt.strip()  # `echo question |` ends it with a newline
     if not prompt.strip():
@@ -246,7 +256,7 @@ def generate(
             model=model,
             dtype=dtype,
             think=think,
-            system=system,
+            system=_text(system, "--system"),
             max_tokens=max_tokens,
             temperature=temperature,
             top_p=top_p,

@@ -224,6 +224,7 @@ def run(loading: Loading, settings: ChatSettings) -> None:
             except KeyboardInterrupt:
                 console.info("\n(/exit or Ctrl-D to quit)")
                 continue
+            line = console.text(line, "the message")
             if not line.strip():
                 continue
             if session is None:
