@@ -5,7 +5,8 @@ as the cache holds them (dense or quantized; cut to what is held, so the file is
 bytes). Its metadata carries a fingerprint of what it is valid for: the model (config.json, the
 weight files' headers and the RoPE in effect), the tokenizer, the chat template, the compute dtype
 and the KV settings (bits, group size, start, window, kept tokens); and a CRC-32 per tensor. A file
-is written to a temporary file beside the target, synced and renamed: never half-written.
+is written to a temporary file beside the target, synced and renamed: never half-written; a
+failed write (a full disk) is an OSError, whatever MLX's writer raised.
 
 Loading checks all of it: another model, tokenizer, template, dtype or KV settings is a
 `PromptCacheMismatch` (or, where asked, None: the caller prefills again); a truncated or corrupt
@@ -14,8 +15,11 @@ file is a `PromptCacheError`. Never a cache that would give a wrong answer.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import re
+import stat
 import weakref
 import zlib
 from collections.abc import Sequence
@@ -28,7 +32,7 @@ import numpy as np
 
 from .cache import KVSettings, PromptCache
 from .checkpoint import ModelLoadError, read_safetensors
-from .files import atomic_path
+from .files import atomic_path, parse_json
 
 if TYPE_CHECKING:
     from .model import Model
@@ -36,6 +40,8 @@ if TYPE_CHECKING:
 
 FORMAT, VERSION = "smollm3-mlx-prompt-cache", "1"
 KINDS = ("model", "tokenizer", "template", "dtype", "kv")  # what a fingerprint compares
+CACHE_FILE_NAME = re.compile(r"[0-9a-f]{32}\.safetensors")  # what cache_file_name makes
+MAX_METADATA = 16 * 2**20  # header bytes: the ids of 131072 tokens and a long chat take ~2 MB
 _TOKENIZER_HASHES: weakref.WeakKeyDictionary[Any, tuple[str, str]] = weakref.WeakKeyDictionary()
 
 
@@ -158,7 +164,12 @@ def save_prompt_cache(
     }  # fmt: skip
     path = Path(path).expanduser()
     with atomic_path(path, suffix=".tmp.safetensors") as tmp:
-        mx.save_safetensors(str(tmp), arrays, metadata=metadata)
+        try:
+            mx.save_safetensors(str(tmp), arrays, metadata=metadata)
+        except RuntimeError as e:  # MLX's "[write] Unable to write 2579 bytes to file."
+            why = str(e).split("\n")[0]
+            problem = f"cannot write it ({why}; is the disk full?)"
+            raise OSError(errno.EIO, problem, str(path)) from None
     return path
 
 
@@ -170,6 +181,13 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     """
     path = Path(path).expanduser()
     try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block, /dev/zero never end
+            raise PromptCacheError(f"{path}: not a regular file")
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+        if MAX_METADATA < n <= st.st_size - 8:  # refused before any of it is parsed
+            raise PromptCacheError(f"{path}: a header of {n} bytes, more than a prompt cache's")
         _, meta, end = read_safetensors(path)
         size = path.stat().st_size
     except OSError as e:
@@ -186,7 +204,14 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 def file_fingerprint(meta: dict[str, str]) -> Fingerprint:
-    kv = json.loads(meta["kv"])
+    """The fingerprint a file's metadata carries.
+
+    Raises:
+        KeyError, TypeError, ValueError: the metadata is not a fingerprint.
+    """
+    kv = parse_json(meta["kv"])
+    if not isinstance(kv, dict):
+        raise ValueError("the KV settings are not a JSON object")
     window, keep = kv.pop("window"), kv.pop("keep")
     return Fingerprint(
         meta["model"], meta["tokenizer"], meta["template"], meta["dtype"], KVSettings(**kv),
@@ -235,10 +260,10 @@ def open_prompt_cache(
         if not isinstance(arrays, dict):
             raise ValueError("not a table of tensors")
         names = sorted(arrays)
-        if json.loads(meta["crc32"]) != [_crc(arrays[n]) for n in names]:
+        if parse_json(meta["crc32"]) != [_crc(arrays[n]) for n in names]:
             raise ValueError("checksum")
-        return PromptCache.restore(model, arrays, json.loads(meta["cache"])), meta
-    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        return PromptCache.restore(model, arrays, parse_json(meta["cache"])), meta
+    except (RuntimeError, ValueError, LookupError, TypeError, AttributeError, ArithmeticError) as e:
         problem = "its data fail their checksum" if str(e) == "checksum" else str(e).split("\n")[0]
         raise PromptCacheError(f"{path}: corrupt prompt-cache file ({problem})") from None
 
@@ -270,13 +295,18 @@ def cache_file_name(fp: Fingerprint, ids: Sequence[int]) -> str:
 
 
 def prune_cache_dir(folder: str | Path, max_bytes: int) -> list[Path]:
-    """Delete the least recently modified *.safetensors files of `folder` until the rest fit in
-    `max_bytes` (touch a file when it is used to keep it); returns the deleted paths."""
+    """Delete the least recently modified prompt-cache files of `folder` until the rest fit in
+    `max_bytes` (touch a file when it is used to keep it); returns the deleted paths. Only files
+    named by `cache_file_name` whose header says they are prompt caches count or go: whatever
+    else shares the folder (a model's weights, a temporary file) is left alone."""
     files = []
     for f in Path(folder).glob("*.safetensors"):
+        if not CACHE_FILE_NAME.fullmatch(f.name) or f.is_symlink():
+            continue
         try:
+            read_metadata(f)
             st = f.stat()
-        except FileNotFoundError:  # deleted meanwhile
+        except (PromptCacheError, FileNotFoundError):  # not a cache, or deleted meanwhile
             continue
         files.append((st.st_mtime, st.st_size, f))
     files.sort()

@@ -474,7 +474,13 @@ class Chat:
 
     def prefill(self) -> int:
         """Prefill the conversation as it stands (a long system prompt, say) into the prompt
-        cache without a turn; returns how many tokens the cache holds."""
+        cache without a turn; returns how many tokens the cache holds.
+
+        Raises:
+            ValueError: there is nothing to prefill (no system message, no messages).
+        """
+        if not self.messages:  # the template cannot render an empty conversation
+            raise ValueError("nothing to prefill yet: no system message and no messages")
         with self._turn_lock():
             ids = self.render(add_generation_prompt=False)
             if self.prompt_cache is None:  # all of it is the system block when nothing follows
@@ -486,7 +492,12 @@ class Chat:
     def save_prompt_cache(self, path: str | Path) -> Path:
         """Write the prompt cache and the conversation it stands for to `path` (safetensors,
         atomically); `Chat(model, prompt_cache=path)` takes up from it. Prefills first if no
-        turn has run yet."""
+        turn has run yet.
+
+        Raises:
+            OSError: the file could not be written (a full disk, whatever MLX's writer raised).
+            ValueError: nothing to save yet (no system message, no messages).
+        """
         if self.prompt_cache is None:
             self.prefill()
         with self._turn_lock():
@@ -528,7 +539,7 @@ class Chat:
         return TurnStats(
             prompt_tokens=r.prompt_tokens,
             cached_tokens=r.cached_tokens,
-            prefill_tokens=r.prompt_tokens - r.cached_tokens,
+            prefill_tokens=r.prefill_tokens,
             generation_tokens=r.generation_tokens,
             thinking_tokens=parser.thinking_tokens,
             thinking_seconds=parser.thinking_seconds(end),

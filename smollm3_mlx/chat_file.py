@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import stat
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
-from itertools import accumulate
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .files import write_atomic
+from .files import parse_json, write_atomic
 from .sample import Sampling
 from .tokenizer import (
     CALL_END,
@@ -56,8 +54,6 @@ MESSAGE_KEYS = frozenset({"role", "content", "interrupted"})  # what any saved m
 ASSISTANT_KEYS = MESSAGE_KEYS | set(STRUCTURE_KEYS)  # and an assistant's, from version 2
 MAX_FILE_BYTES = 64 * 2**20  # a 128K-token conversation is well under 1 MB
 MAX_DEPTH = 64  # objects and lists, one inside another (tool schemas nest a few levels)
-_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
-_BRACKET = re.compile(r"[\[\]{}]")
 
 
 class ChatFileError(ValueError):
@@ -150,16 +146,11 @@ def read_json(path: Path, error: type[ValueError], what: str) -> Any:
 
 
 def loads_bounded(text: str) -> Any:
-    """`json.loads`, refusing (ValueError) a value nested past MAX_DEPTH before parsing it;
-    lone surrogates in its strings become U+FFFD."""
+    """JSON we did not write, within MAX_FILE_BYTES and MAX_DEPTH (`files.parse_json`), a
+    ValueError otherwise; lone surrogates in its strings become U+FFFD."""
     if len(text) > MAX_FILE_BYTES:
         raise ValueError(f"more than {MAX_FILE_BYTES} characters")
-    # The parser recurses per level: count the levels first, strings left out
-    brackets = _BRACKET.findall(_STRING.sub("", text))
-    deepest = max(accumulate(1 if b in "[{" else -1 for b in brackets), default=0)
-    if deepest > MAX_DEPTH:
-        raise ValueError(f"nested more than {MAX_DEPTH} levels deep")
-    return _valid(json.loads(text))
+    return _valid(parse_json(text, max_depth=MAX_DEPTH))
 
 
 def _read_regular(path: Path) -> bytes:

@@ -57,7 +57,7 @@ class ToolCallError:
 class TurnStats:
     prompt_tokens: int  # the whole rendered conversation
     cached_tokens: int  # reused from the prompt cache
-    prefill_tokens: int  # processed this turn: prompt_tokens - cached_tokens
+    prefill_tokens: int  # read this turn: prompt_tokens - cached_tokens, fewer if cancelled
     generation_tokens: int
     thinking_tokens: int  # between <think> and </think>
     thinking_seconds: float

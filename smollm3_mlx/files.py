@@ -1,10 +1,12 @@
 """Outputs written whole or not at all: a temporary file or folder beside the target, renamed
 over it when complete; SIGTERM and SIGHUP stop the writing as Ctrl-C does, so that it cleans up;
-and what a killed process left (it could not clean up) is found and removed by the next run."""
+and what a killed process left (it could not clean up) is found and removed by the next run.
+JSON we did not write is read within a bound on its nesting (`parse_json`)."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -13,14 +15,23 @@ import signal
 import socket
 import tempfile
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 # Our temporary folders: .OUT.tmp-PID-XXXXXXXX (being written) and .OUT.old-PID-XXXXXXXX (an old
 # OUT while a new one replaces it), each with a MARKER naming the process and host that made it.
 TEMP_NAME = re.compile(r"\.(?P<out>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[a-z0-9_]{8}")
 MARKER = ".smollm3-mlx-convert.json"
+# Our temporary files: .NAME.HOST-PID-XXXXXXXX.tmp[.ext], HOST a hash of the machine's name (a
+# process id means something only there); too small for a marker inside, the name says it all.
+TEMP_FILE = re.compile(
+    r"\.(?P<out>.+)\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[a-z0-9_]{8}\.tmp(\..+)?"
+)
+STALE_AFTER = 24 * 3600  # seconds: another machine's temporary file this old is abandoned
+MAX_JSON_DEPTH = 64  # nesting: a request or a file of ours never comes near
 
 
 class Terminated(KeyboardInterrupt):
@@ -65,7 +76,8 @@ def atomic_path(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
     """A temporary file beside `path` for a writer that takes a file name; when the block ends
     without error it is synced and renamed over `path`, else removed (the old file stays whole).
     `suffix` ends the temporary name (mx.save_safetensors appends ".safetensors" otherwise)."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    prefix = f".{path.name}.{_host_tag()}-{os.getpid()}-"  # stale once the process is gone
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -148,6 +160,48 @@ def remove_stale(folder: Path, note: Callable[[str], None] | None) -> None:
             warnings.warn(message, stacklevel=3)
         else:
             note(message)
+
+
+def remove_stale_files(folder: Path, out: re.Pattern[str]) -> list[Path]:
+    """Remove the temporary files of `atomic_path` that killed processes left in `folder` for
+    targets named like `out` (a process of this machine that is gone, or older than
+    STALE_AFTER); returns them. Nothing else is touched, a live writer's file included."""
+    removed = []
+    for path in folder.glob(".*.tmp*"):
+        match = TEMP_FILE.fullmatch(path.name)
+        if not match or not out.fullmatch(match["out"]) or not path.is_file():
+            continue
+        try:
+            age = time.time() - path.lstat().st_mtime
+        except OSError:
+            continue  # renamed or removed by its writer meanwhile
+        ours = match["host"] == _host_tag()
+        if (ours and not _alive(int(match["pid"]))) or age > STALE_AFTER:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def parse_json(data: str | bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """`json.loads` for text we did not write: nesting deeper than `max_depth` (which would
+    exhaust the stack of a recursive reader: the parser, a schema compiler) is a ValueError,
+    as malformed JSON is; so is bytes that are not UTF-8."""
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise ValueError(f"nested more than {max_depth} levels deep") from None
+    stack = [(value, 1)] if isinstance(value, (dict, list)) else []
+    while stack:
+        v, depth = stack.pop()
+        if depth > max_depth:
+            raise ValueError(f"nested more than {max_depth} levels deep")
+        items = v.values() if isinstance(v, dict) else v
+        stack.extend((x, depth + 1) for x in items if isinstance(x, (dict, list)))
+    return value
 
 
 def _alive(pid: int) -> bool:

@@ -46,6 +46,9 @@ class GenerationResponse:
     time_to_first_token: float  # seconds
     finish_reason: str | None = None  # "stop" (end of turn or stop string), "length", "cancelled"
     cached_tokens: int = 0  # of prompt_tokens, those reused from the prompt cache (no prefill)
+    # of prompt_tokens, those this call read: the rest after cached_tokens, fewer where it was
+    # cancelled during the prefill
+    prefill_tokens: int = 0
     lookup: LookupStats = field(default_factory=LookupStats)  # forward passes, drafts accepted
     parsed: Any = None  # the last response: the value of an answer held to `response_format`
     # `token`'s step: log-probabilities over the vocabulary, after the logits processors
@@ -153,7 +156,7 @@ def stream_generate(
     meter = _Meter(ids, reused, kwargs.setdefault("lookup_stats", LookupStats()), start)
     text = _TextStream(tokenizer, stop_strings)
     generated = meter.generated
-    steps = _choose_step(kwargs, cancel)(
+    steps = _choose_step(kwargs, cancel, meter)(
         mx.array(ids[reused:], dtype=mx.uint32),
         model,
         max_tokens=max_tokens,
@@ -229,12 +232,14 @@ class _Meter:
         self.ids, self.reused, self.stats = ids, reused, stats
         self.start = self.first = start  # `first`: when the first token arrived (prefill ends)
         self.generated: list[int] = []
+        self.read = 0  # prompt ids prefilled so far (the prefill's progress counts them)
 
     def response(
         self, piece: str, token: int | None, finish: str | None, logprobs: mx.array | None = None
     ) -> GenerationResponse:
         prompt_time, decode_time = self.first - self.start, time.perf_counter() - self.first
-        n, prefilled = len(self.generated), len(self.ids) - self.reused
+        n = len(self.generated)
+        prefilled = len(self.ids) - self.reused if n else self.read
         return GenerationResponse(
             text=piece,
             token=token,
@@ -246,16 +251,18 @@ class _Meter:
             time_to_first_token=prompt_time,
             finish_reason=finish,
             cached_tokens=self.reused,
+            prefill_tokens=prefilled,
             lookup=replace(self.stats),
             logprobs=logprobs,
         )
 
 
-def _choose_step(kwargs: dict[str, Any], cancel: Cancel | None) -> Callable[..., Generator]:
+def _choose_step(
+    kwargs: dict[str, Any], cancel: Cancel | None, meter: _Meter
+) -> Callable[..., Generator]:
     """The step to run (`generate_step`, or prompt lookup's when asked), taking its options out
-    of `kwargs`, and a cancel check between prefill chunks."""
-    if cancel is not None:
-        kwargs["prompt_progress"] = partial(_check, cancel, kwargs.get("prompt_progress"))
+    of `kwargs`; between prefill chunks, the ids read are counted and `cancel` checked."""
+    kwargs["prompt_progress"] = partial(_check, cancel, meter, kwargs.get("prompt_progress"))
     lookup = {k: kwargs.pop(k) for k in ("prompt_lookup", "prompt_lookup_ngram") if k in kwargs}
     if lookup.get("prompt_lookup"):
         from .lookup import lookup_generate_step
@@ -264,10 +271,17 @@ def _choose_step(kwargs: dict[str, Any], cancel: Cancel | None) -> Callable[...,
     return generate_step
 
 
-def _check(cancel: Cancel, progress: Callable[[int, int], None] | None, done: int, total: int):
+def _check(
+    cancel: Cancel | None,
+    meter: _Meter,
+    progress: Callable[[int, int], None] | None,
+    done: int,
+    total: int,
+) -> None:
+    meter.read = done
     if progress is not None:
         progress(done, total)
-    if cancel.is_set() and done < total:
+    if cancel is not None and cancel.is_set() and done < total:
         raise _Cancelled
 
 

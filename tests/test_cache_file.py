@@ -274,24 +274,24 @@ def test_cache_prompt_command_writes_a_file_chat_takes_up(trained, tmp_path):
     assert bad.exit_code == 1 and "not a safetensors file" in bad.output
 
 
-def test_cache_dir_names_follow_ids_and_settings_and_pruning_keeps_the_newest(tmp_path):
+def test_cache_dir_names_follow_ids_and_settings_and_pruning_keeps_the_newest(saved, tmp_path):
     fp = cache_file.Fingerprint("model", "tokenizer", "template", "float32", keep=0)
     name = cache_file.cache_file_name(fp, [1, 2, 3])
-    assert name == cache_file.cache_file_name(fp, [1, 2, 3]) and name.endswith(".safetensors")
+    assert name == cache_file.cache_file_name(fp, [1, 2, 3])
+    assert cache_file.CACHE_FILE_NAME.fullmatch(name)
     assert name != cache_file.cache_file_name(fp, [1, 2, 4])
     assert name != cache_file.cache_file_name(replace(fp, kv=KVSettings(bits=4)), [1, 2, 3])
-    for age, stem in enumerate(["old", "mid", "new"]):
-        f = tmp_path / f"{stem}.safetensors"
-        f.write_bytes(b"x" * 100)
+    files = []
+    for age in range(3):
+        f = tmp_path / cache_file.cache_file_name(fp, [age])
+        shutil.copy(saved[0], f)
         os.utime(f, (1000 + age, 1000 + age))
+        files.append(f)
     (tmp_path / "other.txt").write_bytes(b"x" * 500)  # not a cache file: never touched
-    deleted = cache_file.prune_cache_dir(tmp_path, 250)
-    assert [f.name for f in deleted] == ["old.safetensors"]
-    assert sorted(f.name for f in tmp_path.iterdir()) == [
-        "mid.safetensors",
-        "new.safetensors",
-        "other.txt",
-    ]
+    size = files[0].stat().st_size
+    deleted = cache_file.prune_cache_dir(tmp_path, 2 * size + size // 2)
+    assert deleted == files[:1]
+    assert sorted(tmp_path.iterdir()) == sorted([*files[1:], tmp_path / "other.txt"])
 
 
 def test_generate_reports_an_allocation_failure_in_one_line_and_exits_1(trained, monkeypatch):

@@ -19,6 +19,7 @@ from trained_model import (
     trained_checkpoint,
 )
 
+from smollm3_mlx import step
 from smollm3_mlx.chat import Chat
 from smollm3_mlx.chat_file import ChatFileError
 from smollm3_mlx.events import AnswerDelta, Done, ThinkingDelta, ToolCall
@@ -207,6 +208,29 @@ def test_cancel_keeps_the_partial_answer_marked_and_the_session_usable(loaded):
     fresh = session(loaded, think=False)
     fresh.messages = chat.messages[:-2]
     assert turn(fresh, QUESTIONS["hi"])[1] == streamed
+
+
+def test_a_turn_cancelled_during_its_prefill_counts_the_prompt_tokens_it_read(loaded, monkeypatch):
+    """The stats line after Ctrl-C in a long prefill says how much of the prompt was read."""
+    monkeypatch.setattr(step, "default_prefill_step", lambda model: 8)
+    seen = []
+
+    def progress(done, total):
+        seen.append((done, total))
+        if done >= 16 and not cancelled:  # the first turn only
+            cancelled.append(done)
+            chat.cancel()
+
+    cancelled: list[int] = []
+
+    chat = session(loaded, think=False, prompt_progress=progress)
+    *_, done = chat.send(QUESTIONS["hi"] + " Please." * 30)
+    assert isinstance(done, Done) and done.finish_reason == "cancelled"
+    total = seen[-1][1]
+    assert seen[-1][0] == 16 < total - 8 and done.stats.prompt_tokens == total
+    assert done.stats.prefill_tokens == 16 == chat.prompt_cache.offset
+    *_, again = chat.send(QUESTIONS["hi"])  # the next turn reads the rest
+    assert again.stats.cached_tokens == 16 and again.stats.prefill_tokens > total - 16
 
 
 def test_closing_the_stream_early_counts_as_a_cancel(loaded):

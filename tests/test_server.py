@@ -36,7 +36,12 @@ from smollm3_mlx.cache import PromptCache
 from smollm3_mlx.generate import stream_generate
 from smollm3_mlx.loading import load
 from smollm3_mlx.sample import Sampling
-from smollm3_mlx.serve.app import exposure_problem, make_app
+from smollm3_mlx.serve.app import (
+    DEFAULT_READ_TIMEOUT,
+    exposure_problem,
+    header_deadline,
+    make_app,
+)
 from smollm3_mlx.serve.cache_dir import CacheDir
 from smollm3_mlx.serve.engine import Engine, Finished, Job, PromptCacheLRU, WarmUpError
 
@@ -62,7 +67,15 @@ def running(loaded, *, queue_size=4, cache_bytes=256 * 1024**2, cache_dir=None, 
     engine = Engine(model, tokenizer, queue_size=queue_size, cache_bytes=cache_bytes,
                     cache_dir=cache_dir)  # fmt: skip
     app = make_app(engine, model_name=MODEL, **options)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    timeout = options.get("read_timeout", DEFAULT_READ_TIMEOUT)  # serve's protocol, as it runs
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=0,
+        log_level="warning",
+        lifespan="on",
+        http=header_deadline(timeout),
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -246,6 +259,8 @@ def test_follow_up_prefills_only_its_new_tokens_and_two_conversations_stay_warm(
 
 
 def test_cache_dir_keeps_prompt_caches_across_restarts_and_drops_a_corrupt_file(loaded, tmp_path):
+    """In a folder it made, a file named as its own that cannot be read is deleted; a file it
+    did not write is never touched (tests/test_cache_dir.py has the rest)."""
     system = {"role": "system", "content": "Answer briefly and kindly. " * 80}
     first = [system, user("math")]
     follow_up = [*first, {"role": "assistant", "content": answer("math")}, user("hi")]
@@ -255,9 +270,11 @@ def test_cache_dir_keeps_prompt_caches_across_restarts_and_drops_a_corrupt_file(
         wait_idle(s.engine, 0)
     saved = list(tmp_path.glob("*.safetensors"))
     assert len(saved) == 1
-    (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    broken, theirs = tmp_path / ("0" * 32 + ".safetensors"), tmp_path / "broken.safetensors"
+    for f in (broken, theirs):
+        f.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with running(loaded, cache_dir=tmp_path) as s:  # a fresh server, memory empty
-        assert not (tmp_path / "broken.safetensors").exists()
+        assert not broken.exists() and theirs.exists()
         warm = ask(s, follow_up, max_tokens=30, extra_body=no_think())
     with running(loaded) as s:
         cold = ask(s, follow_up, max_tokens=30, extra_body=no_think())

@@ -169,12 +169,27 @@ def test_version_prints_the_package_and_mlx_versions():
         (["serve", "--cache-dir-bytes", "-1G"], "--cache-dir-bytes must be a size like 2G"),
         (["serve", "--cache-bytes", "inf"], "--cache-bytes must be a size like 2G"),
         (["serve", "--cache-dir", __file__], "--cache-dir " + __file__ + ": cannot use it as a"),
+        (["serve", "--api-key", "clé"], "--api-key must be visible ASCII characters"),
+        (["serve", "--api-key", "two words"], "--api-key must be visible ASCII characters"),
     ],
 )
 def test_bad_option_values_are_one_line_before_loading(args, message):
     r = CliRunner().invoke(cli.app, [*args, "-m", "/nonexistent/model"])
     assert r.exit_code == 2
     assert r.output.count("\n") == 1 and message in r.output, r.output
+
+
+def test_files_we_read_for_a_command_are_one_line_before_loading(tmp_path):
+    """A schema nested deeper than any reader of it could go; an empty system prompt."""
+    deep, empty = tmp_path / "deep.json", tmp_path / "empty.txt"
+    deep.write_text("[" * 5000 + "]" * 5000)
+    empty.write_text(" \n")
+    for args, message in [
+        (["generate", "--json-schema", str(deep), "hi"], "nested more than 64 levels deep"),
+        (["cache-prompt", "--system", str(empty), "-o", str(tmp_path / "x")], "is empty"),
+    ]:
+        r = CliRunner().invoke(cli.app, [*args, "-m", "/nonexistent/model"])
+        assert r.exit_code == 1 and r.output.count("\n") == 1 and message in r.output, r.output
 
 
 @requires_reference

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -290,8 +289,10 @@ def generate(
 
 
 def _read_schema(path: Path) -> dict:
+    from ..files import parse_json
+
     try:
-        schema = json.loads(path.read_text(encoding="utf-8"))
+        schema = parse_json(path.read_text(encoding="utf-8"))  # nesting bounded
     except (OSError, UnicodeDecodeError, ValueError) as e:
         console.error(f"{path}: cannot read a JSON schema ({getattr(e, 'strerror', None) or e})")
         raise typer.Exit(1) from None
@@ -453,11 +454,14 @@ def serve(
         _bytes("--cache-dir-bytes", cache_dir_bytes),
     )
     try:
-        from ..serve.app import exposure_problem, serve as run_server
+        from ..serve.app import api_key_problem, exposure_problem, serve as run_server
         from ..serve.engine import WarmUpError
     except ImportError as e:
         console.error(f"serve needs the server extra: pip install 'smollm3-mlx[server]' ({e})")
         raise typer.Exit(1) from None
+    if api_key_problem(api_key):  # a bad option value, as the others
+        console.error(api_key_problem(api_key))
+        raise typer.Exit(2)
     problem = exposure_problem(host, api_key, allow_unauthenticated)
     if problem:
         console.error(problem)
@@ -525,6 +529,9 @@ def cache_prompt(
     except (OSError, UnicodeDecodeError) as e:
         console.error(f"cannot read the prompt: {e}")
         raise typer.Exit(1) from None
+    if not text.strip():
+        console.error(f"{system}: the system prompt is empty: nothing to cache")
+        raise typer.Exit(1)
     settings = ChatSettings(
         model=model,
         dtype=dtype,

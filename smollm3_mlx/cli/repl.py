@@ -160,8 +160,10 @@ def command(chat, line: str) -> bool:
     elif name == "/save_cache" and arg:
         try:
             console.saved(chat.save_prompt_cache(arg))
-        except OSError as e:
+        except OSError as e:  # a full disk among them
             console.error(f"{arg}: {e.strerror or e}")
+        except ValueError as e:  # nothing to save yet
+            console.error(str(e))
     elif name == "/stats":
         console.session_stats(_stats(chat))
     elif name in ("/save", "/load", "/save_cache"):

@@ -3,8 +3,8 @@
 Starlette + uvicorn + sse-starlette (the `server` extra), imported only here. Requests are checked
 and rendered, and replies shaped, on the event loop's side (openai_request.py, openai_reply.py);
 generation runs on the engine's single worker thread (engine.py). Safe by default: loopback only,
-a Host check against DNS rebinding, JSON bodies only (no cross-site form posts), bounded bodies,
-no CORS unless asked.
+a Host check against DNS rebinding, JSON bodies only (no cross-site form posts), bounded bodies
+(size, nesting, and the time a client takes to send its headers and body), no CORS unless asked.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ..files import parse_json
 from ..sample import Sampling
 from .cache_dir import DEFAULT_DIR_BYTES
 from .engine import (
@@ -70,6 +71,7 @@ from .request import (
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 DEFAULT_MAX_BODY = 4 * 1024**2
+DEFAULT_READ_TIMEOUT = 30.0  # seconds for a request's headers, then as many for its body
 LOOPBACK_NAMES = ("localhost",)
 
 
@@ -83,7 +85,7 @@ class Fault(Exception):
 
 
 def is_loopback(host: str) -> bool:
-    if host in LOOPBACK_NAMES:
+    if host.lower() in LOOPBACK_NAMES:  # host names are case-insensitive
         return True
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
@@ -99,6 +101,14 @@ def exposure_problem(host: str, api_key: str | None, allow_open: bool) -> str | 
         f"--host {host} reaches beyond this machine: pass --api-key (or set SMOLLM3_MLX_API_KEY), "
         "or --allow-unauthenticated if an open server is really what you want"
     )
+
+
+def api_key_problem(api_key: str | None) -> str | None:
+    """Why `api_key` is refused (None: it is fine): an Authorization header carries visible
+    ASCII only, so a key with anything else could never be sent."""
+    if api_key and not all("!" <= c <= "~" for c in api_key):
+        return "--api-key must be visible ASCII characters (no spaces): no client could send it"
+    return None
 
 
 def _host_name(header: str) -> str:
@@ -117,11 +127,12 @@ class _Api:
         api_key: str | None,
         loopback: bool,
         max_body: int,
+        read_timeout: float,
     ):
         self.engine, self.tokenizer = engine, engine.tokenizer
         self.served = (model_name,)
         self.api_key = api_key.encode() if api_key else None
-        self.loopback, self.max_body = loopback, max_body
+        self.loopback, self.max_body, self.read_timeout = loopback, max_body, read_timeout
         self.created = now()
 
     def guard(self, request: Request) -> None:
@@ -150,13 +161,22 @@ class _Api:
         if declared.isdigit() and int(declared) > self.max_body:
             raise self._too_large()
         data = bytearray()
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > self.max_body:
-                raise self._too_large()
         try:
-            return json.loads(data)
-        except (ValueError, UnicodeDecodeError) as e:
+            with anyio.fail_after(self.read_timeout):  # a stalled client holds nothing for long
+                async for chunk in request.stream():
+                    data += chunk
+                    if len(data) > self.max_body:
+                        raise self._too_large()
+        except TimeoutError:
+            raise Fault(
+                408,
+                f"the body did not arrive within {self.read_timeout:g} s",
+                "invalid_request_error",
+                Connection="close",
+            ) from None
+        try:
+            return parse_json(data)  # nesting bounded: a recursive reader never overflows
+        except ValueError as e:
             raise RequestError(f"the body is not valid JSON: {e}") from None
 
     def _too_large(self) -> Fault:
@@ -374,6 +394,7 @@ def make_app(
     cors_origins: Sequence[str] = (),
     loopback: bool = True,
     max_body: int = DEFAULT_MAX_BODY,
+    read_timeout: float = DEFAULT_READ_TIMEOUT,
 ) -> Starlette:
     """The ASGI app; it starts the engine's worker when it starts, and stops it when it stops.
 
@@ -384,8 +405,13 @@ def make_app(
         cors_origins: browser origins allowed to call the API (none by default).
         loopback: the server is bound to loopback: refuse Host headers naming anything else.
         max_body: the largest request body, in bytes.
+        read_timeout: seconds a client has to send a body once its headers came (then 408);
+            `serve` also drops a connection that takes as long to send its headers.
     """
-    api = _Api(engine, model_name, api_key, loopback, max_body)
+    problem = api_key_problem(api_key)
+    if problem:
+        raise ValueError(problem)
+    api = _Api(engine, model_name, api_key, loopback, max_body, read_timeout)
 
     def route(path: str, handler: Callable, methods: list[str]) -> Route:
         async def endpoint(request: Request) -> Response:
@@ -452,27 +478,42 @@ def serve(
     cache_dir: str | None = None,
     cache_dir_bytes: int = DEFAULT_DIR_BYTES,
     max_body: int = DEFAULT_MAX_BODY,
+    read_timeout: float = DEFAULT_READ_TIMEOUT,
     on_ready: Callable[[str], None] = print,
 ) -> None:
     """Serve `model` until interrupted (Ctrl-C shuts down cleanly); `on_ready(url)` once bound."""
     engine = Engine(model, tokenizer, queue_size=queue_size, cache_bytes=cache_bytes,
                     kv_bits=kv_bits, cache_dir=cache_dir,
                     cache_dir_bytes=cache_dir_bytes)  # fmt: skip
-    app = make_app(engine, model_name=model_name, api_key=api_key, cors_origins=cors_origins,
-                   loopback=is_loopback(host), max_body=max_body)  # fmt: skip
+    app = make_app(
+        engine,
+        model_name=model_name,
+        api_key=api_key,
+        cors_origins=cors_origins,
+        loopback=is_loopback(host),
+        max_body=max_body,
+        read_timeout=read_timeout,
+    )
     sockets = _bind(host, port)
     try:
         engine.start()  # warmed up before it listens (a failure is one line, not a traceback)
-        _server(app, engine, host, on_ready).run(sockets=sockets)
+        _server(app, engine, host, on_ready, read_timeout).run(sockets=sockets)
     finally:  # however serving ended (in the normal case the app's lifespan stopped the engine)
         engine.stop()
         for sock in sockets:
             sock.close()
 
 
-def _server(app: Starlette, engine: Engine, host: str, on_ready: Callable[[str], None]):
-    """A uvicorn Server for `app`: at shutdown the answers in progress end at once, and
-    `on_ready(url)` is called once it listens."""
+def _server(
+    app: Starlette,
+    engine: Engine,
+    host: str,
+    on_ready: Callable[[str], None],
+    read_timeout: float = DEFAULT_READ_TIMEOUT,
+):
+    """A uvicorn Server for `app`: at shutdown the answers in progress end at once,
+    `on_ready(url)` is called once it listens, and a connection that has not sent a request's
+    headers `read_timeout` seconds after it opened (or after its last response) is dropped."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -487,9 +528,52 @@ def _server(app: Starlette, engine: Engine, host: str, on_ready: Callable[[str],
                 shown = f"[{host}]" if ":" in host else host
                 on_ready(f"http://{shown}:{bound}/v1")
 
-    config = uvicorn.Config(app, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=3, lifespan="on")  # fmt: skip
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=3,
+        lifespan="on",
+        http=header_deadline(read_timeout),
+    )
     return Server(config)
+
+
+def header_deadline(seconds: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol, dropping a connection that waits for a request's headers (none
+    sent yet, or half of them) longer than `seconds`: uvicorn waits forever for a first request,
+    and its keep-alive timeout stops counting once any byte arrives."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class Protocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            cycle = self.cycle
+            self._arm()  # between requests, bytes of the next one's headers start the clock
+            super().data_received(data)
+            if self.cycle is not cycle:  # its headers are complete: the app has it
+                self._disarm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            idle = self.cycle is None or self.cycle.response_complete
+            if idle and self._deadline is None:
+                self._deadline = self.loop.call_later(seconds, self.transport.close)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+    return Protocol
 
 
 def _bind(host: str, port: int) -> list[socket.socket]:

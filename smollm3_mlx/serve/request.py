@@ -7,13 +7,14 @@ ignored; what the model sees is rendered by the model's own chat template.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..files import parse_json
 
 if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
@@ -308,8 +309,8 @@ def _assistant(m: Message, text: str, i: int) -> dict[str, Any]:
     calls = []
     for j, call in enumerate(m.tool_calls or ()):
         try:
-            arguments = json.loads(call.function.arguments or "{}")
-        except ValueError:
+            arguments = parse_json(call.function.arguments or "{}")
+        except ValueError:  # not JSON, or nested deeper than a reader of it could go
             arguments = None
         if not isinstance(arguments, dict):
             raise RequestError(
