@@ -20,6 +20,9 @@ _LAZY = {
     "stream_generate": "generate",
     "generate_step": "step",
     "GenerationResponse": "generate",
+    "BatchGenerator": "batch",
+    "stream_batch": "batch",
+    "batch_generate": "batch",
     "make_sampler": "sample",
     "make_logits_processors": "sample",
     "Sampling": "sample",
@@ -57,6 +60,11 @@ _LAZY = {
 __all__ = [*_LAZY, "__version__"]
 
 if TYPE_CHECKING:
+    from .batch import (
+        BatchGenerator as BatchGenerator,
+        batch_generate as batch_generate,
+        stream_batch as stream_batch,
+    )
     from .cache import (
         KVSettings as KVSettings,
         PromptCache as PromptCache,

@@ -7,6 +7,9 @@ The estimate has three parts, computed before any weight is read:
   `KVCache.step`, dense in the compute dtype, or packed uint32 codes plus scales and biases;
 - activations of one prefill chunk at the end of the context (the largest one), fitted to peaks
   measured with `mx.get_peak_memory` (tests/test_memory.py measures them again).
+
+For a batch (the server's rows, batch.py): each row's KV cache at the context, and the larger of
+one prefill chunk (rows are prefilled one at a time) and a decode step of all rows.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class MemoryEstimate:
     dtype: str  # the compute dtype
     device: str  # "gpu" or "cpu"
     args: ModelArgs = field(repr=False, compare=False, default_factory=ModelArgs)
+    batch: int = 1  # rows decoded together, each with its own KV cache at `context`
 
     @property
     def total(self) -> int:
@@ -60,9 +64,10 @@ class MemoryEstimate:
     def rows(self) -> list[tuple[str, int, str]]:
         """(part, bytes, what it is computed for), for printing."""
         kv = f"{self.kv_bits}-bit, group {self.kv_group_size}" if self.kv_bits else self.dtype
+        rows = f"{self.batch} rows x " if self.batch > 1 else ""
         return [
             ("weights", self.weights, f"as loaded ({self.dtype} compute)"),
-            ("KV cache", self.kv_cache, f"{self.context} tokens, {kv}"),
+            ("KV cache", self.kv_cache, f"{rows}{self.context} tokens, {kv}"),
             ("activations", self.activations, f"prefill chunk of {self.prefill_step} tokens"),
             ("total", self.total, f"on the {self.device}"),
         ]
@@ -197,10 +202,14 @@ def estimate(
     prefill_step: int | None = None,
     dtype: mx.Dtype = mx.bfloat16,
     device: str | None = None,
+    batch: int = 1,
 ) -> MemoryEstimate:
-    """The memory a session of `args` with `weights` bytes needs at `context` tokens, its
-    prompt read in chunks of `prefill_step` tokens (default: the chunk generation uses on
-    `device`, `step.prefill_step_for`: a few tokens of the 3B on the CPU)."""
+    """The memory a session of `args` with `weights` bytes needs at `context` tokens, for
+    `batch` rows decoded together (each up to `context`), its prompts read in chunks of
+    `prefill_step` tokens (default: the chunk generation uses on `device`,
+    `step.prefill_step_for`: a few tokens of the 3B on the CPU)."""
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, not {batch}")
     device = device or ("gpu" if _on_gpu() else "cpu")
     prefill_step = prefill_step or prefill_step_for(args, gpu=device == "gpu")
     itemsize = dtype.size
@@ -209,11 +218,16 @@ def estimate(
         args, bits, kv_group_size, itemsize
     )
     fused = device == "gpu" and bits is None
+    # Rows are prefilled one chunk at a time; a decode step runs one token of every row.
+    act = max(
+        activation_bytes(args, context, prefill_step, itemsize, fused_attention=fused),
+        batch * activation_bytes(args, context, 1, itemsize, fused_attention=fused),
+    )
     # While the cache grows, one layer's old and new buffers are alive together.
-    act = activation_bytes(args, context, prefill_step, itemsize, fused_attention=fused) + layer
+    act += layer
     return MemoryEstimate(
         weights=weights,
-        kv_cache=layer * args.num_hidden_layers,
+        kv_cache=batch * layer * args.num_hidden_layers,
         activations=act,
         context=context,
         kv_bits=bits,
@@ -222,7 +236,21 @@ def estimate(
         dtype=str(dtype).removeprefix("mlx.core."),
         device=device,
         args=args,
+        batch=batch,
     )
+
+
+def largest_batch(est: MemoryEstimate, budget: int, *, most: int = 64) -> int:
+    """The most rows (up to `most`) whose estimate, as `est` but for the batch, fits `budget`;
+    at least 1 (one row is what a single request needs anyway, checked elsewhere)."""
+    lo, hi = 1, most
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _redo(est, batch=mid).total <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def estimate_memory(
@@ -236,6 +264,7 @@ def estimate_memory(
     dtype: str | mx.Dtype | None = "auto",
     bits: int | None = None,
     device: str | None = None,
+    batch: int = 1,
 ) -> MemoryEstimate:
     """Estimate a session on a model folder without loading it.
 
@@ -248,6 +277,7 @@ def estimate_memory(
         bits: for a folder with a config but no weights (the reference folder): estimate the
             weights `smollm3-mlx convert --bits` would write (None: the bfloat16 checkpoint).
         device: "gpu" or "cpu"; default: where MLX computes now.
+        batch: rows decoded together (the server's batch), each with a KV cache at the context.
     """
     from . import checkpoint
 
@@ -270,6 +300,7 @@ def estimate_memory(
     return estimate(
         args, weights, context=context, kv_bits=kv_bits, kv_group_size=kv_group_size,
         kv_start=kv_start, prefill_step=prefill_step, dtype=kv_dtype, device=device,
+        batch=batch,
     )  # fmt: skip
 
 
@@ -289,6 +320,7 @@ def _redo(est: MemoryEstimate, **changes: Any) -> MemoryEstimate:
     settings = dict(
         context=est.context, kv_bits=est.kv_bits, kv_group_size=est.kv_group_size,
         prefill_step=est.prefill_step, dtype=getattr(mx, est.dtype), device=est.device,
+        batch=est.batch,
     )  # fmt: skip
     weights = changes.pop("weights", est.weights)
     return estimate(est.args, weights, **{**settings, **changes})

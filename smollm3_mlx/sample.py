@@ -31,6 +31,11 @@ def _categorical(logprobs: mx.array, temperature: float) -> mx.array:
 
 
 @mx.compile
+def _categorical_keyed(logprobs: mx.array, temperature: float, key: mx.array) -> mx.array:
+    return mx.random.categorical(logprobs * (1 / temperature), key=key)
+
+
+@mx.compile
 def _apply_top_k(logprobs: mx.array, top_k: int) -> mx.array:
     kth = mx.sort(logprobs, axis=-1)[..., -top_k, None]
     return mx.where(logprobs < kth, -mx.inf, logprobs)
@@ -54,7 +59,12 @@ def _apply_min_p(logprobs: mx.array, min_p: float) -> mx.array:
 
 
 def make_sampler(
-    temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    *,
+    seed: int | None = None,
 ) -> Sampler:
     """A sampler over log-probabilities: argmax at temperature 0, else filtered categorical.
 
@@ -63,6 +73,8 @@ def make_sampler(
         top_p: nucleus mass to keep (1 keeps all).
         top_k: keep the k most likely tokens (0 keeps all).
         min_p: keep tokens at least min_p times as likely as the best (0 keeps all).
+        seed: draw from a random stream of the sampler's own (a batch row's), the very draws
+            MLX's global generator makes after `mx.random.seed(seed)`; None: the global one.
     """
     if temperature == 0:
         return greedy
@@ -74,10 +86,16 @@ def make_sampler(
     if min_p > 0:
         filters.append(lambda x: _apply_min_p(x, min_p))
 
+    key = None if seed is None else mx.random.key(seed)
+
     def sampler(logprobs: mx.array) -> mx.array:
+        nonlocal key
         for f in filters:
             logprobs = f(logprobs)
-        return _categorical(logprobs, temperature)
+        if key is None:
+            return _categorical(logprobs, temperature)
+        key, draw = mx.random.split(key)  # as the global generator steps its own key
+        return _categorical_keyed(logprobs, temperature, draw)
 
     return sampler
 

@@ -249,5 +249,7 @@ def test_serve_counts_kv_bits_and_takes_the_override_it_advises(tiny_chat, monke
     assert "--kv-bits 8" in refused.output and "--no-memory-check" in refused.output
     assert served == []
     assert runner.invoke(cli.app, [*args, "--kv-bits", "8"]).exit_code == 0  # counted: it fits
+    two_rows = runner.invoke(cli.app, [*args, "--kv-bits", "8", "--max-batch", "2"])
+    assert two_rows.exit_code == 1 and "simulated RAM" in two_rows.output  # each row's cache
     assert runner.invoke(cli.app, [*args, "--no-memory-check"]).exit_code == 0  # the override
     assert served == [8, None]

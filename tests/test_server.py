@@ -61,11 +61,13 @@ def loaded(model_dir):
 
 
 @contextmanager
-def running(loaded, *, queue_size=4, cache_bytes=256 * 1024**2, cache_dir=None, **options):
+def running(
+    loaded, *, queue_size=4, cache_bytes=256 * 1024**2, cache_dir=None, max_batch=4, **options
+):
     """A real server (uvicorn, loopback, a free port) in a thread, its engine exposed."""
     model, tokenizer = loaded
     engine = Engine(model, tokenizer, queue_size=queue_size, cache_bytes=cache_bytes,
-                    cache_dir=cache_dir)  # fmt: skip
+                    cache_dir=cache_dir, max_batch=max_batch)  # fmt: skip
     app = make_app(engine, model_name=MODEL, **options)
     timeout = options.get("read_timeout", DEFAULT_READ_TIMEOUT)  # serve's protocol, as it runs
     config = uvicorn.Config(
@@ -535,7 +537,8 @@ def sing(**fields):
 
 
 def test_full_queue_gets_429_with_retry_after(loaded):
-    with running(loaded, queue_size=1) as s, httpx.Client(timeout=30) as http:
+    # One row: the second request waits in the queue (of one), the third is turned away.
+    with running(loaded, queue_size=1, max_batch=1) as s, httpx.Client(timeout=30) as http:
         before = len(s.engine.records)
         with http.stream("POST", s.url + "/v1/chat/completions", json=sing()) as running_one:
             lines = running_one.iter_lines()  # kept: dropping it would close the connection
@@ -604,7 +607,7 @@ def test_load_many_streaming_clients_some_leaving_each_served_or_429_no_leaks(lo
         async with httpx.AsyncClient(timeout=60) as http:
             return await asyncio.gather(*(one(http, url, i) for i in range(n)))
 
-    with running(loaded, queue_size=4) as s:
+    with running(loaded, queue_size=4, max_batch=2) as s:  # 2 decode together, 4 wait
         ask(s, [user("math")])  # warm up, then measure
         wait_idle(s.engine, 0)
         s.engine.lru.clear()

@@ -162,6 +162,8 @@ def test_version_prints_the_package_and_mlx_versions():
         (["serve", "--port", "65536"], "--port must be from 0 to 65535, not 65536"),
         (["serve", "--port", "-1"], "--port must be from 0 to 65535, not -1"),
         (["serve", "--queue", "-1"], "--queue must be at least 0, not -1"),
+        (["serve", "--max-batch", "0"], "--max-batch must be at least 1, not 0"),
+        (["estimate", "--batch", "0"], "--batch must be at least 1, not 0"),
         (["serve", "--kv-bits", "3"], "--kv-bits must be 4 or 8, not 3"),
         (["chat", "--kv-bits", "3"], "--kv-bits must be 4 or 8, not 3"),
         (["generate", "--think-budget", "-1", "hi"], "--think-budget must be at least 0, not -1"),

@@ -441,10 +441,20 @@ def serve(
         int,
         typer.Option(
             metavar="N",
-            help="Requests that may wait while one runs; beyond, 429.",
+            help="Requests that may wait while the batch is full; beyond, 429.",
             callback=in_range("--queue", 0),
         ),
     ] = 8,
+    max_batch: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            help="Requests decoded together (default: the most the memory estimate allows: "
+            "the weights, each one's KV cache at the whole context, activations).",
+            show_default=False,
+            callback=in_range("--max-batch", 1),
+        ),
+    ] = None,
     dtype: DType = "auto",
     memory_check: MemoryCheck = True,
 ) -> None:
@@ -472,8 +482,8 @@ def serve(
         except OSError as e:
             console.error(f"--cache-dir {cache_dir}: cannot use it as a folder ({e.strerror})")
             raise typer.Exit(2) from None
-    m, tokenizer, name = _load(
-        model, dtype, max_context, kv_bits=kv_bits, check_memory=memory_check
+    m, tokenizer, name = _load(  # at least one row; --max-batch N rows when it is given
+        model, dtype, max_context, kv_bits=kv_bits, check_memory=memory_check, batch=max_batch or 1
     )
     import mlx.core as mx
 
@@ -484,7 +494,7 @@ def serve(
         run_server(
             m, tokenizer, model_name=name, host=host, port=port, api_key=api_key,
             cors_origins=cors_origin or (), queue_size=queue, cache_bytes=budget,
-            kv_bits=kv_bits, cache_dir=cache_dir, cache_dir_bytes=dir_budget,
+            kv_bits=kv_bits, cache_dir=cache_dir, cache_dir_bytes=dir_budget, max_batch=max_batch,
             on_ready=lambda url: console.serving(url, name, api_key is not None),
         )  # fmt: skip
     except OSError as e:  # the port is taken, the address is not ours, ...
@@ -591,8 +601,17 @@ def estimate(
         str | None,
         typer.Option(help="gpu or cpu (default: where MLX computes here).", show_default=False),
     ] = None,
+    batch: Annotated[
+        int,
+        typer.Option(
+            metavar="N",
+            help="Rows decoded together, each with its KV cache (serve's --max-batch).",
+            callback=in_range("--batch", 1),
+        ),
+    ] = 1,
 ) -> None:
-    """Show the memory a chat session needs (weights, KV cache, activations) and what is free."""
+    """Show the memory a chat session (or a batch of --batch) needs (weights, KV cache,
+    activations) and what is free."""
     from ..checkpoint import ModelLoadError
     from ..hub import resolve_model_path
     from ..memory import available_memory, estimate_memory
@@ -605,7 +624,7 @@ def estimate(
         est = estimate_memory(
             path, max_context=max_context, kv_bits=kv_bits, kv_group_size=kv_group_size,
             kv_start=kv_start, prefill_step=prefill_step,
-            dtype=compute_dtype(dtype), bits=bits, device=device,
+            dtype=compute_dtype(dtype), bits=bits, device=device, batch=batch,
         )  # fmt: skip
     except (ModelLoadError, ValueError, OSError) as e:
         console.error(str(e))

@@ -479,12 +479,14 @@ def serve(
     cache_dir_bytes: int = DEFAULT_DIR_BYTES,
     max_body: int = DEFAULT_MAX_BODY,
     read_timeout: float = DEFAULT_READ_TIMEOUT,
+    max_batch: int | None = None,
     on_ready: Callable[[str], None] = print,
 ) -> None:
-    """Serve `model` until interrupted (Ctrl-C shuts down cleanly); `on_ready(url)` once bound."""
+    """Serve `model` until interrupted (Ctrl-C shuts down cleanly); `on_ready(url)` once bound.
+    `max_batch` requests are decoded together (None: the most the memory estimate allows)."""
     engine = Engine(model, tokenizer, queue_size=queue_size, cache_bytes=cache_bytes,
-                    kv_bits=kv_bits, cache_dir=cache_dir,
-                    cache_dir_bytes=cache_dir_bytes)  # fmt: skip
+                    kv_bits=kv_bits, cache_dir=cache_dir, cache_dir_bytes=cache_dir_bytes,
+                    max_batch=max_batch)  # fmt: skip
     app = make_app(
         engine,
         model_name=model_name,

@@ -1,17 +1,18 @@
-"""The generation worker behind the server: one thread runs MLX, one request at a time.
+"""The generation worker behind the server: one thread runs MLX, a batch of requests at a time.
 
-Requests wait in a bounded queue (beyond it, `Busy`). Each runs on a prompt cache taken from an
-LRU of prefix caches bounded in bytes, so a follow-up turn prefills only its new tokens, and goes
-back into it afterwards, however the request ended. A set `cancel` event stops a request within
-one step (during the prefill, after the current chunk). Results go to the request through its `emit`
-callback, called on the worker thread.
+Requests join the running batch between decode steps (batch.py), up to `max_batch` rows (by
+default the largest batch the memory estimate allows); beyond it they wait in a bounded queue,
+and beyond the queue `Busy`. A joining prompt is prefilled one chunk per step, so no running
+answer stalls for more than one chunk. Each request runs on a prompt cache taken from an LRU of
+prefix caches bounded in bytes, so a follow-up turn prefills only its new tokens, and goes back
+into it afterwards, however the request ended. A set `cancel` event takes a request out at the
+next step. Results go to the request through its `emit` callback, called on the worker thread.
 """
 
 from __future__ import annotations
 
 import math
 import queue
-import secrets
 import threading
 import time
 from collections import deque
@@ -20,13 +21,15 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
+from ..batch import BatchGenerator
 from ..cache import KVSettings, PromptCache, is_prefix, longest_shared
-from ..generate import stream_generate
+from ..generate import GenerationResponse
 from ..sample import Sampling
 from .cache_dir import DEFAULT_DIR_BYTES, CacheDir
 
 DEFAULT_QUEUE = 8
 DEFAULT_CACHE_BYTES = 2 * 1024**3
+MOST_ROWS = 64  # the default batch never goes past this, however much memory there is
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,17 @@ class Record:
     seconds: float
 
 
+@dataclass
+class _Running:
+    """A job in the batch: its cache (back to the LRU when it ends) and its counts."""
+
+    job: Job
+    cache: PromptCache
+    start: float = field(default_factory=time.perf_counter)
+    cached: int | None = None  # set when its first response (the end of its prefill) came
+    generated: int = 0
+
+
 class PromptCacheLRU:
     """Prefix caches kept across requests, keyed by the ids they hold, bounded in bytes.
 
@@ -138,16 +152,34 @@ class PromptCacheLRU:
         self.entries = []
 
 
+def default_max_batch(model, kv_bits: int | None = None) -> int:
+    """The largest batch the memory estimate allows on this machine: the weights, each row's KV
+    cache at the model's whole context, and the activations (memory.py); at least 1, at most
+    `MOST_ROWS`."""
+    from mlx.utils import tree_flatten
+
+    from ..memory import available_memory, estimate, largest_batch
+
+    args = model.args
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    context = model.max_context or args.max_position_embeddings
+    dtype = model.model.norm.weight.dtype  # the compute dtype: norms are never quantized
+    est = estimate(args, weights, context=context, kv_bits=kv_bits, dtype=dtype)
+    budget, _ = available_memory()
+    return largest_batch(est, budget, most=MOST_ROWS) if budget > 0 else 1
+
+
 class Engine:
-    """Runs jobs one at a time on a thread of its own (start / stop around the server's life).
+    """Runs jobs in a batch on a thread of its own (start / stop around the server's life).
 
     Args:
         model, tokenizer: as `load` returns them.
-        queue_size: how many requests may wait while one runs; more get `Busy`.
+        queue_size: how many requests may wait while the batch is full; more get `Busy`.
         cache_bytes: the prompt-cache LRU's budget.
         kv_bits: quantize the KV cache to 4 or 8 bits (None: dense).
         cache_dir: a folder where prompt caches persist across restarts (None: memory only).
         cache_dir_bytes: that folder's budget.
+        max_batch: the most requests decoded together; None: `default_max_batch`.
     """
 
     def __init__(
@@ -160,10 +192,12 @@ class Engine:
         kv_bits: int | None = None,
         cache_dir=None,
         cache_dir_bytes: int = DEFAULT_DIR_BYTES,
+        max_batch: int | None = None,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.context: int = model.max_context
         self.kv = KVSettings(bits=kv_bits)
+        self.max_batch = max_batch or default_max_batch(model, kv_bits)
         self.lru = PromptCacheLRU(cache_bytes)
         self.disk = None if cache_dir is None else CacheDir(
             cache_dir, model, tokenizer, kv=self.kv, max_bytes=cache_dir_bytes
@@ -171,7 +205,8 @@ class Engine:
         self.records: deque[Record] = deque(maxlen=64)
         self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max(queue_size, 0) or 1)
         self._queue_size = queue_size
-        self._current: Job | None = None
+        self._running: dict[int, _Running] = {}
+        self._taking = False  # a job is between the queue and the batch
         self._closed = False
         self._mean_seconds = 1.0
         self._thread: threading.Thread | None = None
@@ -182,7 +217,12 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        return self._current is not None
+        return bool(self._running) or self._taking
+
+    @property
+    def running(self) -> int:
+        """Requests in the batch now (prefilling or decoding)."""
+        return len(self._running)
 
     def start(self) -> None:
         """Start the worker thread (if it is not running); returns once it has warmed up (see
@@ -213,10 +253,10 @@ class Engine:
             raise WarmUpError(f"the model failed its warm-up step: {error}") from error
 
     def close(self) -> None:
-        """Take no more jobs; cancel the running one and those waiting (the thread stays)."""
+        """Take no more jobs; cancel the running ones and those waiting (the thread stays)."""
         self._closed = True
-        if self._current is not None:
-            self._current.cancel.set()
+        for r in list(self._running.values()):
+            r.job.cancel.set()
         while True:
             try:
                 job = self._jobs.get_nowait()
@@ -235,7 +275,8 @@ class Engine:
 
     def submit(self, job: Job) -> None:
         """Queue `job`, or raise Busy when the queue is full."""
-        if self._closed or (self._queue_size == 0 and self.busy):
+        full = len(self._running) >= self.max_batch
+        if self._closed or (self._queue_size == 0 and full):
             raise Busy(self._retry_after())
         try:
             self._jobs.put_nowait(job)
@@ -243,7 +284,8 @@ class Engine:
             raise Busy(self._retry_after()) from None
 
     def _retry_after(self) -> int:
-        return max(1, math.ceil((self.waiting + 1) * self._mean_seconds))
+        per_row = self._mean_seconds / max(1, min(self.max_batch, len(self._running)))
+        return max(1, math.ceil((self.waiting + 1) * per_row))
 
     def _run(
         self, warmed: list[BaseException | None], ready: threading.Event, cancel: threading.Event
@@ -257,86 +299,110 @@ class Engine:
                 return
             finally:
                 ready.set()
-            while (job := self._jobs.get()) is not None:
-                if job.cancel.is_set():  # its client left while it waited
-                    self.records.append(Record(len(job.prompt), 0, 0, "cancelled", 0.0))
-                    job.emit(Finished("cancelled"))
-                    continue
-                self._current = job
-                if self._closed:  # close() ran between the get and the line above: it missed us
-                    job.cancel.set()
-                start = time.perf_counter()
-                try:
-                    self._generate(job)
-                except Exception as e:  # the request fails; the server goes on
-                    job.emit(Failed(e))
-                finally:
-                    self._current = None
-                    mx.clear_cache()  # what the request used goes back; the LRU's caches stay
-                seconds = time.perf_counter() - start
-                self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * seconds
+            self._serve(BatchGenerator(self.model, self.tokenizer, max_batch=self.max_batch))
         finally:
             mx.clear_streams()  # MLX asks a thread that ran MLX work to free its streams
 
-    def _warm_up(self, cancel: threading.Event) -> None:
-        """A three-token prompt and two generated tokens, with the model's own sampling, before
-        the first request: MLX builds its kernels now rather than in that request. On the CPU
-        backend it builds them with g++ through system(), which ignores Ctrl-C while it runs, so
-        a first request's build could swallow the Ctrl-C that should stop the server."""
-        cache = PromptCache.new(self.model, kv=self.kv)
-        prompt = self.tokenizer.encode("Hello there, friend")[:3]  # a prefill of more than one
-        sampling = Sampling.from_model(self.model)
-        for _ in stream_generate(self.model, self.tokenizer, prompt, max_tokens=2,
-                                 sampling=sampling, prompt_cache=cache, cancel=cancel):  # fmt: skip
-            pass
-        mx.clear_cache()
+    def _serve(self, gen: BatchGenerator) -> None:
+        """Steps the batch, taking jobs in between, until `stop`."""
+        try:
+            while self._take(gen):
+                for uid, response in gen.step():
+                    self._route(uid, response)
+                if not self._running:
+                    mx.clear_cache()  # what the requests used goes back; the LRU's caches stay
+        finally:
+            for uid in list(self._running):  # the thread ends: no request is left hanging
+                self._route(uid, gen.remove(uid))
 
-    def _generate(self, job: Job) -> None:
-        prompt = job.prompt
-        cache = self.lru.take(prompt)
+    def _take(self, gen: BatchGenerator) -> bool:
+        """Move waiting jobs into the batch while it has room (waiting for one when nothing
+        runs); False once the engine stops."""
+        while len(self._running) < self.max_batch:
+            try:
+                job = self._jobs.get() if not self._running else self._jobs.get_nowait()
+            except queue.Empty:
+                return True
+            if job is None:
+                return False
+            self._taking = True  # busy, though not yet in the batch
+            try:
+                self._join(gen, job)
+            finally:
+                self._taking = False
+        return True
+
+    def _join(self, gen: BatchGenerator, job: Job) -> None:
+        if self._closed:  # close() ran between the get and now: it missed this job
+            job.cancel.set()
+        if job.cancel.is_set():  # its client left while it waited
+            self.records.append(Record(len(job.prompt), 0, 0, "cancelled", 0.0))
+            job.emit(Finished("cancelled"))
+            return
+        cache = self.lru.take(job.prompt)
         if cache is None and self.disk is not None:
-            cache = self.disk.take(prompt)
+            cache = self.disk.take(job.prompt)
         cache = cache or PromptCache.new(self.model, kv=self.kv)
         max_tokens = -1 if job.max_tokens is None else job.max_tokens  # cut to the room there
-        responses = _responses(self.model, self.tokenizer, cache, job, max_tokens)
-        reason, cached, generated, started = "cancelled", 0, 0, False
-        start = time.perf_counter()
         try:
-            for r in responses:
-                if not started:  # the cache was reused and the prompt prefilled
-                    started, cached = True, r.cached_tokens
-                    job.emit(Started(len(prompt), cached))
-                if r.finish_reason is not None:  # its token, if any, came already
-                    reason = r.finish_reason
-                    break
-                generated += 1
-                job.emit(_token(r.token, r.logprobs, job.top_logprobs))
-        finally:
-            responses.close()  # the cache settles, however the request ended
-            if self.disk is not None:
-                self.disk.put(cache)
+            uid = gen.insert(
+                job.prompt,
+                max_tokens=max_tokens,
+                sampling=job.sampling,
+                logits_processors=[*job.sampling.logits_processors(), *job.processors],
+                prompt_cache=cache,
+                cancel=job.cancel,
+            )
+        except Exception as e:  # this request fails; the server goes on
             self.lru.put(cache)
-        seconds = time.perf_counter() - start
-        self.records.append(Record(len(prompt), cached, generated, reason, seconds))
+            job.emit(Failed(e))
+            return
+        self._running[uid] = _Running(job, cache)
+        if self._closed:  # close() ran while it joined: the batch drops it at the next step
+            job.cancel.set()
+
+    def _route(self, uid: int, response: GenerationResponse | Exception | None) -> None:
+        """One response of the batch, to its job: Started with the first, a Token each, and
+        Finished (or Failed) with the last, once the cache is back in the LRU."""
+        r = self._running[uid]
+        job = r.job
+        if isinstance(response, GenerationResponse) and r.cached is None:
+            r.cached = response.cached_tokens  # the cache was reused and the prompt prefilled
+            job.emit(Started(len(job.prompt), r.cached))
+        if isinstance(response, GenerationResponse) and response.finish_reason is None:
+            r.generated += 1
+            job.emit(_token(response.token, response.logprobs, job.top_logprobs))
+            return
+        del self._running[uid]
+        if self.disk is not None:
+            self.disk.put(r.cache)
+        self.lru.put(r.cache)
+        seconds = time.perf_counter() - r.start
+        self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * seconds
+        if not isinstance(response, GenerationResponse):
+            job.emit(Failed(response or RuntimeError("the engine stopped")))
+            return
+        reason = response.finish_reason
+        self.records.append(Record(len(job.prompt), r.cached or 0, r.generated, reason, seconds))
         job.emit(Finished(reason))
 
-
-def _responses(model, tokenizer, cache, job: Job, max_tokens: int):
-    """`stream_generate` for `job`: the one adapter to the generation core."""
-    sampling = job.sampling
-    if sampling.seed is None:  # else the last request's seed would go on
-        sampling = sampling.updated(seed=secrets.randbits(63))
-    processors = [*sampling.logits_processors(), *job.processors]
-    return stream_generate(
-        model,
-        tokenizer,
-        job.prompt,
-        max_tokens=max_tokens,
-        sampling=sampling,
-        logits_processors=processors,
-        prompt_cache=cache,
-        cancel=job.cancel,  # checked between prefill chunks too
-    )
+    def _warm_up(self, cancel: threading.Event) -> None:
+        """Two rows of a three-token prompt and two generated tokens each, with the model's own
+        sampling, before the first request: MLX builds its kernels now rather than in that
+        request. On the CPU backend it builds them with g++ through system(), which ignores
+        Ctrl-C while it runs, so a first request's build could swallow the Ctrl-C that should
+        stop the server."""
+        prompt = self.tokenizer.encode("Hello there, friend")[:3]  # a prefill of more than one
+        gen = BatchGenerator(self.model, self.tokenizer, max_batch=2)
+        sampling = Sampling.from_model(self.model)
+        for _ in range(2):
+            gen.insert(prompt, max_tokens=2, sampling=sampling, cancel=cancel,
+                       prompt_cache=PromptCache.new(self.model, kv=self.kv))  # fmt: skip
+        while len(gen):
+            for _, response in gen.step():
+                if isinstance(response, Exception):
+                    raise response
+        mx.clear_cache()
 
 
 def _token(token: int, logprobs: mx.array | None, top: int | None) -> Token:
