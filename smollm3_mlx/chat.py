@@ -34,12 +34,13 @@ from .chat_file import (
     write_chat_file,
 )
 from .constrain import (
+    DEFAULT_ANSWER_RESERVE,
     DEFAULT_HANDOFF,
     AnswerConstraint,
     ConstraintError,
     ThinkBudget,
     ToolChoice,
-    make_answer_constraint,
+    make_turn_processors,
 )
 from .events import (
     Done,
@@ -97,6 +98,10 @@ class Chat:
         tool_choice: "auto" (the model may call an offered tool; once it opens `<tool_call>`
             the call is held to {"name": an offered tool, "arguments": its parameters}),
             "none" (it cannot call), "required" (the answer is calls) or a tool's name.
+            With no tools offered, or "none", `<tool_call>` cannot be written at all.
+        answer_reserve: a turn whose answer has a shape (a response_format, a required or
+            named tool) closes its thinking so as to keep this many of max_tokens for the
+            answer; a think_budget given wins.
         prompt_cache: a file from `save_prompt_cache` (or `smollm3-mlx cache-prompt`): its cache
             is reused, and its conversation restored unless `system` is given. One made for
             another model, tokenizer, template, dtype or KV settings (window = max_context)
@@ -139,6 +144,7 @@ class Chat:
         think_budget: int | None = None,
         handoff: str = DEFAULT_HANDOFF,
         tool_choice: ToolChoice = "auto",
+        answer_reserve: int = DEFAULT_ANSWER_RESERVE,
         prompt_cache: str | Path | None = None,
         prompt_cache_mismatch: Literal["error", "recompute"] = "error",
         prompt_progress: Callable[[int, int], None] | None = None,
@@ -183,6 +189,8 @@ class Chat:
         self.system = system
         _check_whole("think_budget", think_budget, 0, optional=True)
         self.think_budget, self.handoff, self.tool_choice = think_budget, handoff, tool_choice
+        _check_whole("answer_reserve", answer_reserve, 0)
+        self.answer_reserve = answer_reserve
         if prompt_cache is not None:
             self._open_prompt_cache(prompt_cache, prompt_cache_mismatch, keep_system=bool(system))
 
@@ -383,7 +391,7 @@ class Chat:
             parser = EventParser(self.tokenizer, prompt)  # its ids say where an open answer is
             given = continued(parser, self.messages[-1]) if open_answer else []
             given = given if new else []  # a prefill streams; a continued answer's start did
-            processors, constraint = self._processors(turn)
+            processors, constraint = self._processors(turn, len(prompt))
         except Exception:
             self._undo(len(new))
             raise
@@ -446,23 +454,31 @@ class Chat:
                 parsed = None
         yield parser.done(self.last, last.finish_reason, parsed)
 
-    def _processors(self, turn: TurnRequest) -> tuple[list[Any], AnswerConstraint | None]:
-        """The turn's logits processors: sampling's, the thinking budget, the answer constraint."""
-        processors = list(self.sampling.logits_processors())
-        budget = self.think_budget if turn.think_budget is None else turn.think_budget
-        if budget is not None or not self.prompt_lookup:  # a budget turns drafting off
-            processors.append(
-                ThinkBudget(self.tokenizer, budget, handoff=self.handoff, stop=self._answer_now)
-            )
+    def _processors(
+        self, turn: TurnRequest, prompt_tokens: int
+    ) -> tuple[list[Any], AnswerConstraint | None]:
+        """The turn's logits processors: sampling's, the thinking budget (room kept for an
+        answer with a shape), the answer constraint, or the ban on calls."""
         if turn.open_answer and turn.response_format is not None:
             raise ConstraintError("a response_format holds a whole answer: not with a prefill")
-        constraint = make_answer_constraint(
+        budget = self.think_budget if turn.think_budget is None else turn.think_budget
+        room = self.sampling.max_tokens
+        if self.max_context is not None:
+            room = min(room, max(self.max_context - prompt_tokens, 0))
+        # stop_thinking needs the budget processor; with no budget, drafting (prompt_lookup) wins
+        stop = None if budget is None and self.prompt_lookup else self._answer_now
+        held, constraint = make_turn_processors(
             self.tokenizer,
-            turn.response_format,
+            response_format=turn.response_format,
             tools=self.tools,
             tool_choice=self.tool_choice if turn.tool_choice is None else turn.tool_choice,
+            think_budget=budget,
+            answer_reserve=self.answer_reserve,
+            room=room,
+            handoff=self.handoff,
+            stop=stop,
         )
-        return processors + ([constraint] if constraint else []), constraint
+        return [*self.sampling.logits_processors(), *held], constraint
 
     def _new_cache(self, prompt: list[int]) -> PromptCache:
         """The cache of this chat, its window and kept system block read off the first prompt."""

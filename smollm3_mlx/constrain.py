@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 
+from .events import TOOL_CALL_START
 from .grammar import (
     ConstraintError as ConstraintError,
     ResponseFormat as ResponseFormat,
@@ -38,6 +39,12 @@ DEFAULT_HANDOFF = (
     "\n\nConsidering the limited time, I have to give the solution based on the thinking "
     "directly now.\n"
 )
+
+
+# The tokens a turn whose answer has a shape (a response format, a required or named tool call)
+# keeps for that answer: its thinking closes by max_tokens - DEFAULT_ANSWER_RESERVE (README).
+DEFAULT_ANSWER_RESERVE = 256
+_CLOSE_TOKENS = 3  # <think>, </think> and the newline after it: neither thinking nor answer
 
 
 def _force(logits: mx.array, token: int) -> mx.array:
@@ -135,6 +142,12 @@ class AnswerConstraint(_Stepper):
         self._bits = np.zeros((lt.vocab_size + 31) // 32, dtype=np.int32)
         self.stage = "answer"
         self.answer_ids: list[int] = []  # what the grammar has consumed
+        # Once this many tokens are generated, a complete answer ends (no further call is
+        # begun): set for a required shape, whose room must not go to extra calls.
+        self.wrap_up_after: int | None = None
+        self._generated = 0
+        eos = tokenizer.eos_token_ids
+        self.end = tokenizer.im_end_id if tokenizer.im_end_id in eos else min(eos)
 
     def _start(self, prompt: list[int]) -> None:
         self.stage, _ = _stage(prompt, self.tokenizer)
@@ -156,11 +169,15 @@ class AnswerConstraint(_Stepper):
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         for token in self._arrived(tokens):
+            self._generated += 1
             self._advance(token)
         if self.stage == "thinking":
             return _ban(logits, self._eos)
         if self.stage == "close":
             return _force(logits, self.newline)
+        late = self.wrap_up_after is not None and self._generated >= self.wrap_up_after
+        if late and self.complete:
+            return _force(logits, self.end)
         return self._mask(logits)
 
     def mask(self) -> np.ndarray:
@@ -207,6 +224,7 @@ def make_answer_constraint(
     *,
     tools: Sequence[dict[str, Any]] | None = None,
     tool_choice: ToolChoice = "auto",
+    parallel_tool_calls: bool = True,
 ) -> AnswerConstraint | None:
     """A processor holding the answer to `response_format` and well-formed tool calls, or None
     when there is nothing to constrain. Errors come here, before any token.
@@ -215,14 +233,120 @@ def make_answer_constraint(
         tokenizer: the model's Tokenizer (the grammar works on its full vocabulary).
         response_format: see `make_response_format`.
         tools: the offered tools (JSON schemas with a name and parameters).
-        tool_choice: "auto", "none", "required", or a tool's name (or OpenAI's dict for it).
+        tool_choice: "auto", "none", "required", a tool's name, or OpenAI's dicts for those
+            (see `tool_choice_mode`).
+        parallel_tool_calls: False: one call at most.
 
     Raises:
-        ConstraintError: an invalid or unsupported schema, pattern, tool list or tool choice.
+        ConstraintError: an invalid or unsupported schema, pattern, tool list or tool choice;
+            its `param` says which.
     """
     fmt = make_response_format(response_format)
-    grammar = make_answer_grammar(tokenizer, fmt, tools, tool_choice)
-    return None if grammar is None else AnswerConstraint(tokenizer, grammar, fmt)
+    grammar = make_answer_grammar(
+        tokenizer, fmt, tools, tool_choice, parallel_tool_calls=parallel_tool_calls
+    )
+    if grammar is None:
+        return None
+    try:
+        return AnswerConstraint(tokenizer, grammar, fmt)
+    except ConstraintError as e:
+        raise ConstraintError(str(e), _at_fault(tokenizer, fmt)) from None
+
+
+def _at_fault(tokenizer: Tokenizer, fmt: ResponseFormat | None) -> str:
+    """Which part of a grammar that does not compile is at fault: the response format if it
+    fails alone, else the tools."""
+    if fmt is None:
+        return "tools"
+    bad, _ = engine().LLMatcher.validate_grammar_with_warnings(
+        f"start: {fmt.lark(engine())}\n", ll_tokenizer(tokenizer)
+    )
+    return "response_format" if bad else "tools"
+
+
+def answer_shaped(
+    response_format: Any = None,
+    tools: Sequence[dict[str, Any]] | None = None,
+    tool_choice: ToolChoice = "auto",
+) -> bool:
+    """Whether the answer has a required shape: a response format, or a required or named tool
+    call (what `DEFAULT_ANSWER_RESERVE` keeps room for)."""
+    if make_response_format(response_format) is not None:
+        return True
+    return bool(tools) and tool_choice_mode(tool_choice)[0] == "required"
+
+
+def reserved_think_budget(
+    budget: int | None, room: int | None, reserve: int = DEFAULT_ANSWER_RESERVE
+) -> int | None:
+    """The thinking budget of a turn whose answer has a shape: `budget` when one is given (it
+    wins), else what `room` (the tokens the turn may generate; None: unbounded) leaves once
+    `reserve` tokens are kept for the answer."""
+    if budget is not None or room is None:
+        return budget
+    return max(0, room - reserve - _CLOSE_TOKENS)
+
+
+class CallBan:
+    """Keeps `<tool_call>` out of a turn that may not call a tool (no tools offered, or
+    tool_choice "none"): the id is never sampled, so no call is opened or parsed. Stateless."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        call = tokenizer.token_to_id(TOOL_CALL_START)
+        self._ids = None if call is None else mx.array([call])
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        return logits if self._ids is None else _ban(logits, self._ids)
+
+
+def make_turn_processors(
+    tokenizer: Tokenizer,
+    *,
+    response_format: Any = None,
+    tools: Sequence[dict[str, Any]] | None = None,
+    tool_choice: ToolChoice = "auto",
+    parallel_tool_calls: bool = True,
+    think_budget: int | None = None,
+    answer_reserve: int = DEFAULT_ANSWER_RESERVE,
+    room: int | None = None,
+    handoff: str = DEFAULT_HANDOFF,
+    stop: threading.Event | None = None,
+) -> tuple[list[Any], AnswerConstraint | None]:
+    """A turn's processors (the thinking budget, the answer constraint, the ban on calls; those
+    it needs) and its answer constraint: what Chat and the server both hold a turn to.
+
+    An answer with a shape (`answer_shaped`) gets its thinking closed so that `answer_reserve`
+    of the `room` (the tokens the turn may generate) are left for it, unless a `think_budget`
+    is given. The other arguments are those of `make_answer_constraint` and `make_think_budget`.
+
+    Raises:
+        ConstraintError: see `make_answer_constraint` (before any token).
+    """
+    constraint = make_answer_constraint(
+        tokenizer,
+        response_format,
+        tools=tools,
+        tool_choice=tool_choice,
+        parallel_tool_calls=parallel_tool_calls,
+    )
+    if answer_shaped(response_format, tools, tool_choice) and tokenizer.think_end_id is not None:
+        think_budget = reserved_think_budget(think_budget, room, answer_reserve)
+        if constraint is not None and room is not None:  # the reserve is for one shape
+            constraint.wrap_up_after = max(room - answer_reserve, 0)
+    budget = make_think_budget(tokenizer, think_budget, handoff=handoff, stop=stop)
+    ban = make_call_ban(tokenizer, tools, tool_choice)
+    return [p for p in (budget, constraint, ban) if p is not None], constraint
+
+
+def make_call_ban(
+    tokenizer: Tokenizer,
+    tools: Sequence[dict[str, Any]] | None = None,
+    tool_choice: ToolChoice = "auto",
+) -> CallBan | None:
+    """A CallBan when no call may be made (no tools, or tool_choice "none"), else None."""
+    if tools and tool_choice_mode(tool_choice)[0] != "none":
+        return None
+    return CallBan(tokenizer)
 
 
 class ThinkBudget(_Stepper):

@@ -12,10 +12,8 @@ import errno
 import json
 import math
 import os
-import shlex
 import shutil
 import signal
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -28,7 +26,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from ._version import __version__
+from . import recipe as recipe_module
+from .card import model_card
 from .checkpoint import (
     DTYPES,
     ModelLoadError,
@@ -38,6 +37,14 @@ from .checkpoint import (
     model_args,
     read_safetensors_header,
     weight_files,
+)
+from .convert_checks import (
+    ConvertError,
+    ConvertInterrupted,
+    check_download_space,
+    check_out,
+    check_upload_repo,
+    upload,
 )
 from .files import (
     Terminated,
@@ -49,12 +56,14 @@ from .files import (
     signals_as_interrupt,
     unmark,
 )
-from .hub import DEFAULT_REPO, Progress, download_bar, hub_error, local_source, snapshot
+from .hub import DEFAULT_REPO, Progress, hub_error, local_source, snapshot
 from .loading import load_model
 from .model import Model, ModelArgs
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
-BITS, GROUP_SIZES, RECIPES, OUT_DTYPES = (4, 8), (32, 64, 128), ("uniform", "mixed"), DTYPES
+BITS, GROUP_SIZES, OUT_DTYPES = (4, 8), (32, 64, 128), DTYPES
+RECIPES = ("uniform", "mixed", "measured")  # measured: chosen for --target-bpw (recipe.py)
+CPU_MEASURE_WINDOWS = 4  # on the CPU, `--measure` samples this many windows unless told
 COPIED_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 COPIED_FILES += ["chat_template.jinja", "generation_config.json"]
 SMALL_FILES = ["config.json", "model.safetensors.index.json", *COPIED_FILES]
@@ -72,18 +81,6 @@ ST_NAMES = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.uint32
 SPACE_MARGIN = 1 << 20  # bytes beyond the planned output: the card, the configs' rewrites
 
 
-class ConvertError(ValueError):
-    """A conversion that cannot be done or did not finish; one line saying why. Nothing is left."""
-
-
-class ConvertInterrupted(ConvertError):
-    """Ctrl-C, SIGTERM or SIGHUP stopped the conversion; `signum` says which."""
-
-    def __init__(self, message: str, signum: int = signal.SIGINT):
-        super().__init__(message)
-        self.signum = signum
-
-
 @dataclasses.dataclass(frozen=True)
 class ConvertResult:
     path: Path
@@ -97,6 +94,8 @@ class ConvertResult:
     group_size: int
     dtype: str
     upload_repo: str | None = None
+    target_bpw: float | None = None  # of the measured recipe
+    quality: Any = None  # a quality.Quality when measured
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +109,7 @@ class _Job:
     shape: tuple[int, ...]
     quant: tuple[int, int] | None = None  # (group_size, bits); None: cast to the output dtype
     outputs: dict[str, int] = dataclasses.field(default_factory=dict)
+    importance: Any = None  # the measured recipe's column weights for rounding (recipe.py)
 
     @property
     def nbytes(self) -> int:
@@ -138,6 +138,9 @@ def convert(
     progress: Progress | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
     note: Callable[[str], None] | None = None,
+    target_bpw: float | None = None,
+    measure: bool | None = None,
+    measure_windows: int | None = None,
 ) -> ConvertResult:
     """Quantize a SmolLM3 checkpoint into an MLX folder that both smollm3-mlx and mlx-lm load.
 
@@ -149,7 +152,10 @@ def convert(
         bits: bits per weight of the quantized layers (4 or 8).
         group_size: weights sharing one scale and bias (32, 64 or 128).
         recipe: "mixed" keeps the embedding (the tied output head) at 8 bits; "uniform" uses
-            `bits` everywhere. Default: mixed for 4-bit, uniform for 8-bit.
+            `bits` everywhere; "measured" chooses each matrix's bits and group size for
+            `target_bpw` from its sensitivity on the shipped calibration text, and rounds
+            activation-aware (see recipe.py; it holds the float32 source and its gradient).
+            Default: measured when `target_bpw` is given, else mixed for 4-bit, uniform for 8.
         dtype: of the scales, biases and unquantized tensors ("bfloat16" or "float16").
         revision: the hub revision (branch, tag or commit) of a repo id.
         upload_repo: push the finished folder to this hub repo ("user/name"); checked (its
@@ -159,7 +165,13 @@ def convert(
             (name "downloading <repo>", from download threads), then of the source tensors.
         shard_size: the most tensor bytes per output shard (a larger tensor gets its own).
         note: called with one line for each stale temporary folder of an earlier conversion
-            (killed, its process gone) that this one removes; default: `warnings.warn`.
+            (killed, its process gone) that this one removes; default: `warnings.warn`; and
+            with what the measurement is doing.
+        target_bpw: stored bits per parameter (embedding included) of the measured recipe.
+        measure: compare the output with the source on the shipped evaluation text (quality.py)
+            and write the figures into the model card and quality.json. Default: on a GPU.
+        measure_windows: measure only this many windows of the text, evenly spaced. Default:
+            all on a GPU, CPU_MEASURE_WINDOWS on the CPU (where a 3B pass takes minutes).
 
     Raises:
         ConvertError: bad arguments or source, an existing `out`, a failed download, a full
@@ -168,19 +180,19 @@ def convert(
             handled alike while converting on the main thread.
     """
     start = time.perf_counter()
-    recipe = recipe or ("mixed" if bits == 4 else "uniform")
-    half = [d for d in OUT_DTYPES if d != "float32"]
-    for name, value, allowed in [("bits", bits, BITS), ("group_size", group_size, GROUP_SIZES),
-                                 ("recipe", recipe, RECIPES), ("dtype", dtype, half)]:  # fmt: skip
-        if value not in allowed:
-            raise ConvertError(f"{name} must be one of {', '.join(map(str, allowed))}, not {value}")
+    recipe = recipe or ("measured" if target_bpw else "mixed" if bits == 4 else "uniform")
+    _check_arguments(bits, group_size, recipe, dtype, target_bpw)
+    if measure is None:
+        measure = mx.default_device() == mx.gpu
+    if measure and measure_windows is None and mx.default_device() != mx.gpu:
+        measure_windows = CPU_MEASURE_WINDOWS
     out = Path(out).expanduser()
     local = _local_source(str(source), revision)
-    _check_out(out, local)
+    check_out(out, local)
     if out.exists() and not force:
         raise ConvertError(f"{out} already exists; pass --force to replace it")
     if upload_repo:
-        _check_upload_repo(upload_repo)
+        check_upload_repo(upload_repo)
     remove_stale(out.parent, note)
 
     tmp = None
@@ -188,7 +200,7 @@ def convert(
         try:
             if local is None:
                 path, revision = _fetch(str(source), revision, progress)
-                _check_out(out, path)
+                check_out(out, path)
             else:
                 path = local
                 _check_needed_files(path, str(path), " (copy from the original repo)")
@@ -197,7 +209,12 @@ def convert(
                 raise ConvertError(f"{path / 'config.json'}: the source is already quantized")
             model = Model(model_args(config, path))  # lazy: its random weights are never computed
             jobs, n_params = _validate(path, model)
-            outputs, overrides = _quantized_layout(model, jobs, bits, group_size, recipe, dtype)
+            plan = _plan(path, target_bpw, dtype, note) if recipe == "measured" else None
+            if plan is not None:
+                bits, group_size = recipe_module.DEFAULT[0], recipe_module.DEFAULT[1]
+            outputs, overrides = _quantized_layout(
+                model, jobs, bits, group_size, recipe, dtype, plan
+            )
             shards = _plan_shards(jobs, outputs, shard_size)
             _check_space(out, path, shards)
 
@@ -210,11 +227,16 @@ def convert(
             result = ConvertResult(
                 out, 8 * data_bytes / n_params, sum((tmp / f).stat().st_size for f in shards),
                 0.0, str(source), revision, recipe, bits, group_size, dtype, upload_repo,
+                target_bpw if plan is not None else None,
             )  # fmt: skip
-            (tmp / "README.md").write_text(_model_card(result, config))
             _check(tmp)
+            if measure:
+                result = _measure(result, path, tmp, measure_windows, note)
+            (tmp / "README.md").write_text(model_card(result, config, plan))
             unmark(tmp)
-            replace_folder(tmp, out)
+            held = replace_folder(tmp, out)
+            if held:
+                raise _stopped_after_swap(held[0], out)
         except BaseException as e:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -224,8 +246,49 @@ def convert(
             raise error from e
     result = dataclasses.replace(result, seconds=time.perf_counter() - start)
     if upload_repo:
-        _upload(out, upload_repo)
+        upload(out, upload_repo)
     return result
+
+
+def _check_arguments(bits, group_size, recipe, dtype, target_bpw) -> None:
+    half = [d for d in OUT_DTYPES if d != "float32"]
+    for name, value, allowed in [("bits", bits, BITS), ("group_size", group_size, GROUP_SIZES),
+                                 ("recipe", recipe, RECIPES), ("dtype", dtype, half)]:  # fmt: skip
+        if value not in allowed:
+            raise ConvertError(f"{name} must be one of {', '.join(map(str, allowed))}, not {value}")
+    if (recipe == "measured") != (target_bpw is not None):
+        raise ConvertError("the measured recipe and a target bits per weight go together")
+    lowest, highest = (recipe_module.option_bpw(o) for o in recipe_module.OPTIONS[::6])
+    if target_bpw is not None and not lowest <= target_bpw <= highest:
+        raise ConvertError(f"target bits per weight must be from {lowest} to {highest}")
+
+
+def _plan(path: Path, target_bpw: float, dtype: str, note) -> recipe_module.Plan:
+    """The measured recipe: sensitivities on the calibration text, then the bits they buy."""
+    from .tokenizer import Tokenizer
+
+    windows = recipe_module.calibration_windows(Tokenizer.from_folder(path))
+    (note or _quiet)(f"measuring sensitivity on {len(windows)} windows of the calibration text")
+    try:
+        return recipe_module.plan(path, target_bpw, dtype=DTYPES[dtype], windows=windows)
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
+
+
+def _measure(result: ConvertResult, source: Path, tmp: Path, windows: int | None, note):
+    """Compare the written folder with the source; the figures go to quality.json and the card."""
+    from . import quality
+
+    (note or _quiet)("measuring the conversion against the source" + (
+        f" on a sample of {windows} windows (--measure-windows)" if windows else ""))  # fmt: skip
+    q = quality.compare(source, tmp, windows=windows)
+    q = dataclasses.replace(q, source=result.source, quantized=str(result.path))
+    quality.write(q, tmp)
+    return dataclasses.replace(result, quality=q)
+
+
+def _quiet(line: str) -> None:
+    pass
 
 
 def _one_line_error(e: BaseException, out: Path) -> ConvertError | None:
@@ -244,18 +307,12 @@ def _one_line_error(e: BaseException, out: Path) -> ConvertError | None:
     return ConvertError(f"conversion to {out} failed: {error_line(e)}")
 
 
-def _check_out(out: Path, source: Path | None) -> None:
-    """Refuse an output whose replacement would destroy the source or the folder we are in."""
-    target, cwd = out.resolve(), Path.cwd().resolve()
-    if target == cwd or target in cwd.parents:
-        what = "the current folder" if target == cwd else "a folder holding the current folder"
-        raise ConvertError(f"{out} is {what}; choose a new folder for the output")
-    if source is None:
-        return
-    src = source.resolve()
-    if target == src or src in target.parents or target in src.parents:
-        relation = "is" if target == src else "lies inside" if src in target.parents else "holds"
-        raise ConvertError(f"{out} {relation} the source folder {source}; choose another output")
+def _stopped_after_swap(signum: int, out: Path) -> ConvertInterrupted:
+    """A signal held during the final swap: the conversion is complete and `out` holds it."""
+    what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    return ConvertInterrupted(
+        f"{what} after {out} was written: it holds the new conversion", signum
+    )
 
 
 def _check_needed_files(path: Path, source: str, hint: str = "") -> None:
@@ -283,30 +340,6 @@ def _check_needed_files(path: Path, source: str, hint: str = "") -> None:
         raise ConvertError(f"{path / 'tokenizer.json'}: cannot be read ({error_line(e)})") from e
 
 
-def _check_upload_repo(repo: str) -> None:
-    """Refuse an upload that cannot happen before converting, not after."""
-    from huggingface_hub import constants, get_token
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    if repo.count("/") != 1:
-        raise ConvertError(f"upload repo {repo!r} must be USER/NAME or ORG/NAME")
-    try:
-        validate_repo_id(repo)
-    except HFValidationError:
-        raise ConvertError(
-            f"upload repo {repo!r} is not a valid repo id (letters, digits, '-', '_', '.'; "
-            "at most 96 characters)"
-        ) from None
-    if constants.HF_HUB_OFFLINE:
-        raise ConvertError(f"cannot upload to {repo}: HF_HUB_OFFLINE is set")
-    if not get_token():
-        raise ConvertError(
-            f"uploading to {repo} needs a hub token with write access: set HF_TOKEN or run "
-            "`hf auth login`"
-        )
-
-
 def _check_space(out: Path, source: Path, shards: dict[str, tuple]) -> None:
     """Refuse to start what the disk cannot hold: the shards' sizes are known from their plan."""
     need = sum(len(header) + _data_bytes(header) for header, _ in shards.values())
@@ -317,28 +350,6 @@ def _check_space(out: Path, source: Path, shards: dict[str, tuple]) -> None:
     if free < need:
         raise ConvertError(
             f"not enough disk space for {out}: it needs {human_size(need)}, {parent} has "
-            f"{human_size(free)} free"
-        )
-
-
-def _check_download_space(source: str, commit: str) -> None:
-    """Refuse a download the Hugging Face cache's disk cannot hold (sizes from a dry run)."""
-    from huggingface_hub import constants, snapshot_download
-
-    try:
-        quiet = download_bar(lambda *_: None, "", threading.Event())  # draws nothing
-        plan = snapshot_download(
-            source, revision=commit, allow_patterns=SOURCE_FILES, dry_run=True, tqdm_class=quiet
-        )
-    except Exception:  # offline, say: the download itself will tell
-        return
-    need = sum(f.file_size or 0 for f in plan if f.will_download)
-    cache = Path(constants.HF_HUB_CACHE)
-    cache = cache if cache.exists() else existing_parent(cache)
-    free = shutil.disk_usage(cache).free
-    if need and free < need:
-        raise ConvertError(
-            f"not enough disk space to download {source}: it needs {human_size(need)}, {cache} has "
             f"{human_size(free)} free"
         )
 
@@ -364,7 +375,7 @@ def _fetch(source: str, revision: str | None, progress: Progress | None) -> tupl
         commit = folder.name  # snapshot folders are named by their commit
         _check_needed_files(folder, source)
         done = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
-        _check_download_space(source, commit)
+        check_download_space(source, commit, SOURCE_FILES)
         snapshot(source, commit, progress, SOURCE_FILES, offset=done)
     except ConvertError:
         raise
@@ -395,12 +406,19 @@ def _validate(path: Path, model: Model) -> tuple[dict[str, _Job], int]:
     return jobs, sum(v.size for _, v in tree_flatten(model.parameters()))
 
 
-def _quantized_layout(model, jobs, bits, group_size, recipe, dtype):
+def _quantized_layout(model, jobs, bits, group_size, recipe, dtype, plan=None):
     """Output tensors {name: (dtype, shape)} and per-layer overrides, from nn.quantize on the lazy
     model: the very layout the loaders rebuild. Sets each quantized job's (group_size, bits)."""
     overrides = {}
 
     def predicate(p: str, m: nn.Module) -> bool | dict:
+        if plan is not None:
+            if p not in plan.options:
+                return False
+            b, g = plan.options[p]
+            if (b, g) != (bits, group_size):
+                overrides[p] = {"group_size": g, "bits": b}
+            return {"group_size": g, "bits": b}
         if not hasattr(m, "to_quantized") or m.weight.shape[-1] % group_size:
             return False  # as mlx-lm: rows that are not whole groups stay unquantized
         if recipe == "mixed" and p in HEAD_MODULES:
@@ -411,14 +429,15 @@ def _quantized_layout(model, jobs, bits, group_size, recipe, dtype):
     nn.quantize(model, group_size, bits, class_predicate=predicate)
     for p, m in model.named_modules():
         if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            importance = plan.importance[p] if plan is not None else None
             jobs[f"{p}.weight"] = dataclasses.replace(
-                jobs[f"{p}.weight"], quant=(m.group_size, m.bits)
+                jobs[f"{p}.weight"], quant=(m.group_size, m.bits), importance=importance
             )
     outputs = {
         k: (v.dtype if v.dtype == mx.uint32 else DTYPES[dtype], tuple(v.shape))
         for k, v in tree_flatten(model.parameters())
     }
-    return outputs, overrides
+    return outputs, dict(sorted(overrides.items()))
 
 
 def plan_shards(sizes: Sequence[int], max_size: int) -> list[tuple[str, list[int]]]:
@@ -519,7 +538,12 @@ def _write_block(shard: Path, job: _Job, r0: int, r1: int, dtype: mx.Dtype) -> N
         if f.readinto(buf) != buf.nbytes:
             raise ConvertError(f"{job.file}: truncated while reading {job.name}")
     w = mx.array(buf).view(src_dtype)
-    parts = _quantize(w, *job.quant, dtype) if job.quant else (w.astype(dtype),)
+    if job.importance is not None:
+        parts = recipe_module.quantize(w, *job.quant, mx.array(job.importance), dtype)
+    elif job.quant:
+        parts = _quantize(w, *job.quant, dtype)
+    else:
+        parts = (w.astype(dtype),)
     mx.eval(parts)
     fd = os.open(shard, os.O_WRONLY)
     try:
@@ -585,43 +609,6 @@ def _write_metadata(folder, source, config, shards, outputs, n_params, quantizat
             shutil.copyfile(source / name, folder / name)
 
 
-def _model_card(r: ConvertResult, config: dict[str, Any]) -> str:
-    cmd = ["smollm3-mlx", "convert", r.source, "-o", str(r.path), "--bits", str(r.bits)]
-    cmd += ["--group-size", str(r.group_size), "--recipe", r.recipe, "--dtype", r.dtype]
-    cmd += ["--revision", r.revision] if r.revision else []
-    cmd += ["--upload-repo", r.upload_repo] if r.upload_repo else []
-    hub = not Path(r.source).expanduser().is_dir()
-    head = "the embedding / tied output head at 8 bits, " if r.recipe == "mixed" else ""
-    at = f" at revision `{r.revision}`" if r.revision else ""
-    return f"""---
-library_name: mlx
-pipeline_tag: text-generation
-tags: [mlx, smollm3]
-{f"base_model: {r.source}{chr(10)}" if hub else ""}---
-
-# {r.path.name}
-
-SmolLM3 ({config.get("num_hidden_layers")} layers) quantized for [MLX](https://github.com/ml-explore/mlx)
-by smollm3-mlx {__version__}.
-
-| | |
-|---|---|
-| source | `{r.source}`{at} |
-| recipe | {r.recipe}: {head}everything else at {r.bits} bits |
-| quantization | affine, group size {r.group_size}; scales, biases and norms in {r.dtype} |
-| bits per weight | {r.bits_per_weight:.3f} |
-| size on disk | {r.size_bytes / 1e6:,.1f} MB |
-
-Made with:
-
-```sh
-{shlex.join(cmd)}
-```
-
-Run it with `smollm3-mlx chat -m {shlex.quote(r.upload_repo or str(r.path))}`; mlx-lm runs it too.
-"""
-
-
 def _check(folder: Path) -> None:
     """Load the output with our loader and run it on a few tokens, holding one layer at a time."""
     try:
@@ -645,15 +632,3 @@ def _check(folder: Path) -> None:
     mx.clear_cache()  # hand the check's buffers back
     if not finite:
         raise ConvertError(f"check of the converted model failed: non-finite logits ({folder})")
-
-
-def _upload(folder: Path, repo: str) -> None:
-    from huggingface_hub import HfApi
-
-    try:
-        api = HfApi()
-        api.create_repo(repo, exist_ok=True)
-        api.upload_folder(folder_path=folder, repo_id=repo, repo_type="model")
-    except (Exception, KeyboardInterrupt) as e:
-        raise ConvertError(f"{folder} was written, but the upload to {repo} failed: "
-                           f"{error_line(e)}") from e  # fmt: skip

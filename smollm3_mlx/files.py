@@ -113,20 +113,55 @@ def unmark(folder: Path) -> None:
     (folder / MARKER).unlink()
 
 
-def replace_folder(tmp: Path, out: Path) -> None:
-    """Rename the finished folder to `out`; an old `out` is removed only after that."""
-    if not (out.exists() or out.is_symlink()):
-        tmp.rename(out)
-        return
-    old = make_temp(out, "old")
-    out.rename(old / out.name)
+def replace_folder(tmp: Path, out: Path) -> list[int]:
+    """Rename the finished folder to `out`; an old `out` is removed only after that. Ctrl-C,
+    SIGTERM and SIGHUP wait until the swap and the removal are done (a stop half way would leave
+    the old folder beside the new one); the signals that came are returned, for the caller to
+    stop on, knowing that `out` now holds the new folder."""
+    with held_signals() as held:
+        if not (out.exists() or out.is_symlink()):
+            tmp.rename(out)
+            return held
+        old = make_temp(out, "old")
+        out.rename(old / out.name)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            (old / out.name).rename(out)
+            remove_temp(old)
+            raise
+        remove_temp(old)
+    return held
+
+
+def remove_temp(folder: Path) -> None:
+    """Remove one of our temporary folders, its marker last: a process killed half way leaves a
+    folder that the next run still knows as ours, and removes."""
+    for path in folder.iterdir():
+        if path.name != MARKER:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def held_signals() -> Iterator[list[int]]:
+    """Ctrl-C, SIGTERM and SIGHUP wait until the block ends; yields the list of those that came.
+    Off the main thread (where Python runs no handler) the block runs as it is."""
+    held: list[int] = []
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        names = ("SIGINT", "SIGTERM", "SIGHUP")
+        for signum in [getattr(signal, n) for n in names if hasattr(signal, n)]:
+            if signal.getsignal(signum) is not None:  # None: a handler Python cannot put back
+                previous[signum] = signal.signal(signum, lambda n, _: held.append(n))
     try:
-        tmp.rename(out)
-    except BaseException:
-        (old / out.name).rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        yield held
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def remove_stale(folder: Path, note: Callable[[str], None] | None) -> None:
@@ -155,7 +190,7 @@ def remove_stale(folder: Path, note: Callable[[str], None] | None) -> None:
         else:
             message = (f"removed {path} ({human_size(size)}), left by a conversion (process "
                        f"{pid}) that was killed")  # fmt: skip
-        shutil.rmtree(path, ignore_errors=True)
+        remove_temp(path)
         if note is None:
             warnings.warn(message, stacklevel=3)
         else:

@@ -144,7 +144,9 @@ def stream_generate(
             max_kv_size, ...), or with `prompt_lookup` (and `prompt_lookup_ngram`)
             `lookup.lookup_generate_step`.
     """
-    plan = _Plan.make(model, tokenizer, sampling, sampler, logits_processors, response_format)
+    plan = _Plan.make(
+        model, tokenizer, sampling, sampler, logits_processors, response_format, max_tokens
+    )
     max_tokens = plan.max_tokens if max_tokens is None else max_tokens
     if isinstance(prompt, str):
         prompt = tokenizer.encode(prompt, allow_special=True)
@@ -208,7 +210,9 @@ class _Plan:
     max_tokens: int
 
     @classmethod
-    def make(cls, model, tokenizer, sampling, sampler, logits_processors, response_format) -> _Plan:
+    def make(
+        cls, model, tokenizer, sampling, sampler, logits_processors, response_format, max_tokens
+    ) -> _Plan:
         if sampling is None:
             sampling = model.info.sampling if model.info is not None else GREEDY
         if sampling.seed is not None:
@@ -218,10 +222,14 @@ class _Plan:
             logits_processors = sampling.logits_processors()
         constraint = None
         if response_format is not None:
-            from .constrain import make_answer_constraint  # the grammar engine, only when asked
+            from .constrain import make_turn_processors  # the grammar engine, only when asked
 
-            constraint = make_answer_constraint(tokenizer, response_format)
-            logits_processors = [*logits_processors, *([constraint] if constraint else [])]
+            # A prompt that leaves the model thinking keeps the answer's reserve, as Chat does.
+            room = sampling.max_tokens if max_tokens is None or max_tokens < 0 else max_tokens
+            held, constraint = make_turn_processors(
+                tokenizer, response_format=response_format, room=room
+            )
+            logits_processors = [*logits_processors, *held]
         return cls(sampler, logits_processors, constraint, sampling.max_tokens)
 
 

@@ -430,7 +430,7 @@ def test_bad_arguments_are_refused(ckpt, tmp_path):
     for kw, match in [
         (dict(bits=3), "bits must be one of 4, 8, not 3"),
         (dict(group_size=16), "group_size must be one of 32, 64, 128, not 16"),
-        (dict(recipe="fancy"), "recipe must be one of uniform, mixed, not fancy"),
+        (dict(recipe="fancy"), "recipe must be one of uniform, mixed, measured, not fancy"),
         (dict(dtype="float32"), "dtype must be one of bfloat16, float16, not float32"),
         (dict(revision="main"), "is a local folder; --revision applies to hub repos only"),
     ]:
@@ -598,7 +598,8 @@ def test_cli_takes_every_option_of_the_issue(tmp_path, monkeypatch):
     assert callable(progress) and callable(note)
     assert seen == dict(
         source="org/model", out=out, bits=8, group_size=32, recipe="uniform", dtype="float16",
-        revision="v1", upload_repo="me/q8", force=True,
+        revision="v1", upload_repo="me/q8", force=True, target_bpw=None, measure=None,
+        measure_windows=None,
     )  # fmt: skip
     assert "uploaded https://huggingface.co/me/q8" in r.stdout
 

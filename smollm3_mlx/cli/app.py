@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -318,9 +319,10 @@ def convert(
     recipe: Annotated[
         str | None,
         typer.Option(
-            metavar="mixed|uniform",
+            metavar="mixed|uniform|measured",
             help="mixed: the embedding / tied output head at 8 bits (the 4-bit default); "
-            "uniform: --bits everywhere (the 8-bit default).",
+            "uniform: --bits everywhere (the 8-bit default); measured: bits per matrix chosen "
+            "by sensitivity for --target-bpw (the default with it).",
             show_default=False,
         ),
     ] = None,
@@ -336,6 +338,26 @@ def convert(
         typer.Option(metavar="USER/NAME", help="Then upload the folder to this hub repo."),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    target_bpw: Annotated[
+        float | None, typer.Option(metavar="BPW", help="Bits per weight of the measured recipe.")
+    ] = None,
+    measure: Annotated[
+        bool | None,
+        typer.Option(
+            "--measure/--no-measure",
+            help="Measure what quantization cost (KL, top-1, perplexity) into the model card "
+            "and quality.json. Default: on a GPU; on the CPU a sample (--measure-windows).",
+            show_default=False,
+        ),
+    ] = None,
+    measure_windows: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            help="Measure this many windows of the text. Default: all on a GPU, 4 on the CPU.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Quantize SmolLM3 into an MLX folder that smollm3-mlx and mlx-lm both run."""
     from ..convert import ConvertError, ConvertInterrupted, convert as convert_model
@@ -354,6 +376,9 @@ def convert(
                 force=force,
                 progress=update,
                 note=console.note,
+                target_bpw=target_bpw,
+                measure=measure,
+                measure_windows=measure_windows,
             )
     except ConvertError as e:
         console.error(str(e))
@@ -361,6 +386,32 @@ def convert(
         code = 128 + e.signum if isinstance(e, ConvertInterrupted) else 1
         raise typer.Exit(code) from None
     console.converted(result)
+    if result.quality is not None:
+        from ..quality import summary
+
+        console.note(f"measured: {summary(result.quality)}")
+
+
+@app.command("compare-models")
+def compare_models(
+    source: Annotated[str, typer.Argument(help="The reference model: folder or hub repo id.")],
+    quantized: Annotated[str, typer.Argument(help="The model to measure against it.")],
+    windows: Annotated[
+        int | None,
+        typer.Option(metavar="N", help="Only N windows, evenly spaced.", show_default=False),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> None:
+    """Measure how far a model is from another on the shipped held-out text: mean KL, top-1
+    agreement, perplexity change, each with its standard error over windows."""
+    from ..quality import QualityError, compare, summary
+
+    try:
+        q = compare(source, quantized, windows=windows)
+    except QualityError as e:
+        console.error(str(e))
+        raise typer.Exit(1) from None
+    print(json.dumps(q.to_json(), indent=2) if as_json else summary(q))
 
 
 def _bytes(name: str, text: str) -> int:

@@ -1,2 +1,4 @@
-"""The OpenAI-compatible server (the `server` extra): app (routes, auth, limits, SSE), engine (the
-worker), request (body -> plan), reply (events -> bodies), cache_dir (the prompt-cache folder)."""
+"""The OpenAI- and Anthropic-compatible server (the `server` extra): app (routes, auth, limits,
+SSE, the one answer tail), engine (the worker), request (chat body -> plan), responses and
+anthropic (their bodies -> the chat plan, replies -> their shapes), reply (events -> bodies, the
+Shape), blocks (a reply as content blocks), cache_dir (the prompt-cache folder)."""

@@ -1,10 +1,13 @@
 """The OpenAI-compatible HTTP server: routes, auth, limits, streaming (`smollm3-mlx serve`).
 
-Starlette + uvicorn + sse-starlette (the `server` extra), imported only here. Requests are checked
-and rendered, and replies shaped, on the event loop's side (openai_request.py, openai_reply.py);
-generation runs on the engine's single worker thread (engine.py). Safe by default: loopback only,
-a Host check against DNS rebinding, JSON bodies only (no cross-site form posts), bounded bodies
-(size, nesting, and the time a client takes to send its headers and body), no CORS unless asked.
+Starlette + uvicorn + sse-starlette (the `server` extra), imported only here. Three dialects
+(OpenAI chat and completions, OpenAI's Responses API, Anthropic's Messages API) map their bodies
+onto one plan (request.py, responses.py, anthropic.py) and answer through one tail, `_answer`,
+whose replies each dialect's Shape forms (reply.py, responses.py, anthropic.py); all of that on
+the event loop's side. Generation runs on the engine's single worker thread (engine.py). Safe by
+default: loopback only, a Host check against DNS rebinding, JSON bodies only (no cross-site form
+posts), bounded bodies (size, nesting, and the time a client takes to send its headers and body),
+no CORS unless asked.
 """
 
 from __future__ import annotations
@@ -30,6 +33,13 @@ from starlette.routing import Route
 
 from ..files import parse_json
 from ..sample import Sampling
+from .anthropic import (
+    AnthropicShape,
+    CountTokensRequest,
+    MessagesRequest,
+    chat_body as anthropic_chat_body,
+    error_body as anthropic_error_body,
+)
 from .cache_dir import DEFAULT_DIR_BYTES
 from .engine import (
     DEFAULT_CACHE_BYTES,
@@ -43,20 +53,11 @@ from .engine import (
     Started,
     Token,
 )
-from .reply import (
-    Delta,
-    Reply,
-    chat_chunk,
-    chat_response,
-    new_id,
-    text_chunk,
-    text_response,
-)
+from .reply import ChatShape, Delta, Plan, Reply, Shape, Sse, TextShape, new_id
 from .request import (
     ChatRequest,
     CompletionRequest,
     RequestError,
-    Settings,
     check_context,
     completion_prompt,
     constraint,
@@ -66,7 +67,13 @@ from .request import (
     settings as request_settings,
     template_messages,
     thinking,
-    tools as request_tools,
+    unsupported,
+)
+from .responses import (
+    ResponsesRequest,
+    ResponsesShape,
+    ResponseStore,
+    chat_body as responses_chat_body,
 )
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
@@ -76,12 +83,15 @@ LOOPBACK_NAMES = ("localhost",)
 
 
 class Fault(Exception):
-    """An HTTP error in OpenAI's format."""
+    """An HTTP error: its status, message, OpenAI's type and code for it, and headers."""
 
     def __init__(self, status: int, message: str, kind: str, code: str | None = None, **headers):
         super().__init__(message)
-        self.status, self.body = status, error_body(message, kind, None, code)
+        self.status, self.message, self.kind, self.code = status, message, kind, code
         self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.kind, None, self.code)
 
 
 def is_loopback(host: str) -> bool:
@@ -134,6 +144,7 @@ class _Api:
         self.api_key = api_key.encode() if api_key else None
         self.loopback, self.max_body, self.read_timeout = loopback, max_body, read_timeout
         self.created = now()
+        self.stored = ResponseStore()
 
     def guard(self, request: Request) -> None:
         host = _host_name(request.headers.get("host", ""))
@@ -143,10 +154,12 @@ class _Api:
         if self.api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if not (scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), self.api_key)):
+        if scheme.lower() != "bearer":  # Anthropic's clients send the key as x-api-key
+            token = request.headers.get("x-api-key", "")
+        if not hmac.compare_digest(token.encode(), self.api_key):
             raise Fault(
                 401,
-                "Incorrect or missing API key: send Authorization: Bearer <key>",
+                "Incorrect or missing API key: send Authorization: Bearer <key> (or x-api-key)",
                 "invalid_request_error",
                 "invalid_api_key",
                 **{"WWW-Authenticate": "Bearer"},
@@ -204,27 +217,10 @@ class _Api:
     async def chat(self, request: Request) -> Response:
         self.guard(request)
         r = parse(ChatRequest, await self.body(request))
-        settings = request_settings(r, self.served)
-        wanted = constraint(r)
-        messages, think, tools = template_messages(r.messages), thinking(r), request_tools(r)
-        prompt = await anyio.to_thread.run_sync(lambda: self._render(messages, think, tools))
-        check_context(len(prompt), settings.max_tokens, self.engine.context)  # before a grammar
-        processors = await anyio.to_thread.run_sync(lambda: self._processors(wanted, tools))
-        reply = Reply(self.tokenizer, prompt, stop=settings.stop,
-                      top_logprobs=settings.top_logprobs)  # fmt: skip
-        job, items = self._submit(prompt, settings, processors)
+        plan = await self._plan(r)
         meta = {"id": new_id("chatcmpl-"), "created": now(), "model": r.model}
-        if r.stream:
-            usage = r.stream_options is not None and r.stream_options.include_usage
-
-            def make(delta: Delta | None, finish: str | None) -> dict[str, Any]:
-                return chat_chunk(meta, delta, finish, usage)
-
-            first = make(None, None)
-            first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-            return _sse(job, _stream(job, items, reply, make, usage, first))
-        finish = await _collect(request, job, items, reply)
-        return JSONResponse(chat_response(meta, reply, finish))
+        usage = r.stream_options is not None and r.stream_options.include_usage
+        return await self._answer(request, plan, ChatShape(plan.reply, meta, usage), r.stream)
 
     async def completions(self, request: Request) -> Response:
         self.guard(request)
@@ -234,17 +230,62 @@ class _Api:
         check_context(len(prompt), settings.max_tokens, self.engine.context)
         reply = Reply(self.tokenizer, prompt, stop=settings.stop,
                       top_logprobs=settings.top_logprobs, chat=False)  # fmt: skip
-        job, items = self._submit(prompt, settings)
         meta = {"id": new_id("cmpl-"), "created": now(), "model": r.model}
-        if r.stream:
-            usage = r.stream_options is not None and r.stream_options.include_usage
+        usage = r.stream_options is not None and r.stream_options.include_usage
+        shape = TextShape(reply, meta, usage)
+        return await self._answer(request, Plan(prompt, settings, [], reply), shape, r.stream)
 
-            def make(delta: Delta | None, finish: str | None) -> dict[str, Any]:
-                return text_chunk(meta, reply, delta, finish, usage)
+    async def responses(self, request: Request) -> Response:
+        self.guard(request)
+        r = parse(ResponsesRequest, await self.body(request))
+        history = self.stored.get(r.previous_response_id) if r.previous_response_id else []
+        body = responses_chat_body(r, history)
+        plan = await self._plan(parse(ChatRequest, body))
+        conversation = body["messages"][1 if r.instructions else 0 :]  # instructions: not kept
+        shape = ResponsesShape(plan.reply, r, self.stored if r.store else None, conversation)
+        return await self._answer(request, plan, shape, r.stream)
 
-            return _sse(job, _stream(job, items, reply, make, usage))
-        finish = await _collect(request, job, items, reply)
-        return JSONResponse(text_response(meta, reply, finish))
+    async def messages(self, request: Request) -> Response:
+        self.guard(request)
+        r = parse(MessagesRequest, await self.body(request))
+        plan = await self._plan(parse(ChatRequest, anthropic_chat_body(r)))
+        return await self._answer(request, plan, AnthropicShape(plan.reply, r.model), r.stream)
+
+    async def count_tokens(self, request: Request) -> Response:
+        self.guard(request)
+        r = parse(CountTokensRequest, await self.body(request))
+        chat = parse(ChatRequest, anthropic_chat_body(r))
+        request_settings(chat, self.served)
+        unsupported(chat)
+        prompt = await self._prompt(chat, constraint(chat)["tools"])
+        return JSONResponse({"input_tokens": len(prompt)})
+
+    async def _plan(self, r: ChatRequest) -> Plan:
+        """A chat request (whichever dialect it came in) as the plan every answer runs."""
+        settings = request_settings(r, self.served)
+        unsupported(r)
+        wanted = constraint(r)
+        prompt = await self._prompt(r, wanted["tools"])
+        check_context(len(prompt), settings.max_tokens, self.engine.context)  # before a grammar
+        room = settings.max_tokens or self.engine.context - len(prompt)
+        processors = await anyio.to_thread.run_sync(lambda: self._processors(wanted, room))
+        reply = Reply(
+            self.tokenizer, prompt, stop=settings.stop, top_logprobs=settings.top_logprobs
+        )
+        return Plan(prompt, settings, processors, reply)
+
+    async def _prompt(self, r: ChatRequest, tools: list[dict[str, Any]] | None) -> list[int]:
+        messages, think = template_messages(r.messages), thinking(r)
+        return await anyio.to_thread.run_sync(lambda: self._render(messages, think, tools))
+
+    async def _answer(self, request: Request, plan: Plan, shape: Shape, stream: bool) -> Response:
+        """The one tail of every answering route: submit the plan, then stream the shape's
+        events, or collect the reply and send the shape's whole body."""
+        job, items = self._submit(plan)
+        if stream:
+            return _sse(job, _stream(job, items, shape))
+        finish = await _collect(request, job, items, plan.reply)
+        return JSONResponse(shape.whole(finish))
 
     def _render(self, messages: list[dict[str, Any]], think: bool, tools) -> list[int]:
         from jinja2 import TemplateError
@@ -258,27 +299,19 @@ class _Api:
         assert isinstance(ids, list)
         return ids
 
-    def _processors(self, wanted: dict[str, Any], tools) -> list[Any]:
-        """The request's constraints as logits processors (the grammar is compiled here)."""
-        asked = wanted["response_format"] or wanted["tool_choice"] != "auto"
-        if not (tools or asked or wanted["thinking_token_budget"] is not None):
-            return []  # nothing to hold: the grammar engine is not even loaded
-        from ..constrain import ConstraintError, make_answer_constraint, make_think_budget
+    def _processors(self, wanted: dict[str, Any], room: int) -> list[Any]:
+        """The request's constraints as logits processors (a grammar is compiled here; none,
+        and no grammar engine loaded, when nothing but the ban on calls is asked)."""
+        from ..constrain import ConstraintError, make_turn_processors
 
         try:
-            answer = make_answer_constraint(
-                self.tokenizer, wanted["response_format"], tools=tools,
-                tool_choice=wanted["tool_choice"],
-            )  # fmt: skip
-            budget = make_think_budget(self.tokenizer, wanted["thinking_token_budget"])
+            processors, _ = make_turn_processors(self.tokenizer, room=room, **wanted)
         except ConstraintError as e:
-            raise RequestError(str(e), "response_format") from None
-        return [p for p in (budget, answer) if p is not None]
+            raise RequestError(str(e), e.param) from None
+        return processors
 
-    def _submit(
-        self, prompt: list[int], s: Settings, processors: Sequence[Any] = ()
-    ) -> tuple[Job, asyncio.Queue[Item]]:
-        loop = asyncio.get_running_loop()
+    def _submit(self, plan: Plan) -> tuple[Job, asyncio.Queue[Item]]:
+        loop, s = asyncio.get_running_loop(), plan.settings
         items: asyncio.Queue[Item] = asyncio.Queue()
 
         def emit(item: Item) -> None:
@@ -291,7 +324,7 @@ class _Api:
             sampling = Sampling.from_model(self.engine.model, **s.sampling, seed=s.seed)
         except ValueError as e:
             raise RequestError(str(e)) from None
-        job = Job(prompt, s.max_tokens, sampling, s.top_logprobs, processors, emit=emit)
+        job = Job(plan.prompt, s.max_tokens, sampling, s.top_logprobs, plan.processors, emit=emit)
         try:
             self.engine.submit(job)
         except Busy as e:
@@ -321,11 +354,13 @@ async def _collect(request: Request, job: Job, items: asyncio.Queue[Item], reply
 
 
 async def _deltas(job: Job, items: asyncio.Queue[Item], reply: Reply) -> AsyncIterator:
-    """The job's items fed into `reply`: the Deltas, then the finish reason (a str)."""
+    """The job's items fed into `reply`: None once the prompt is in, the Deltas, then the
+    finish reason (a str)."""
     while True:
         item = await items.get()
         if isinstance(item, Started):
             reply.usage.cached_tokens = item.cached_tokens
+            yield None
         elif isinstance(item, Token):
             delta = reply.feed(item.id, item.logprob, item.top)
             if reply.stopped:
@@ -342,44 +377,49 @@ async def _deltas(job: Job, items: asyncio.Queue[Item], reply: Reply) -> AsyncIt
             raise Fault(500, f"generation failed: {item.error}", "server_error")
 
 
-def _sse(job: Job, chunks: AsyncIterator[dict[str, Any] | str]) -> Response:
+async def _stream(job: Job, items: asyncio.Queue[Item], shape: Shape) -> AsyncIterator[Sse]:
+    """The shape's events for the job's reply."""
+    try:
+        async for d in _deltas(job, items, shape.reply):
+            events = (
+                shape.opened()
+                if d is None
+                else shape.delta(d)
+                if isinstance(d, Delta)
+                else shape.closed(d)
+            )
+            for event in events:
+                yield event
+    except Fault as e:  # the status line is sent already: the error goes in the stream
+        for event in shape.failed(e.status, e.message):
+            yield event
+    finally:  # the client left, or the reply is complete: stop generating either way
+        job.cancel.set()
+
+
+def _sse(job: Job, events: AsyncIterator[Sse]) -> Response:
     shutdown = anyio.Event()  # set by sse-starlette when the server begins to shut down
 
-    async def events() -> AsyncIterator[dict[str, str]]:
+    async def sent() -> AsyncIterator[dict[str, str]]:
         async def on_shutdown() -> None:
             await shutdown.wait()
-            job.cancel.set()  # the answer ends, and the stream with its last chunk and [DONE]
+            job.cancel.set()  # the answer ends, and the stream with its last events
 
         watcher = asyncio.create_task(on_shutdown())
         try:
-            async for c in chunks:
-                yield {"data": c if isinstance(c, str) else json.dumps(c, ensure_ascii=False)}
+            async for name, data in events:
+                text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+                yield {"data": text} if name is None else {"event": name, "data": text}
         finally:
             watcher.cancel()
 
     return EventSourceResponse(
-        events(),
+        sent(),
         ping=15,
         headers={"Cache-Control": "no-cache"},
         shutdown_event=shutdown,
         shutdown_grace_period=2,  # under uvicorn's timeout_graceful_shutdown (3 s)
     )
-
-
-async def _stream(job: Job, items, reply: Reply, make: Callable, usage: bool, *first):
-    """The chunks of a streamed reply, made by `make(delta | None, finish)`, then [DONE]."""
-    try:
-        for chunk in first:
-            yield chunk
-        async for d in _deltas(job, items, reply):
-            yield make(d, None) if isinstance(d, Delta) else make(None, d)
-        if usage:
-            yield {**make(None, None), "choices": [], "usage": reply.usage.body()}
-        yield "[DONE]"
-    except Fault as e:  # the status line is sent already: the error goes in the stream
-        yield e.body
-    finally:  # the client left, or the reply is complete: stop generating either way
-        job.cancel.set()
 
 
 def _error(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
@@ -413,14 +453,16 @@ def make_app(
         raise ValueError(problem)
     api = _Api(engine, model_name, api_key, loopback, max_body, read_timeout)
 
-    def route(path: str, handler: Callable, methods: list[str]) -> Route:
+    def route(path: str, handler: Callable, methods: list[str], errors=None) -> Route:
         async def endpoint(request: Request) -> Response:
             try:
                 return await handler(request)
             except Fault as e:
-                return _error(e.status, e.body, e.headers)
+                return _error(
+                    e.status, errors(e.status, e.message) if errors else e.body(), e.headers
+                )
             except RequestError as e:
-                return _error(400, e.body())
+                return _error(400, errors(400, e.message) if errors else e.body())
             except ClientDisconnect:
                 return Response(status_code=499)
 
@@ -446,7 +488,7 @@ def make_app(
                 CORSMiddleware,
                 allow_origins=list(cors_origins),
                 allow_methods=["GET", "POST"],
-                allow_headers=["authorization", "content-type"],
+                allow_headers=["authorization", "content-type", "x-api-key", "anthropic-version"],
             )
         )
     return Starlette(
@@ -456,6 +498,9 @@ def make_app(
             route("/v1/models/{name:path}", api.model, ["GET"]),
             route("/v1/chat/completions", api.chat, ["POST"]),
             route("/v1/completions", api.completions, ["POST"]),
+            route("/v1/responses", api.responses, ["POST"]),
+            route("/v1/messages", api.messages, ["POST"], anthropic_error_body),
+            route("/v1/messages/count_tokens", api.count_tokens, ["POST"], anthropic_error_body),
         ],
         middleware=middleware,
         exception_handlers={HTTPException: http_error, Exception: http_error},

@@ -1,5 +1,6 @@
 """OpenAI replies from generated ids: reasoning and answer split, tool calls with ids, stop
-strings, logprobs, usage; and the shapes of responses and stream chunks.
+strings, logprobs, usage; the `Shape` every dialect gives its replies (the server's one answer
+path drives it), and chat's and completions' shapes.
 
 Imports no MLX and no HTTP stack.
 """
@@ -12,7 +13,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..events import AnswerDelta, EventParser, ThinkingDelta, ToolCall, ToolCallError
+from ..events import (
+    TOOL_CALL_END,
+    TOOL_CALL_START,
+    AnswerDelta,
+    EventParser,
+    ThinkingDelta,
+    ToolCall,
+    ToolCallError,
+)
+from .request import Settings, error_body
 
 if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
@@ -67,15 +77,17 @@ class _StopMatcher:
 
     def __init__(self, stop: Sequence[str]):
         self.stop, self.pending, self.hit = tuple(stop), "", False
+        self.matched: str | None = None  # the stop string met
 
     def feed(self, text: str) -> str:
         if self.hit or not self.stop:
             return "" if self.hit else text
         self.pending += text
-        hits = [i for s in self.stop if (i := self.pending.find(s)) >= 0]
+        hits = [(i, s) for s in self.stop if (i := self.pending.find(s)) >= 0]
         if hits:
+            at, self.matched = min(hits)
             self.hit = True
-            out, self.pending = self.pending[: min(hits)], ""
+            out, self.pending = self.pending[:at], ""
             return out
         keep = max(
             (k for s in self.stop for k in range(min(len(s) - 1, len(self.pending)), 0, -1)
@@ -141,6 +153,10 @@ class Reply:
         self.content: list[str] = []
         self.tool_calls: list[dict[str, Any]] = []
         self.logprobs: list[dict[str, Any]] = []
+        # Logprobs wait until the content holds their token's text (a trimmed, held or cut text
+        # never gets one): (entry, characters of content it stands for).
+        self._pending: list[tuple[dict[str, Any], int]] = []
+        self._content_chars = self._logprob_chars = 0
 
     @property
     def stopped(self) -> bool:
@@ -153,18 +169,27 @@ class Reply:
         if self.stopped:
             return delta
         self.usage.completion_tokens += 1
+        entry = None
         if token in self.tags:
             self.thinking = token == self.tokenizer.think_start_id
         elif self.thinking:
             self.usage.reasoning_tokens += 1
         elif logprob is not None and self.top_logprobs is not None:
-            delta.logprobs.append(self._logprob(token, logprob, top))
+            entry = self._logprob(token, logprob, top)
+        started = self.trim_content.started
         if self.parser is None:
             self.detokenizer.add_token(token)
             self._answer(delta, self.detokenizer.last_segment)
         else:
             self._events(delta, self.parser.feed(token))
-        self.logprobs += delta.logprobs
+            calls = (self.parser.call_start, self.parser.call_end)
+            if token in calls or self.parser.call is not None:
+                entry = None  # a tool call's token: not content
+        if entry is not None:
+            text = entry["token"] if started else entry["token"].lstrip()
+            if text:  # leading whitespace, which the content trims, has no logprob either
+                self._pending.append((entry, len(text)))
+        self._release(delta)
         return delta
 
     def flush(self) -> Delta:
@@ -174,11 +199,25 @@ class Reply:
             self.detokenizer.finalize()
             self._answer(delta, self.detokenizer.last_segment)
         else:
-            self._events(delta, self.parser.flush())
+            self._events(delta, self.parser.flush(), closed=False)
         text = self.trim_content.feed(self.stop.flush())
         delta.content += text
         self.content.append(text)
+        self._content_chars += len(text)
+        self._release(delta)
+        self._pending = []  # their text never reached the content (trimmed, or past a stop)
         return delta
+
+    def _release(self, delta: Delta) -> None:
+        """The pending logprobs whose text the content now holds, in order."""
+        while self._pending:
+            entry, size = self._pending[0]
+            if self._logprob_chars + size > self._content_chars:
+                return
+            self._pending.pop(0)
+            self._logprob_chars += size
+            delta.logprobs.append(entry)
+            self.logprobs.append(entry)
 
     def finish_reason(self, engine_reason: str) -> str:
         if self.stopped:
@@ -187,7 +226,9 @@ class Reply:
             return "tool_calls"
         return engine_reason
 
-    def _events(self, delta: Delta, events: Sequence[Any]) -> None:
+    def _events(self, delta: Delta, events: Sequence[Any], closed: bool = True) -> None:
+        """Events into the delta; `closed=False`: at the end, where a call error is a call the
+        turn ended inside (its `</tool_call>` never written)."""
         for e in events:
             if isinstance(e, ThinkingDelta):
                 text = self.trim_reasoning.feed(e.text)
@@ -208,12 +249,14 @@ class Reply:
                 self.tool_calls.append(call)
                 delta.tool_calls.append(call)
             elif isinstance(e, ToolCallError):  # not a valid call: the client sees what was written
-                self._answer(delta, f"<tool_call>{e.text}</tool_call>")
+                end = TOOL_CALL_END if closed else ""
+                self._answer(delta, f"{TOOL_CALL_START}\n{e.text}\n{end}".rstrip())
 
     def _answer(self, delta: Delta, text: str) -> None:
         text = self.trim_content.feed(self.stop.feed(text))
         delta.content += text
         self.content.append(text)
+        self._content_chars += len(text)
 
     def _logprob(self, token: int, logprob: float, top: Sequence) -> dict[str, Any]:
         def entry(t: int, lp: float) -> dict[str, Any]:
@@ -284,3 +327,90 @@ def legacy_logprobs(reply: Reply, entries: list[dict[str, Any]]) -> dict[str, An
         "token_logprobs": [e["logprob"] for e in entries],
         "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
     }
+
+
+Sse = tuple[
+    str | None, Any
+]  # a server-sent event: its name (None: none), its JSON data or "[DONE]"
+
+
+class Shape:
+    """One reply in one dialect: `opened` once the prompt is in, `delta` for each Delta of the
+    reply, then `closed` with the finish reason; or `whole` once, for a reply not streamed.
+    `failed` is an error met once the stream began (its status line is sent already)."""
+
+    def __init__(self, reply: Reply):
+        self.reply = reply
+
+    def opened(self) -> list[Sse]:
+        return []
+
+    def delta(self, delta: Delta) -> list[Sse]:
+        raise NotImplementedError
+
+    def closed(self, finish: str) -> list[Sse]:
+        raise NotImplementedError
+
+    def whole(self, finish: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def failed(self, status: int, message: str) -> list[Sse]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every answering route runs, whichever dialect its body came in: the prompt's ids,
+    the settings, the constraints' processors and the reply that reads the generated ids."""
+
+    prompt: list[int]
+    settings: Settings
+    processors: list[Any]
+    reply: Reply
+
+
+class ChatShape(Shape):
+    """A chat.completion, or its chunks: the role first, usage last when asked, then [DONE]."""
+
+    def __init__(self, reply: Reply, meta: dict[str, Any], usage: bool):
+        super().__init__(reply)
+        self.meta, self.usage = meta, usage
+
+    def chunk(self, delta: Delta | None, finish: str | None) -> dict[str, Any]:
+        return chat_chunk(self.meta, delta, finish, self.usage)
+
+    def opened(self) -> list[Sse]:
+        first = self.chunk(None, None)
+        first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+        return [(None, first)]
+
+    def delta(self, delta: Delta) -> list[Sse]:
+        return [(None, self.chunk(delta, None))]
+
+    def closed(self, finish: str) -> list[Sse]:
+        usage = {**self.chunk(None, None), "choices": [], "usage": self.reply.usage.body()}
+        return [
+            (None, self.chunk(None, finish)),
+            *([(None, usage)] if self.usage else []),
+            (None, "[DONE]"),
+        ]
+
+    def whole(self, finish: str) -> dict[str, Any]:
+        return chat_response(self.meta, self.reply, finish)
+
+    def failed(self, status: int, message: str) -> list[Sse]:
+        kind = "server_error" if status >= 500 else "invalid_request_error"
+        return [(None, error_body(message, kind))]
+
+
+class TextShape(ChatShape):
+    """A text_completion, or its chunks."""
+
+    def chunk(self, delta: Delta | None, finish: str | None) -> dict[str, Any]:
+        return text_chunk(self.meta, self.reply, delta, finish, self.usage)
+
+    def opened(self) -> list[Sse]:
+        return []
+
+    def whole(self, finish: str) -> dict[str, Any]:
+        return text_response(self.meta, self.reply, finish)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..files import parse_json
+from ..grammar import ConstraintError, tool_choice_mode
 
 if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 4
 THINKING_OFF_EFFORTS = ("none", "minimal")  # reasoning_effort values that turn thinking off
+# The rest of what the openai SDK's ReasoningEffort allows: thinking on (SmolLM3 has no levels).
+THINKING_ON_EFFORTS = ("low", "medium", "high", "xhigh", "max")
 
 
 class RequestError(ValueError):
@@ -116,6 +119,13 @@ class ChatRequest(_Sampling):
     reasoning_effort: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     thinking_token_budget: int | None = Field(default=None, ge=0)  # vLLM's name for it
+    answer_reserve: int | None = Field(default=None, ge=0)  # constrain.DEFAULT_ANSWER_RESERVE
+    # Read only to refuse them (`unsupported`): they would change the answer, and are not done.
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    prediction: dict[str, Any] | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -220,12 +230,35 @@ def thinking(request: ChatRequest) -> bool:
         raise RequestError("chat_template_kwargs.enable_thinking must be true or false")
     effort = request.reasoning_effort
     if effort is not None:
-        if effort not in (*THINKING_OFF_EFFORTS, "low", "medium", "high"):
-            raise RequestError(
-                "reasoning_effort must be none, minimal, low, medium or high", "reasoning_effort"
-            )
+        if effort not in (*THINKING_OFF_EFFORTS, *THINKING_ON_EFFORTS):
+            efforts = ", ".join((*THINKING_OFF_EFFORTS, *THINKING_ON_EFFORTS))
+            raise RequestError(f"reasoning_effort must be one of {efforts}", "reasoning_effort")
         enable = enable and effort not in THINKING_OFF_EFFORTS
     return enable
+
+
+def unsupported(request: ChatRequest) -> None:
+    """Refuse, in one line, what a client may send that this server does not do (never drop it
+    silently): the legacy functions, audio, modalities other than text, predicted outputs, and
+    speaker names (SmolLM3's template has none; a tool message's name is its call's, kept)."""
+    if request.functions is not None or request.function_call is not None:
+        param = "functions" if request.functions is not None else "function_call"
+        raise RequestError(
+            "functions and function_call are the deprecated form of tools and tool_choice: "
+            "send those",
+            param,
+        )
+    if request.audio is not None or (request.modalities or ["text"]) != ["text"]:
+        param = "audio" if request.audio is not None else "modalities"
+        raise RequestError("this model writes text only: no audio output", param)
+    if request.prediction is not None:
+        raise RequestError("predicted outputs (prediction) are not supported", "prediction")
+    for i, m in enumerate(request.messages):
+        if m.name is not None and m.role != "tool":
+            raise RequestError(
+                "a message's name is not supported: SmolLM3's chat template has no speaker names",
+                f"messages.{i}.name",
+            )
 
 
 def tools(request: ChatRequest) -> list[dict[str, Any]] | None:
@@ -237,15 +270,27 @@ def tools(request: ChatRequest) -> list[dict[str, Any]] | None:
 
 
 def constraint(request: ChatRequest) -> dict[str, Any]:
-    """What constrained decoding must hold (constrain.py makes the processors): the answer's
-    format, the tool choice and the thinking budget, as `make_answer_constraint` and
-    `make_think_budget` take them."""
+    """What constrained decoding must hold, as `constrain.make_turn_processors` takes it (its
+    `room` aside): the answer's format, the tools that may be called and how, the thinking
+    budget and the answer's reserve."""
     fmt = request.response_format
     if fmt is not None and fmt.get("type", "text") == "text":
         fmt = None
-    choice = request.tool_choice if request.tool_choice not in (None, "none") else "auto"
-    return {"response_format": fmt, "tool_choice": choice,
-            "thinking_token_budget": request.thinking_token_budget}  # fmt: skip
+    choice = "auto" if request.tool_choice is None else request.tool_choice
+    try:
+        tool_choice_mode(choice)
+    except ConstraintError as e:
+        raise RequestError(str(e), e.param) from None
+    wanted = {
+        "response_format": fmt,
+        "tools": tools(request),
+        "tool_choice": choice,
+        "parallel_tool_calls": request.parallel_tool_calls is not False,
+        "think_budget": request.thinking_token_budget,
+    }
+    if request.answer_reserve is not None:
+        wanted["answer_reserve"] = request.answer_reserve
+    return wanted
 
 
 def template_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
