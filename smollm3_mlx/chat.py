@@ -389,8 +389,7 @@ class Chat:
         try:
             prompt = self.render(continue_final_message=open_answer)
             parser = EventParser(self.tokenizer, prompt)  # its ids say where an open answer is
-            given = continued(parser, self.messages[-1]) if open_answer else []
-            given = given if new else []  # a prefill streams; a continued answer's start did
+            given = continued(parser, self.messages[-1]) if open_answer else []  # shown if new
             processors, constraint = self._processors(turn, len(prompt))
         except Exception:
             self._undo(len(new))
@@ -411,12 +410,11 @@ class Chat:
             prompt_lookup=self.prompt_lookup,
             prompt_progress=self.prompt_progress,
         )
-        # stop_thinking needs the budget processor, and acts once `<think>` is written (during
-        # the prefill, Ctrl-C stops the turn).
+        # stop_thinking needs the budget processor, and acts once `<think>` is written
         can_stop = any(isinstance(p, ThinkBudget) for p in processors)
         try:
             for last in responses:
-                yield from given  # a prefill streams once the prompt is read, as an answer would
+                yield from given if new else ()  # a prefill streams once the prompt is read
                 given = []
                 if last.finish_reason is None and last.token is not None:
                     for event in parser.feed(last.token):
