@@ -148,9 +148,7 @@ def stream_generate(
         model, tokenizer, sampling, sampler, logits_processors, response_format, max_tokens
     )
     max_tokens = plan.max_tokens if max_tokens is None else max_tokens
-    if isinstance(prompt, str):
-        prompt = tokenizer.encode(prompt, allow_special=True)
-    ids = prompt.tolist() if isinstance(prompt, mx.array) else list(prompt)
+    ids = _prompt_ids(prompt, tokenizer)
     max_tokens = _fit_context(model, len(ids), max_tokens, kwargs.get("max_kv_size"), prompt_cache)
     mx.reset_peak_memory()
     start = time.perf_counter()
@@ -197,6 +195,13 @@ def stream_generate(
     if constraint is not None and finish == "stop" and constraint.complete:
         last.parsed = constraint.parse() if constraint.response_format else None
     yield last
+
+
+def _prompt_ids(prompt, tokenizer) -> list[int]:
+    """A prompt's ids: text encoded (control tokens allowed), ids as a list."""
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt, allow_special=True)
+    return prompt.tolist() if isinstance(prompt, mx.array) else list(prompt)
 
 
 @dataclass(frozen=True)
