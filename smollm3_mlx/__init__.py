@@ -31,7 +31,8 @@ _LAZY = {
     "Tokenizer": "tokenizer",
     "Chat": "chat",
     "ChatBusyError": "chat",
-    "ChatFileError": "chat",
+    "ChatFileError": "chat_file",
+    "NotTextWarning": "chat_file",
     "TurnStats": "events",
     "Event": "events",
     "ThinkingDelta": "events",
@@ -77,7 +78,10 @@ if TYPE_CHECKING:
     from .chat import (
         Chat as Chat,
         ChatBusyError as ChatBusyError,
+    )
+    from .chat_file import (
         ChatFileError as ChatFileError,
+        NotTextWarning as NotTextWarning,
     )
     from .checkpoint import (
         ModelLoadError as ModelLoadError,

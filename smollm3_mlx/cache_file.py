@@ -222,13 +222,22 @@ def file_fingerprint(meta: dict[str, str]) -> Fingerprint:
 def load_prompt_cache(
     path: str | Path, model: Model, *, expect: Fingerprint, recompute: bool = False
 ) -> PromptCache | None:
-    """The prompt cache saved in `path`, checked against `expect`.
+    """The prompt cache saved in `path`, checked against `expect` (see `open_prompt_cache`)."""
+    return open_prompt_cache(path, model, expect=expect, recompute=recompute)[0]
+
+
+def open_prompt_cache(
+    path: str | Path, model: Model, *, expect: Fingerprint, recompute: bool = False
+) -> tuple[PromptCache | None, dict[str, str]]:
+    """The prompt cache saved in `path`, checked against `expect`, and the file's metadata
+    (what the caller stored there too): the file is read once.
 
     Args:
         path: a file written by `save_prompt_cache`.
         model: the model to attach it to (`expect` should be its `fingerprint`).
         expect: what the cache must be valid for; `keep` None takes the file's.
-        recompute: on a mismatch return None (the caller prefills again) instead of raising.
+        recompute: on a mismatch give None for the cache (the caller prefills again) instead
+            of raising.
 
     Raises:
         PromptCacheMismatch: made for another model, tokenizer, template, dtype or KV settings.
@@ -243,7 +252,7 @@ def load_prompt_cache(
     kinds = expect.differences(found)
     if kinds:
         if recompute:
-            return None
+            return None, meta
         what = _what(kinds[0]) if kinds[0] != "kv" else _kv_difference(expect, found)
         raise PromptCacheMismatch(f"{path}: made for another {what}", kinds[0])
     try:
@@ -253,7 +262,7 @@ def load_prompt_cache(
         names = sorted(arrays)
         if parse_json(meta["crc32"]) != [_crc(arrays[n]) for n in names]:
             raise ValueError("checksum")
-        return PromptCache.restore(model, arrays, parse_json(meta["cache"]))
+        return PromptCache.restore(model, arrays, parse_json(meta["cache"])), meta
     except (RuntimeError, ValueError, LookupError, TypeError, AttributeError, ArithmeticError) as e:
         problem = "its data fail their checksum" if str(e) == "checksum" else str(e).split("\n")[0]
         raise PromptCacheError(f"{path}: corrupt prompt-cache file ({problem})") from None

@@ -7,18 +7,32 @@ prints: `send` yields ThinkingDelta, AnswerDelta, ToolCall and ToolCallError eve
 
 from __future__ import annotations
 
-import asyncio
-import json
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import mlx.core as mx
 
 from .cache import KVSettings, PromptCache, check_kv_quantization
+from .chat_file import (
+    SAVED_SETTINGS,
+    SavedChat,
+    TurnRequest,
+    assistant_message,
+    checked_text,
+    continued,
+    file_dict,
+    kind,
+    open_chat_cache,
+    read_chat_file,
+    save_chat_cache,
+    tool_turn,
+    user_turn,
+    write_chat_file,
+)
 from .constrain import (
     DEFAULT_ANSWER_RESERVE,
     DEFAULT_HANDOFF,
@@ -27,57 +41,28 @@ from .constrain import (
     ThinkBudget,
     ToolChoice,
     make_turn_processors,
-    tool_choice_mode,
 )
 from .events import (
-    AnswerDelta,
     Done,
     Error,
     Event,
     EventParser,
-    ThinkingDelta,
     ToolCall,
-    ToolCallDelta,
     ToolCallError,
     TurnStats,
-    split_thinking,
 )
-from .files import parse_json, write_atomic
 from .generate import GenerationResponse, stream_generate
+from .memory import out_of_memory
+from .off_loop import Either, off_loop
 from .sample import Sampling
 from .step import prefill_cache
-from .tokenizer import ASSISTANT_TAGS
-from .tools import Tool, as_text, run_tool, tool_schema, tool_schemas
+from .tools import Tool, run_tool, tool_schemas
 
 if TYPE_CHECKING:
     from .model import Model
     from .tokenizer import Tokenizer
 
-__all__ = [  # the events and Sampling stay importable from here, where they used to live
-    "AnswerDelta",
-    "Chat",
-    "ChatBusyError",
-    "ChatFileError",
-    "Done",
-    "Error",
-    "Event",
-    "Sampling",
-    "ThinkingDelta",
-    "ToolCall",
-    "ToolCallDelta",
-    "ToolCallError",
-    "TurnStats",
-    "split_thinking",
-    "tool_schema",
-]
-
-FILE_FORMAT, FILE_VERSION = "smollm3-mlx-chat", 1
-ROLES = ("system", "user", "assistant", "tool")
-MESSAGE_KEYS = {"role", "content", "interrupted"}  # all a saved message holds
-
-
-class ChatFileError(ValueError):
-    """A conversation file that cannot be loaded; one line naming the file and the problem."""
+__all__ = ["Chat", "ChatBusyError"]
 
 
 class ChatBusyError(RuntimeError):
@@ -217,7 +202,8 @@ class Chat:
     @system.setter
     def system(self, text: str | None) -> None:
         if text is not None and not isinstance(text, str):
-            raise TypeError(f"the system message must be a str or None, not {_kind(text)}")
+            raise TypeError(f"the system message must be a str or None, not {kind(text)}")
+        text = text and checked_text(text, "the system message")
         if self.system is not None:
             del self.messages[0]
         if text:
@@ -278,7 +264,6 @@ class Chat:
             continue_final_message=continue_final_message,
             enable_thinking=self.think,
             tools=self.tools,
-            assistant_tags=True,
         )
         assert isinstance(ids, list)
         return ids
@@ -309,7 +294,7 @@ class Chat:
             ConstraintError: a format or tool choice that cannot be enforced (before any token;
                 the history is left as it was).
         """
-        return self._turn(*_user_turn(text, prefill, response_format, think_budget, tool_choice))
+        return self._turn(*user_turn(text, prefill, response_format, think_budget, tool_choice))
 
     def continue_answer(self) -> Generator[Event, None, None]:
         """Continue the last assistant message (one cut off by max_tokens, or cancelled): stream
@@ -324,7 +309,7 @@ class Chat:
         self, *results: object, response_format: Any = None, tool_choice: ToolChoice | None = None
     ) -> Generator[Event, None, None]:
         """Add tool results (strings as they are, anything else as JSON) and continue the turn."""
-        return self._turn(*_tool_turn(results, response_format, tool_choice))
+        return self._turn(*tool_turn(results, response_format, tool_choice))
 
     def reply(self, text: str, **options: Any) -> str:
         """The answer to `text` as a plain string (thinking and tool calls left out); `options`
@@ -342,7 +327,7 @@ class Chat:
 
         Cancelling the task (or leaving the loop early) stops generation within one step.
         """
-        async for event in self._off_loop(*_user_turn(text, **options)):
+        async for event in self._off_loop(*user_turn(text, **options)):
             yield event
 
     async def acontinue_answer(self) -> AsyncIterator[Event]:
@@ -352,49 +337,27 @@ class Chat:
 
     async def asend_tool_result(self, *results: object, **options: Any) -> AsyncIterator[Event]:
         """`send_tool_result` off the event loop."""
-        async for event in self._off_loop(*_tool_turn(results, **options)):
+        async for event in self._off_loop(*tool_turn(results, **options)):
             yield event
 
-    def _continue_turn(self) -> tuple[list[dict[str, Any]], _Turn]:
+    def _continue_turn(self) -> tuple[list[dict[str, Any]], TurnRequest]:
         if not self.messages or self.messages[-1]["role"] != "assistant":
             raise ValueError("nothing to continue: the last message is not the assistant's")
-        return [], _Turn(open_answer=True)
+        return [], TurnRequest(open_answer=True)
 
-    async def _off_loop(self, new: list[dict[str, Any]], turn: _Turn) -> AsyncIterator[Event]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Event | _End] = asyncio.Queue()
-        stop = threading.Event()
-
-        def pump() -> None:
-            end = _End()
-            try:
-                for event in self._turn(new, turn, stop):
-                    loop.call_soon_threadsafe(queue.put_nowait, event)
-            except BaseException as e:  # handed to the awaiting task
-                end = _End(e)
-            mx.clear_streams()  # MLX asks threads to free their streams before they end
-            loop.call_soon_threadsafe(queue.put_nowait, end)
-
+    def _off_loop(self, new: list[dict[str, Any]], turn: TurnRequest) -> AsyncIterator[Event]:
         # A thread per turn, ended with it: MLX gives each thread its own streams, which a thread
         # must clear before it ends, or the process may abort at exit.
-        worker = threading.Thread(target=pump, name="smollm3-chat", daemon=True)
-        worker.start()
-        item: Event | _End | None = None
-        try:
-            while not isinstance(item := await queue.get(), _End):
-                yield item
-            if item.error is not None:
-                raise item.error
-        finally:
-            stop.set()  # no-op once the turn is over
-            while not isinstance(item, _End):  # let the turn end and record itself
-                item = await queue.get()
-            worker.join()
+        return off_loop(
+            lambda stop: self._turn(new, turn, stop),
+            name="smollm3-chat",
+            before_exit=mx.clear_streams,
+        )
 
     def _turn(
         self,
         new: list[dict[str, Any]],
-        turn: _Turn,
+        turn: TurnRequest,
         stop: threading.Event | None = None,
     ) -> Generator[Event, None, None]:
         with self._turn_lock():
@@ -405,30 +368,35 @@ class Chat:
             finally:
                 self.thinking = False
 
-    def _turn_lock(self) -> _Held:
+    @contextmanager
+    def _turn_lock(self) -> Iterator[None]:
         if not self._busy.acquire(blocking=False):
             raise ChatBusyError(
                 "this Chat is generating a turn already (in another thread, or a stream not "
                 "finished); use one Chat per thread, or finish or close the stream first"
             )
-        return _Held(self._busy)
+        try:
+            yield
+        finally:
+            self._busy.release()
 
     def _generate(
-        self, new: list[dict[str, Any]], turn: _Turn, stop: threading.Event
+        self, new: list[dict[str, Any]], turn: TurnRequest, stop: threading.Event
     ) -> Iterator[Event]:
         """One turn; with turn.open_answer, the final message is an answer to continue."""
         open_answer = turn.open_answer
         self.messages += new
         try:
             prompt = self.render(continue_final_message=open_answer)
-            parser, given = self._answer_parser(prompt, open_answer, bool(new))
+            parser = EventParser(self.tokenizer, prompt)  # its ids say where an open answer is
+            given = continued(parser, self.messages[-1]) if open_answer else []  # shown if new
             processors, constraint = self._processors(turn, len(prompt))
         except Exception:
             self._undo(len(new))
             raise
         if self.prompt_cache is None:
             self.prompt_cache = self._new_cache(prompt)
-        generated: list[int] = []  # the end-of-turn id left out
+        errors: list[ToolCallError] = []  # calls the model wrote that are not calls
         last, failed = None, None
         start = time.perf_counter()
         responses = stream_generate(
@@ -438,27 +406,27 @@ class Chat:
             sampling=self.sampling,
             prompt_cache=self.prompt_cache,
             logits_processors=processors,
-            cancel=_Either(stop, self._cancel),
+            cancel=Either(stop, self._cancel),
             prompt_lookup=self.prompt_lookup,
             prompt_progress=self.prompt_progress,
         )
-        # stop_thinking needs the budget processor, and acts once `<think>` is written (during
-        # the prefill, Ctrl-C stops the turn).
+        # stop_thinking needs the budget processor, and acts once `<think>` is written
         can_stop = any(isinstance(p, ThinkBudget) for p in processors)
         try:
             for last in responses:
-                yield from given  # a prefill streams once the prompt is read, as an answer would
+                yield from given if new else ()  # a prefill streams once the prompt is read
                 given = []
                 if last.finish_reason is None and last.token is not None:
-                    generated.append(last.token)
-                    yield from parser.feed(last.token, last.text)
+                    for event in parser.feed(last.token, last.text):
+                        errors += [event] if isinstance(event, ToolCallError) else []
+                        yield event
                     self.thinking = can_stop and parser.state.thinking
         except GeneratorExit:  # the caller closed the stream: a cancel too
-            self._record(len(new), generated, "cancelled", open_answer)
+            self._record(len(new), parser, errors, "cancelled", open_answer)
             raise
         except BaseException as e:  # an error: the history is left as before the turn
             self._undo(len(new))
-            if not _out_of_memory(e):
+            if not out_of_memory(e):
                 raise
             failed = e
         finally:
@@ -474,8 +442,9 @@ class Chat:
             )
             return
         assert last is not None and last.finish_reason is not None
-        self._record(len(new), generated, last.finish_reason, open_answer)
-        yield from parser.flush(last.text)
+        yield from self._record(
+            len(new), parser, errors, last.finish_reason, open_answer, last.text
+        )
         self.last = self._stats(last, parser, time.perf_counter() - start)
         parsed = None
         if constraint is not None and last.finish_reason == "stop" and not parser.calls:
@@ -486,7 +455,7 @@ class Chat:
         yield parser.done(self.last, last.finish_reason, parsed)
 
     def _processors(
-        self, turn: _Turn, prompt_tokens: int
+        self, turn: TurnRequest, prompt_tokens: int
     ) -> tuple[list[Any], AnswerConstraint | None]:
         """The turn's logits processors: sampling's, the thinking budget (room kept for an
         answer with a shape), the answer constraint, or the ban on calls."""
@@ -545,41 +514,40 @@ class Chat:
             OSError: the file could not be written (a full disk, whatever MLX's writer raised).
             ValueError: nothing to save yet (no system message, no messages).
         """
-        from .cache_file import fingerprint, save_prompt_cache
-
         if self.prompt_cache is None:
             self.prefill()
         with self._turn_lock():
-            pc = self.prompt_cache
-            assert pc is not None
-            fp = fingerprint(self.model, self.tokenizer, kv=pc.kv, window=pc.window, keep=pc.keep)
-            conversation = {"messages": self.messages, "think": self.think, "tools": self.tools}
-            return save_prompt_cache(path, pc, fp, extra={"chat": json.dumps(conversation)})
+            assert self.prompt_cache is not None
+            return save_chat_cache(
+                path,
+                self.model,
+                self.tokenizer,
+                self.prompt_cache,
+                messages=self.messages,
+                think=self.think,
+                tools=self.tools,
+            )
 
     def _open_prompt_cache(self, path: str | Path, mismatch: str, *, keep_system: bool) -> None:
-        from .cache_file import PromptCacheError, fingerprint, load_prompt_cache, read_metadata
-
         if mismatch not in ("error", "recompute"):
             raise ValueError(
                 f"prompt_cache_mismatch must be 'error' or 'recompute', not {mismatch!r}"
             )
-        expect = fingerprint(self.model, self.tokenizer, kv=self.kv, window=self.max_context)
-        self.prompt_cache = load_prompt_cache(
-            path, self.model, expect=expect, recompute=mismatch == "recompute"
-        )  # None on a mismatch, where asked: the first turn prefills the conversation again
-        try:
-            saved = parse_json(read_metadata(path).get("chat", "{}"))
-        except ValueError as e:  # not JSON, or nested too deep for a conversation
-            raise PromptCacheError(f"{path}: corrupt conversation metadata ({e})") from None
-        if not isinstance(saved, dict):
-            raise PromptCacheError(f"{path}: corrupt conversation metadata (not a JSON object)")
-        messages, think = saved.get("messages", []), saved.get("think")
+        self.prompt_cache, saved = open_chat_cache(
+            path,
+            self.model,
+            self.tokenizer,
+            kv=self.kv,
+            window=self.max_context,
+            recompute=mismatch == "recompute",
+            tool_choice=self.tool_choice,
+        )
         if keep_system:  # the given system message wins; the cache still serves what matches
             return
-        self.messages = list(messages)
-        self.think = self.think if think is None else bool(think)
-        if saved.get("tools") is not None and self.tools is None:
-            self.tools = saved["tools"]
+        self.messages = saved.messages
+        self.think = self.think if saved.think is None else saved.think
+        if saved.tools is not None and self.tools is None:
+            self.tools = saved.tools
 
     @staticmethod
     def _stats(r: GenerationResponse, parser: EventParser, seconds: float) -> TurnStats:
@@ -601,52 +569,45 @@ class Chat:
             answer_tokens=parser.answer_tokens,
         )
 
-    def _answer_parser(
-        self, prompt: list[int], open_answer: bool, shown: bool
-    ) -> tuple[EventParser, list[Event]]:
-        """The parser of the turn's answer, and the events of the part of it given, not
-        generated: a prefill is streamed (`shown`), a continued answer's start was already."""
-        if not open_answer:
-            return EventParser(self.tokenizer, prompt), []
-        *before, answer = self.messages
-        parser = EventParser(self.tokenizer, self._render(before, add_generation_prompt=True))
-        ids = self.tokenizer.encode(answer["content"], allow_special=ASSISTANT_TAGS)
-        events = [event for i in ids for event in parser.feed(i)]
-        return parser, events if shown else []
-
     def _undo(self, n_new: int) -> None:
         if n_new:
             del self.messages[-n_new:]
 
-    def _record(self, n_new: int, generated: list[int], finish: str, open_answer: bool) -> None:
-        """Add the assistant message, or grow the open one (marked if interrupted); or drop a
-        cancelled turn."""
+    def _record(
+        self,
+        n_new: int,
+        parser: EventParser,
+        errors: list[ToolCallError],
+        finish: str,
+        open_answer: bool,
+        text: str = "",
+    ) -> list[Event]:
+        """Add the assistant message (or replace the open one by its whole), marked if
+        interrupted; or drop a cancelled turn. Returns the events the parser still held.
+
+        The message keeps the turn's structure as the ids had it: the thinking, the answer and
+        the calls the model wrote with its tag tokens. A call that did not parse is kept in
+        the answer as the text it is. `text`: what generation released last."""
+        tail = parser.flush(text)
         if finish == "cancelled" and self.on_cancel == "drop":
             self._undo(n_new)
-            return
-        message: dict[str, Any] = self.messages.pop() if open_answer else {"role": "assistant"}
-        body = message.get("content", "") + self.tokenizer.decode(generated)
-        thinking, answer = split_thinking(body)
-        message["content"] = answer if thinking and not self.keep_thinking else body
-        message.pop("interrupted", None)
+            return tail
+        before = self.messages.pop() if open_answer else {}
+        message = assistant_message(
+            parser,
+            errors,
+            [e for e in tail if isinstance(e, ToolCallError)],
+            keep_thinking=self.keep_thinking,
+            had_reasoning="reasoning_content" in before,
+        )
         if finish == "cancelled":
             message["interrupted"] = True
         self.messages.append(message)
+        return tail
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": FILE_FORMAT,
-            "version": FILE_VERSION,
-            "model": self.model_name,
-            "think": self.think,
-            "keep_thinking": self.keep_thinking,
-            "sampling": asdict(self.sampling),
-            "tools": self.tools,
-            "think_budget": self.think_budget,
-            "handoff": self.handoff,
-            "tool_choice": self.tool_choice,
-            "messages": self.messages,
-        }
+        """The conversation as `save` writes it (see chat_file.py for the format)."""
+        return file_dict(self)
 
     def save(self, path: str | Path) -> Path:
         """Write the conversation as JSON (messages, mode, model, sampling, tools, thinking
@@ -658,10 +619,7 @@ class Chat:
         Raises:
             OSError: the file could not be written.
         """
-        path = Path(path).expanduser()
-        data = (json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n").encode()
-        write_atomic(path, data)
-        return path
+        return write_chat_file(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path, model: Model, **options: Any) -> Chat:
@@ -674,119 +632,27 @@ class Chat:
         chat.restore(path)
         if options.get("tools") is not None:  # functions given now win over saved schemas
             chat.set_tools(options["tools"])
-        for key in _SAVED_SETTINGS.keys() & options.keys():  # and settings given now
+        for key in SAVED_SETTINGS.keys() & options.keys():  # and settings given now
             setattr(chat, key, options[key])
         return chat
 
-    def restore(self, path: str | Path) -> dict[str, Any]:
+    def restore(self, path: str | Path) -> SavedChat:
         """Replace the conversation, mode, sampling and the settings saved with them (thinking
         budget and hand-off, tool choice; a file that has none leaves the Chat's) with a saved
-        one; on error nothing changes.
+        one; on error nothing changes. Returns what the file holds (`model`: saved with).
 
         Raises:
-            ChatFileError: unreadable, not JSON, or not a conversation this program saved.
+            ChatFileError: unreadable, not JSON, or not a conversation this program saved
+                (chat_file.py: every field is checked as a turn will use it).
         """
-        path = Path(path).expanduser()
         with self._turn_lock():
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-                why = e.strerror if isinstance(e, OSError) and e.strerror else e
-                raise ChatFileError(f"{path}: cannot read a conversation ({why})") from None
-            try:
-                messages, think, keep_thinking, sampling, tools = _validate(data)
-                settings = _validate_settings(data)
-            except ValueError as e:
-                raise ChatFileError(f"{path}: not a smollm3-mlx conversation ({e})") from None
-            self.messages, self.think, self.keep_thinking = messages, think, keep_thinking
-            self.sampling, self.tools, self.functions = sampling, tools, {}
-            for key, value in settings.items():
+            saved = read_chat_file(path, self.tokenizer, tool_choice=self.tool_choice)
+            self.messages, self.think = saved.messages, saved.think
+            self.keep_thinking, self.sampling = saved.keep_thinking, saved.sampling
+            self.tools, self.functions = saved.tools, {}
+            for key, value in saved.settings.items():
                 setattr(self, key, value)
-        return dict(data)
-
-
-def _user_turn(
-    text: str, prefill: str | None = None, response_format: Any = None,
-    think_budget: int | None = None, tool_choice: ToolChoice | None = None,
-) -> tuple[list[dict[str, Any]], _Turn]:  # fmt: skip
-    """The messages a `send` adds, and what it asks of its turn (`asend` takes the same)."""
-    new, open_answer = _prefilled(_user_message(text), prefill)
-    return new, _Turn(response_format, think_budget, tool_choice, open_answer)
-
-
-def _tool_turn(
-    results: tuple[object, ...], response_format: Any = None, tool_choice: ToolChoice | None = None
-) -> tuple[list[dict[str, Any]], _Turn]:
-    """The messages a `send_tool_result` adds, and its turn (`asend_tool_result` too)."""
-    return _tool_messages(results), _Turn(response_format, None, tool_choice)
-
-
-@dataclass(frozen=True)
-class _Turn:
-    """What `send` asks of one turn beyond the Chat's settings."""
-
-    response_format: Any = None
-    think_budget: int | None = None
-    tool_choice: ToolChoice | None = None
-    open_answer: bool = False  # the final message is an answer to continue (prefill, continue)
-
-
-class _Either:
-    """Set when either event is set: a turn's own stop, or `Chat.cancel`."""
-
-    def __init__(self, *events: threading.Event):
-        self.events = events
-
-    def is_set(self) -> bool:
-        return any(e.is_set() for e in self.events)
-
-
-@dataclass
-class _End:
-    error: BaseException | None = None
-
-
-class _Held:
-    """Releases a lock already acquired when the `with` block ends."""
-
-    def __init__(self, lock: threading.Lock):
-        self.lock = lock
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        self.lock.release()
-
-
-def _out_of_memory(e: BaseException) -> bool:
-    """An allocation failure: MemoryError, or MLX's RuntimeError ("[metal::malloc] Attempting to
-    allocate ...", "Insufficient Memory", "out of memory")."""
-    text = str(e).lower()
-    words = ("malloc", "allocate", "out of memory", "insufficient memory", "outofmemory")
-    return isinstance(e, MemoryError) or (
-        isinstance(e, RuntimeError) and any(w in text for w in words)
-    )
-
-
-def _prefilled(new: list[dict[str, Any]], prefill: str | None) -> tuple[list[dict[str, Any]], bool]:
-    """The turn's new messages, with the answer opened by `prefill` when one is given."""
-    if prefill is None:
-        return new, False
-    if not isinstance(prefill, str):
-        raise TypeError(f"prefill must be a str, not {_kind(prefill)}")
-    return [*new, {"role": "assistant", "content": prefill}], True
-
-
-def _user_message(text: str) -> list[dict[str, Any]]:
-    if not isinstance(text, str):  # anything else would be saved as a file no one can load
-        raise TypeError(f"the user's message must be a str, not {_kind(text)}")
-    return [{"role": "user", "content": text}]
-
-
-def _kind(value: object) -> str:
-    """A value's type and a glimpse of it, for an error message: "int (123)"."""
-    return f"{type(value).__name__} ({value!r:.40})"
+        return saved
 
 
 def _check_whole(name: str, value: object, low: int, optional: bool = False) -> None:
@@ -794,78 +660,3 @@ def _check_whole(name: str, value: object, low: int, optional: bool = False) -> 
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be a whole number >= {low}, not {value!r:.40}")
-
-
-def _tool_messages(results: tuple[object, ...]) -> list[dict[str, Any]]:
-    """Tool results as messages (strings as they are, anything else as JSON)."""
-    if not results:  # a turn adds at least one message: an error removes what it added
-        raise ValueError("send_tool_result needs at least one result")
-    return [{"role": "tool", "content": as_text(r)} for r in results]
-
-
-def _validate(
-    data: Any,
-) -> tuple[list[dict[str, Any]], bool, bool, Sampling, list[dict[str, Any]] | None]:
-    """(messages, think, keep_thinking, sampling, tools) of a saved conversation, or a ValueError
-    naming the first field that is missing or wrong."""
-
-    def need(ok: bool, problem: str) -> None:
-        if not ok:
-            raise ValueError(problem)
-
-    need(isinstance(data, dict), "not a JSON object")
-    need(data.get("format") == FILE_FORMAT, f'no "format": {FILE_FORMAT!r}')
-    version = data.get("version")
-    need(type(version) is int and version == FILE_VERSION, f"version {version!r:.20}, not 1")
-    need(isinstance(data.get("model"), str), "'model' is missing or not a string")
-    for key in ("think", "keep_thinking"):
-        need(isinstance(data.get(key), bool), f"{key!r} is missing or not true or false")
-    messages, sampling, tools = data.get("messages"), data.get("sampling"), data.get("tools")
-    need(isinstance(messages, list), "'messages' is missing or not a list")
-    for i, m in enumerate(messages):
-        need(isinstance(m, dict), f"message {i} is not an object")
-        need(m.get("role") in ROLES, f"message {i} has no known role")
-        need(isinstance(m.get("content"), str), f"message {i} has no text content")
-        need(type(m.get("interrupted", False)) is bool, f"message {i}: 'interrupted' is not bool")
-        extra = sorted(set(m) - MESSAGE_KEYS)
-        need(not extra, f"message {i} has an unknown field {extra[0]!r:.30}" if extra else "")
-    need(isinstance(sampling, dict), "'sampling' is missing or not an object")
-    unknown = sorted(set(sampling) - {f.name for f in fields(Sampling)})
-    need(not unknown, f"unknown sampling field {unknown[0]!r:.30}" if unknown else "")
-    try:
-        sampling = Sampling(**sampling)  # its own checks: NaN, a negative temperature, top_p 7...
-    except ValueError as e:
-        raise ValueError(f"sampling: {e}") from None
-    need(tools is None or isinstance(tools, list), "'tools' is not a list")
-    for i, t in enumerate(tools or ()):
-        need(isinstance(t, dict) and isinstance(t.get("name"), str), f"tool {i} has no name")
-    return [dict(m) for m in messages], data["think"], data["keep_thinking"], sampling, tools
-
-
-def _is_tool_choice(value: Any) -> bool:
-    try:
-        tool_choice_mode(value)
-    except ConstraintError:
-        return False
-    return True
-
-
-_SAVED_SETTINGS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "think_budget": (
-        lambda v: v is None or (type(v) is int and v >= 0),
-        "a whole number >= 0 or null",
-    ),
-    "handoff": (lambda v: isinstance(v, str), "a string"),
-    "tool_choice": (_is_tool_choice, 'a string or {"type": "function", "function": {"name": ...}}'),
-}
-
-
-def _validate_settings(data: dict[str, Any]) -> dict[str, Any]:
-    """The saved Chat settings a file holds (files from before them hold none), or a
-    ValueError naming the first that is wrong."""
-    settings = {k: data[k] for k in _SAVED_SETTINGS if k in data}
-    for key, value in settings.items():
-        ok, meaning = _SAVED_SETTINGS[key]
-        if not ok(value):
-            raise ValueError(f"{key!r} must be {meaning}, not {value!r:.40}")
-    return settings

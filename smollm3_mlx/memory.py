@@ -26,7 +26,7 @@ import mlx.core as mx
 
 from .cache import KVCache
 from .model import ModelArgs
-from .step import DEFAULT_PREFILL_STEP
+from .step import prefill_step_for
 
 GB = 1e9
 KV_STEP = KVCache.step  # the cache grows by whole steps
@@ -199,16 +199,19 @@ def estimate(
     kv_bits: int | None = None,
     kv_group_size: int = 64,
     kv_start: int = 0,
-    prefill_step: int = DEFAULT_PREFILL_STEP,
+    prefill_step: int | None = None,
     dtype: mx.Dtype = mx.bfloat16,
     device: str | None = None,
     batch: int = 1,
 ) -> MemoryEstimate:
     """The memory a session of `args` with `weights` bytes needs at `context` tokens, for
-    `batch` rows decoded together (each up to `context`)."""
+    `batch` rows decoded together (each up to `context`), its prompts read in chunks of
+    `prefill_step` tokens (default: the chunk generation uses on `device`,
+    `step.prefill_step_for`: a few tokens of the 3B on the CPU)."""
     if batch < 1:
         raise ValueError(f"batch must be at least 1, not {batch}")
     device = device or ("gpu" if _on_gpu() else "cpu")
+    prefill_step = prefill_step or prefill_step_for(args, gpu=device == "gpu")
     itemsize = dtype.size
     bits = kv_bits if kv_bits and context > kv_start else None  # dense until kv_start tokens
     layer = kv_capacity(context, prefill_step) * kv_bytes_per_token(
@@ -257,7 +260,7 @@ def estimate_memory(
     kv_bits: int | None = None,
     kv_group_size: int = 64,
     kv_start: int = 0,
-    prefill_step: int = DEFAULT_PREFILL_STEP,
+    prefill_step: int | None = None,
     dtype: str | mx.Dtype | None = "auto",
     bits: int | None = None,
     device: str | None = None,
@@ -269,7 +272,7 @@ def estimate_memory(
         path: a model folder (config.json and safetensors weights).
         max_context: the context the session may reach; default: what `load` allows.
         kv_bits, kv_group_size, kv_start: KV cache quantization, as for `Chat`.
-        prefill_step: tokens per prefill chunk.
+        prefill_step: tokens per prefill chunk (default: what generation uses on `device`).
         dtype: the compute dtype, as for `load` ("auto": float32 on the CPU, else as stored).
         bits: for a folder with a config but no weights (the reference folder): estimate the
             weights `smollm3-mlx convert --bits` would write (None: the bfloat16 checkpoint).
@@ -355,6 +358,16 @@ def check_memory(est: MemoryEstimate, available: tuple[int, str] | None = None) 
         f"this session needs about {est.total / GB:.1f} GB ({parts}) but {budget / GB:.1f} GB "
         f"is available ({source}); try {cheapest_fix(est, budget)}, "
         "or override with --no-memory-check (check_memory=False)"
+    )
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """An allocation failure: MemoryError, or MLX's RuntimeError ("[metal::malloc] Attempting to
+    allocate ...", "Insufficient Memory", "out of memory")."""
+    text = str(e).lower()
+    words = ("malloc", "allocate", "out of memory", "insufficient memory", "outofmemory")
+    return isinstance(e, MemoryError) or (
+        isinstance(e, RuntimeError) and any(w in text for w in words)
     )
 
 

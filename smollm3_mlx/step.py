@@ -11,7 +11,7 @@ from typing import Any
 import mlx.core as mx
 
 from .cache import PromptCache
-from .model import Model
+from .model import Model, ModelArgs
 from .sample import DEFAULT_MAX_TOKENS, LogitsProcessor, Sampler, greedy
 
 DEFAULT_PREFILL_STEP = 512
@@ -70,11 +70,19 @@ class Decoder:
 
 
 def default_prefill_step(model) -> int:
-    """Prompt tokens per forward chunk: 512 on a GPU; on the CPU, what makes a chunk short
-    (512 for a model that is not ours, e.g. a wrapper: its size is unknown)."""
-    if mx.default_device().type == mx.gpu or not isinstance(model, Model):
+    """Prompt tokens per forward chunk on this device (`prefill_step_for`; 512 for a model that
+    is not ours, e.g. a wrapper: its size is unknown)."""
+    if not isinstance(model, Model):
         return DEFAULT_PREFILL_STEP
-    a = model.args
+    return prefill_step_for(model.args, gpu=mx.default_device().type == mx.gpu)
+
+
+def prefill_step_for(args: ModelArgs, *, gpu: bool) -> int:
+    """Prompt tokens per forward chunk for a model of `args`: 512 on a GPU; on the CPU, what
+    makes a chunk short (the memory estimate counts the same chunk)."""
+    if gpu:
+        return DEFAULT_PREFILL_STEP
+    a = args
     params = a.num_hidden_layers * (4 * a.hidden_size**2 + 3 * a.hidden_size * a.intermediate_size)
     return max(1, min(DEFAULT_PREFILL_STEP, int(CPU_PREFILL_WORK / params)))
 

@@ -25,11 +25,82 @@ from .template import (
 )
 from .turn import THINK_END, THINK_START, TOOL_CALL_END, TOOL_CALL_START
 
-# Tags the model itself writes; `assistant_tags=True` keeps them as control ids in assistant turns.
-ASSISTANT_TAGS = frozenset({THINK_START, THINK_END, TOOL_CALL_START, TOOL_CALL_END})
+CALL_START, CALL_END = TOOL_CALL_START, TOOL_CALL_END  # (turn.py spells the tags once)
+# Tags the model itself writes: a prefill names them as text (`Chat.send(prefill="<think>...")`);
+# in a rendered chat they come from an assistant message's structure (`assistant_text`) only.
+ASSISTANT_TAGS = frozenset({THINK_START, THINK_END, CALL_START, CALL_END})
+# An assistant message's structure beside its "content" (the answer), as Chat and the server keep it
+STRUCTURE_KEYS = ("reasoning_content", "reasoning_open", "tool_calls")
+STRUCTURE_KEYS_SET = frozenset(STRUCTURE_KEYS)
 _REPLACEMENT_CHAR = "\ufffd"
 # A held-back tail this long is invalid bytes, not a split character (one is at most 4 bytes).
 _MAX_HELD_TOKENS = 8
+
+
+def valid_text(text: str) -> str:
+    """`text` with what is not text replaced by U+FFFD: the rule at every text boundary.
+
+    A Python str can hold lone surrogates, which no UTF-8 encoding has: bytes that were not UTF-8
+    where Python escaped them (argv, `surrogateescape`), or half a pair (`"\\ud800"` in JSON).
+    Escaped bytes are decoded as UTF-8 with replacement; any other lone surrogate is one U+FFFD.
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a surrogate that is no escaped byte: UTF-16 joins true pairs
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+def check_assistant(message: dict[str, Any]) -> None:
+    """A ValueError (one line) unless an assistant message's structure is what `assistant_text`
+    takes: `content` (the answer) a string; `reasoning_content` a string; `reasoning_open` true
+    only when the answer has not begun; `tool_calls` a list of {"name": str, "arguments": {...}}."""
+    content, reasoning = message.get("content", ""), message.get("reasoning_content")
+    if not isinstance(content, str):
+        raise ValueError("its content is not text")
+    if reasoning is not None and not isinstance(reasoning, str):
+        raise ValueError("its reasoning_content is not text")
+    is_open = message.get("reasoning_open", False)
+    if type(is_open) is not bool or (is_open and (reasoning is None or content)):
+        raise ValueError("reasoning_open is true or false, true only with reasoning and no answer")
+    calls = message.get("tool_calls")
+    if calls is not None and not isinstance(calls, list):
+        raise ValueError("its tool_calls are not a list")
+    for j, call in enumerate(calls or ()):
+        if not (isinstance(call, dict) and set(call) == {"name", "arguments"}):
+            raise ValueError(f'tool call {j} is not {{"name": ..., "arguments": {{...}}}}')
+        if not isinstance(call["name"], str) or not isinstance(call["arguments"], dict):
+            raise ValueError(f"tool call {j} has no name or its arguments are not an object")
+    if is_open and calls:
+        raise ValueError("reasoning_open with tool calls")
+
+
+def assistant_text(message: dict[str, Any], tags: dict[str, str] | None = None) -> str:
+    """An assistant message as the model writes it, built from its structure: `<think>`, the
+    reasoning, `</think>` (left out while `reasoning_open`), the answer, then each tool call as
+    `<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>` on a line of its own.
+
+    Args:
+        message: see `check_assistant`; the texts keep their whitespace as written.
+        tags: the spelling of each tag (`apply_chat_template` puts a private character there).
+    """
+    tag = (tags or {}).get
+    text, reasoning = "", message.get("reasoning_content")
+    if reasoning is not None:
+        text = tag(THINK_START, THINK_START) + reasoning
+        text += "" if message.get("reasoning_open") else tag(THINK_END, THINK_END)
+    text += message.get("content") or ""
+    for call in message.get("tool_calls") or ():
+        body = json.dumps(
+            {"name": call["name"], "arguments": call["arguments"]}, ensure_ascii=False
+        )
+        newline = "\n" if text and not text.endswith("\n") else ""
+        text += f"{newline}{tag(CALL_START, CALL_START)}\n{body}\n{tag(CALL_END, CALL_END)}"
+    return text
 
 
 def _token_text(token: Any) -> str | None:
@@ -128,7 +199,14 @@ class Tokenizer:
             allow_special: If True, added-token text like `<|im_end|>` or `<think>` becomes its
                 control id; if False (the default) every added token, special or not, is plain
                 text; a collection of added tokens (ASSISTANT_TAGS): only those.
+
+        Raises:
+            TypeError: `text` is not a str. What in a str is not text (lone surrogates) is
+                encoded as U+FFFD (`valid_text`).
         """
+        if not isinstance(text, str):
+            raise TypeError(f"the text to encode must be a str, not {type(text).__name__}")
+        text = valid_text(text)
         if not isinstance(allow_special, bool):
             allowed = frozenset(allow_special)
             ids: list[int] = []
@@ -171,23 +249,25 @@ class Tokenizer:
         xml_tools: list[dict] | None = None,
         python_tools: list[dict] | None = None,
         continue_final_message: bool = False,
-        assistant_tags: bool = False,
         **kwargs: Any,
     ) -> str | list[int]:
         """Render the chat template as transformers' `apply_chat_template` does.
 
         With tokenize=True, control ids come only from the template's own literals (and the
-        special tokens of tokenizer_config.json): every string in messages, tools or kwargs is
-        plain text, even where the template cuts, strips or joins it into a control string
-        (`<|im_/thinkend|>` in a system message, whose `/think` the template deletes). So past
-        assistant turns holding `<think>...</think>` re-tokenize with the tags as text, unless
-        `assistant_tags` says otherwise. The rendered string (tokenize=False) cannot show that
-        difference: feed the model the ids.
+        special tokens of tokenizer_config.json) and from the structure of assistant messages:
+        every string in messages, tools or kwargs is plain text, even where the template cuts,
+        strips or joins it into a control string (`<|im_/thinkend|>` in a system message, whose
+        `/think` the template deletes), and even `<think>` or `</tool_call>` in an assistant's
+        answer, reasoning or tool-call arguments. The rendered string (tokenize=False) cannot show
+        that difference: feed the model the ids.
 
         The date comes from `self.now` (set it, or pass `now=` to `from_folder`, to freeze it).
 
         Args:
             messages: Chat messages, dicts with "role" and "content"; keys set to None are dropped.
+                An assistant message may keep its turn's structure apart: `reasoning_content`,
+                `reasoning_open`, `tool_calls` (see `assistant_text`, which writes its text and
+                the only tags of the conversation that are control ids).
             add_generation_prompt: Append the assistant header (plus an empty think block in
                 /no_think mode). Default: True, unless continue_final_message.
             tokenize: Return token ids instead of the rendered string.
@@ -197,15 +277,13 @@ class Tokenizer:
             python_tools: Tools called from `<code>` blocks.
             continue_final_message: Leave the final message open, to be continued (assistant
                 prefill): the rendering ends where its content does, as in transformers.
-            assistant_tags: With tokenize=True, let the tags the model writes itself (`<think>`,
-                `</think>`, `<tool_call>`, `</tool_call>`) in assistant content through as control
-                ids, so that a past answer re-tokenizes as it was generated (prompt-cache reuse).
             **kwargs: Further variables of the template; any other name is a TypeError.
 
         Raises:
             TypeError: a keyword that is neither an option here nor a variable of the template.
             ValueError: continue_final_message with add_generation_prompt=True, or without a
-                final message whose text the template keeps.
+                final message whose text the template keeps; an assistant message whose
+                structure is malformed (`check_assistant`).
         """
         compiled = self._compiled()
         unknown = sorted(set(kwargs) - compiled.variables)
@@ -229,7 +307,7 @@ class Tokenizer:
                 **kwargs,
             )
         )
-        final = _tag_final_message(inputs["messages"]) if continue_final_message else None
+        structured = _checked_structure(inputs.pop("messages"))
         inputs.update(
             add_generation_prompt=not continue_final_message
             if add_generation_prompt is None
@@ -238,43 +316,42 @@ class Tokenizer:
         )
         now = self.now()  # one date for both renderings of a tokenized chat
         inputs["strftime_now"] = lambda fmt: now.strftime(fmt)
-        text = compiled.render({**self._special_vars, **inputs})
+        messages, final = _as_template_messages(structured, {}, continue_final_message)
+        text = compiled.render({**self._special_vars, **inputs, "messages": messages})
         if final is not None:
             text = cut_at_continue_tag(text, final)
         if not tokenize:
             return text
-        return self._template_ids(compiled, inputs, text, assistant_tags, final is not None)
+        return self._template_ids(compiled, inputs, structured, text, continue_final_message)
 
     def _template_ids(
-        self, compiled: CompiledTemplate, inputs: dict, text: str, assistant_tags: bool, cut: bool
+        self,
+        compiled: CompiledTemplate,
+        inputs: dict,
+        structured: list[dict[str, Any]],
+        text: str,
+        cut: bool,
     ) -> list[int]:
-        """Token ids of `text`, rendered from `inputs`, with control ids only where the template
-        (or its special-token variables) wrote them.
+        """Token ids of `text`, rendered from `inputs` and `structured` messages, with control
+        ids only where the template (or its special-token variables) wrote them, or
+        `assistant_text` wrote a tag from an assistant message's structure.
 
         The template renders again with a private character in place of each control token it
-        writes; since that render must restore to `text`, every other character of `text` is
-        known to be input or template text, and is encoded as plain text.
+        writes and each structural tag; since that render must restore to `text`, every other
+        character of `text` is known to be input or template text, and is encoded as plain text.
         """
         wanted = [*compiled.controls]
         for value in self._special_vars.values():
             wanted += self._added_re.findall(value)
-        wanted += sorted(ASSISTANT_TAGS) if assistant_tags else []
+        wanted += [t for t in (THINK_START, THINK_END, CALL_START, CALL_END) if t in self._added]
         wanted = list(dict.fromkeys(wanted))
         chars = free_characters(text + compiled.source, len(wanted))
         private = dict(zip(wanted, chars, strict=True))
-
-        def hide(s: str, only: frozenset[str] | None = None) -> str:
-            return self._added_re.sub(
-                lambda m: private[m[0]] if only is None or m[0] in only else m[0], s
-            )
-
-        specials = {k: hide(v) for k, v in self._special_vars.items()}
-        if assistant_tags:
-            inputs = {**inputs, "messages": [dict(m) for m in inputs["messages"]]}
-            for m in inputs["messages"]:
-                if m.get("role") == "assistant" and isinstance(m.get("content"), str):
-                    m["content"] = hide(m["content"], ASSISTANT_TAGS)
-        shadow = compiled.render({**specials, **inputs}, private)
+        specials = {
+            k: self._added_re.sub(lambda m: private[m[0]], v) for k, v in self._special_vars.items()
+        }
+        messages, _ = _as_template_messages(structured, private, cut)
+        shadow = compiled.render({**specials, **inputs, "messages": messages}, private)
         if cut:
             shadow = cut_at_continue_tag(shadow)
         restore = {ord(c): s for s, c in private.items()}
@@ -298,6 +375,33 @@ class Tokenizer:
         if self._template is None or self._template.source != source:
             self._template = compile_template(source, self._added_re)
         return self._template
+
+
+def _checked_structure(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`messages`, once every assistant message's structure is checked (`check_assistant`)."""
+    for i, m in enumerate(messages):
+        if m.get("role") == "assistant" and STRUCTURE_KEYS_SET & m.keys():
+            try:
+                check_assistant(m)
+            except ValueError as e:
+                raise ValueError(f"message {i}: {e}") from None
+    return messages
+
+
+def _as_template_messages(
+    structured: list[dict[str, Any]], tags: dict[str, str], continue_final: bool
+) -> tuple[list[dict[str, Any]], str | None]:
+    """The messages the template reads: each structured assistant message's text written by
+    `assistant_text` with these tag spellings; with `continue_final`, the final message tagged
+    for `cut_at_continue_tag` (its content as given is returned)."""
+    messages = []
+    for m in structured:
+        if m.get("role") == "assistant" and STRUCTURE_KEYS_SET & m.keys():
+            rest = {k: v for k, v in m.items() if k not in STRUCTURE_KEYS_SET}
+            m = {**rest, "content": assistant_text(m, tags)}
+        messages.append(dict(m))
+    final = _tag_final_message(messages) if continue_final else None
+    return messages, final
 
 
 def _tag_final_message(messages: list[dict[str, Any]]) -> str:

@@ -401,7 +401,8 @@ def test_public_api_and_examples_pass_mypy_strict():
     r = subprocess.run(
         [sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent", "--no-incremental",
          "smollm3_mlx/__init__.py",
-         "smollm3_mlx/chat.py", *map(str, sorted((REPO_ROOT / "examples").glob("*.py")))],
+         "smollm3_mlx/chat.py", "smollm3_mlx/chat_file.py",
+         *map(str, sorted((REPO_ROOT / "examples").glob("*.py")))],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

@@ -9,19 +9,22 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from checkpoints import REFERENCE_MODEL_DIR, requires_reference
-from trained_model import QUESTIONS, TOOL_RESULT, TOOLS, answer, reply, trained_checkpoint
+from trained_model import (
+    QUESTIONS,
+    TOOL_RESULT,
+    TOOLS,
+    answer,
+    assistant,
+    reply,
+    trained_checkpoint,
+)
 
 from smollm3_mlx import step
-from smollm3_mlx.chat import (
-    AnswerDelta,
-    Chat,
-    ChatFileError,
-    Done,
-    Sampling,
-    ThinkingDelta,
-    ToolCall,
-)
+from smollm3_mlx.chat import Chat
+from smollm3_mlx.chat_file import ChatFileError
+from smollm3_mlx.events import AnswerDelta, Done, ThinkingDelta, ToolCall
 from smollm3_mlx.loading import load
+from smollm3_mlx.sample import Sampling
 from smollm3_mlx.step import generate_step
 from smollm3_mlx.tokenizer import Tokenizer
 
@@ -61,7 +64,7 @@ def _tool():
 
 
 def _assistant(key, think):
-    return {"role": "assistant", "content": reply(key, think)}
+    return assistant(key, think)
 
 
 SCRIPTS = [
@@ -97,7 +100,7 @@ def test_greedy_decoding_reproduces_the_scripted_transcripts(loaded, script, day
     tokenizer = Tokenizer.from_folder(REFERENCE_MODEL_DIR, now=lambda: day or datetime.now())
     _, messages, key, think, tools = script
     prompt = tokenizer.apply_chat_template(
-        messages, tokenize=True, enable_thinking=think, tools=tools, assistant_tags=True
+        messages, tokenize=True, enable_thinking=think, tools=tools
     )
     want = tokenizer.encode(reply(key, think), allow_special=True) + [tokenizer.im_end_id]
     got = [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=len(want))]
@@ -119,7 +122,7 @@ def test_think_turn_streams_thinking_apart_from_the_answer(loaded):
     assert streamed.strip() == done.answer == "2 + 2 = 4."
     assert "<think>" not in thinking + streamed and "</think>" not in thinking + streamed
     assert done.finish_reason == "stop"
-    assert chat.messages[-1] == {"role": "assistant", "content": reply("math", True)}
+    assert chat.messages[-1] == assistant("math", True)
     s = done.stats
     assert s.thinking_tokens > 5 and s.generation_tokens > s.thinking_tokens
     assert s.prefill_tokens == s.prompt_tokens and s.cached_tokens == 0
@@ -138,7 +141,7 @@ def test_second_turn_prefills_only_the_new_tokens(loaded):
     held = chat.cached_tokens  # first prompt + generated ids, end of turn included
     _, _, done = turn(chat, QUESTIONS["hi"])
     history = chat.messages[:-1]
-    prompt = chat.tokenizer.apply_chat_template(history, tokenize=True, assistant_tags=True)
+    prompt = chat.tokenizer.apply_chat_template(history, tokenize=True)
     assert done.stats.cached_tokens == held
     assert done.stats.prefill_tokens == len(prompt) - held
     assert done.stats.prefill_tokens < 20
@@ -154,7 +157,7 @@ def test_mode_switch_rerenders_history_and_trims_cache_to_common_prefix(loaded):
     # The system prompt names the mode, so only its first tokens are reused.
     assert 0 < done.stats.cached_tokens < 40
     prompt = chat.tokenizer.apply_chat_template(
-        chat.messages[:-1], tokenize=True, enable_thinking=False, assistant_tags=True
+        chat.messages[:-1], tokenize=True, enable_thinking=False
     )
     assert done.stats.prompt_tokens == len(prompt)
     assert chat.tokenizer.decode(prompt).count("<think>\n\n</think>") == 2  # history + prompt
@@ -180,7 +183,7 @@ def test_tool_call_is_an_event(loaded):
     assert calls == [ToolCall("get_weather", {"city": "Paris"})]
     assert events[-1].answer == "" and events[-1].tool_calls == tuple(calls)
     assert not [e for e in events if isinstance(e, AnswerDelta) and e.text.strip()]
-    assert chat.messages[-1]["content"] == reply("weather", True)  # as the model wrote it
+    assert chat.messages[-1] == assistant("weather", True)  # as the model wrote it
 
 
 def test_cancel_keeps_the_partial_answer_marked_and_the_session_usable(loaded):
@@ -360,19 +363,23 @@ def test_sampling_defaults_come_from_generation_config(loaded):
     assert Sampling.from_model(model, temperature=0.0, top_p=None).top_p == 0.95
 
 
-def test_assistant_tags_lets_think_tags_of_assistant_turns_through():
+def test_only_an_assistant_turns_structure_writes_think_tags():
     tokenizer = Tokenizer.from_folder(REFERENCE_MODEL_DIR)
     messages = [  # a system message: the default one spells <think> tags as control ids
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "<think>x</think>"},
-        {"role": "assistant", "content": "<think>\ny\n</think>\nz"},
+        {"role": "assistant", "reasoning_content": "\ny <think>\n", "content": "\nz</think>"},
     ]
-    plain = tokenizer.apply_chat_template(messages, tokenize=True)
-    tagged = tokenizer.apply_chat_template(messages, tokenize=True, assistant_tags=True)
+    as_text = [
+        *messages[:2],
+        {"role": "assistant", "content": "<think>\ny <think>\n</think>\nz</think>"},
+    ]
+    ids = tokenizer.apply_chat_template(messages, tokenize=True)
+    plain = tokenizer.apply_chat_template(as_text, tokenize=True)
     think = tokenizer.think_start_id, tokenizer.think_end_id
     assert not set(think) & set(plain)
-    assert [i for i in tagged if i in think] == list(think)  # the assistant's, not the user's
-    assert tokenizer.decode(tagged) == tokenizer.decode(plain)
+    assert [i for i in ids if i in think] == list(think)  # the structure's, not the texts'
+    assert tokenizer.decode(ids) == tokenizer.decode(plain)
 
 
 def test_a_chat_many_windows_long_runs_in_a_rotating_cache(loaded, tmp_path_factory):
@@ -553,8 +560,8 @@ def _set(path, value):
         (_without("messages"), "'messages' is missing or not a list"),
         (_without("sampling"), "'sampling' is missing or not an object"),
         (_without("format"), 'no "format": \'smollm3-mlx-chat\''),
-        (_without("version"), "version None, not 1"),
-        (_set(["version"], True), "version True, not 1"),
+        (_without("version"), "version None, not 2"),
+        (_set(["version"], True), "version True, not 2"),
         (_set(["model"], 7), "'model' is missing or not a string"),
         (_set(["sampling", "temperature"], float("nan")), "sampling: " + TEMPERATURE + "nan"),
         (_set(["sampling", "temperature"], -5), "sampling: " + TEMPERATURE + "-5"),
@@ -581,3 +588,24 @@ def test_every_missing_or_wrong_field_of_a_chat_file_is_one_line(tiny, tmp_path,
         chat.restore(path)
     assert str(info.value) == f"{path}: not a smollm3-mlx conversation ({problem})"
     assert (chat.messages, chat.think, chat.sampling) == before
+
+
+def test_text_that_is_not_text_is_read_with_replacement_characters(tiny, tmp_path):
+    """Lone surrogates (bytes that were not UTF-8, half a pair) in what a Chat is given become
+    U+FFFD, with one warning; the turn runs and the conversation can be saved."""
+    from smollm3_mlx.chat_file import NotTextWarning
+
+    chat = Chat(*tiny, sampling=GREEDY.updated(max_tokens=2))
+    with pytest.warns(NotTextWarning, match="the system message is not valid text"):
+        chat.system = "Be \udcff brief."
+    with pytest.warns(NotTextWarning) as warned:
+        *_, done = chat.send("a\ud800", prefill="x\udce9")
+    said = sorted(str(w.message).split(" is ")[0] for w in warned)
+    assert said == ["the prefill", "the user's message"]
+    assert isinstance(done, Done)
+    with pytest.warns(NotTextWarning, match="a tool result is not valid text"):
+        list(chat.send_tool_result("\ud800"))
+    assert [m["content"][:3] for m in chat.messages[:2]] == ["Be ", "a\ufffd"]
+    assert chat.messages[2]["content"].startswith("x\ufffd")  # the prefill, then the model's
+    assert chat.messages[3] == {"role": "tool", "content": "\ufffd"}
+    Chat(*tiny).restore(chat.save(tmp_path / "chat.json"))

@@ -8,7 +8,7 @@ import sys
 import jsonschema
 import pytest
 from checkpoints import REPO_ROOT, requires_reference
-from trained_model import QUESTIONS, THOUGHTS, TOOLS, answer, trained_checkpoint
+from trained_model import QUESTIONS, THOUGHTS, TOOLS, answer, assistant, trained_checkpoint
 
 from smollm3_mlx import (
     AnswerDelta,
@@ -64,8 +64,9 @@ def test_thinking_budget_holds_exactly_and_an_answer_follows(model, budget, hand
     _, done = turn(chat, QUESTIONS["math"])
     assert done.stats.thinking_tokens == budget and done.thinking == thought
     assert done.finish_reason == "stop" and (done.answer or done.tool_calls)
-    content = chat.messages[-1]["content"]
-    assert content.startswith("<think>\n") and content.count("</think>\n") == 1
+    message = chat.messages[-1]  # the think block closed, its text kept apart from the answer
+    assert message["reasoning_content"].startswith("\n") and "reasoning_open" not in message
+    assert message["reasoning_content"].strip() == thought
     s = done.stats  # <think>, the thinking, </think>, the answer, end of turn
     assert s.generation_tokens == 1 + s.thinking_tokens + 1 + s.answer_tokens + 1
 
@@ -78,9 +79,9 @@ def test_after_a_forced_close_the_history_is_valid_and_the_cache_reused(model, t
     chat.think = think
     _, second = turn(chat, QUESTIONS["hi"])
     assert second.answer == answer("hi") and second.finish_reason == "stop"
-    if think:  # the whole first turn, forced close included, is reused (the mode is unchanged)
-        held = first.stats.prompt_tokens + first.stats.generation_tokens
-        assert second.stats.cached_tokens == held
+    if think:  # the first turn, forced close included, is reused (the mode is unchanged)
+        closed = first.stats.prompt_tokens + 1 + first.stats.thinking_tokens + 2  # </think>\n
+        assert closed <= second.stats.cached_tokens
 
 
 def test_a_per_turn_budget_overrides_the_chats(model):
@@ -132,7 +133,7 @@ def test_with_prompt_lookup_and_no_budget_the_turn_drafts_and_cannot_stop_thinki
         chat.stop_thinking() for e in chat.send(QUESTIONS["math"]) if e.__class__ is ThinkingDelta
     ]
     assert asked and not any(asked)
-    assert chat.messages[-1]["content"] == f"<think>\n{THOUGHTS['math']}\n</think>\n2 + 2 = 4."
+    assert chat.messages[-1] == assistant("math", True)
 
 
 def test_a_structured_answer_comes_after_free_thinking(model):

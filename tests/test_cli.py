@@ -12,7 +12,7 @@ import time
 import pexpect
 import pytest
 from checkpoints import requires_reference
-from trained_model import QUESTIONS, answer, trained_checkpoint
+from trained_model import QUESTIONS, answer, assistant, trained_checkpoint
 from typer.testing import CliRunner
 
 from smollm3_mlx.cli import app as cli
@@ -113,9 +113,7 @@ def test_chat_in_a_terminal_thinks_switches_mode_interrupts_and_saves(model_dir,
     assert data["model"] == str(model_dir) and data["sampling"]["temperature"] == 0.0
     roles = [m["role"] for m in data["messages"]]
     assert roles == ["user", "assistant"] * 3
-    assert (
-        data["messages"][1]["content"] == "<think>\nTwo plus two makes four.\n</think>\n2 + 2 = 4."
-    )
+    assert data["messages"][1] == assistant("math", True)  # thinking and answer kept apart
     assert data["messages"][3]["content"] == answer("hi")
     song = data["messages"][5]
     assert song["interrupted"] is True and song["content"].startswith("la la la")
@@ -296,3 +294,33 @@ def test_a_bad_chat_file_is_one_line_and_the_session_goes_on(tmp_path):
         "must be a finite number >= 0 (0 is greedy), not -5)",
     ]
     assert "loaded 0 messages" in r.stdout and "messages" in r.stdout.split("loaded")[-1]
+
+
+@pytest.mark.parametrize(
+    "args, stdin",
+    [
+        (["chat"], b"Say hi.\xff\n\xe9 again\n"),  # typed or piped bytes that are not UTF-8
+        (["generate"], bytes(range(200, 216))),  # a binary prompt on stdin
+        (["generate", "--raw", b"x\xff"], b""),  # argv, as the shell passes it
+        (["generate", "--system", b"Be \xe9brief.", "hi"], b""),
+    ],
+    ids=["chat-lines", "generate-stdin", "generate-argv", "generate-system"],
+)
+def test_text_that_is_not_utf8_is_read_with_replacement_characters_said_once(
+    tmp_path_factory, args, stdin
+):
+    from checkpoints import make_tiny_checkpoint
+
+    folder = tmp_path_factory.mktemp("text") / "m"
+    make_tiny_checkpoint(folder, num_hidden_layers=1)
+    options = ["-m", str(folder), "--max-tokens", "2", "--temp", "0"]
+    r = subprocess.run(
+        [sys.executable, "-m", "smollm3_mlx.cli", *args[:1], *options, *args[1:]],
+        input=stdin,
+        capture_output=True,
+        env=_env(),
+        timeout=300,
+    )
+    err = r.stderr.decode()
+    assert r.returncode == 0 and "Traceback" not in err, err
+    assert err.count("warning:") == 1 and "U+FFFD" in err, err  # one line, said once

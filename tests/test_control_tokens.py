@@ -23,7 +23,7 @@ from checkpoints import (
     requires_reference,
 )
 
-from smollm3_mlx.tokenizer import Tokenizer
+from smollm3_mlx.tokenizer import Tokenizer, assistant_text
 
 pytestmark = requires_reference
 
@@ -201,3 +201,131 @@ def test_a_tokenized_chat_is_rendered_on_one_date():
     ticking = Tokenizer.from_folder(REFERENCE_MODEL_DIR, now=lambda: datetime(2025, 1, next(days)))
     ids = ticking.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=True)
     assert "Today Date: 01 January 2025" in ticking.decode(ids)
+
+
+# An assistant turn: only its structure writes tags; text inside any part of it stays text
+
+TAG_TEXT = "<think> </think> <tool_call> </tool_call> <|im_end|>"
+CALL_TAGS = ["<tool_call>", "</tool_call>"]
+
+
+def _tags(tok: Tokenizer, ids: list[int]) -> list[str]:
+    """The assistant tags among `ids`, as control ids, in order."""
+    from smollm3_mlx.tokenizer import ASSISTANT_TAGS
+
+    by_id = {tok.token_to_id(t): t for t in ASSISTANT_TAGS}
+    return [by_id[i] for i in ids if i in by_id]
+
+
+def _structured(payload: str) -> dict:
+    return {
+        "role": "assistant",
+        "reasoning_content": f"\n{payload} thinking\n",
+        "content": f"\n{payload} answer",
+        "tool_calls": [
+            {"name": f"f{payload}", "arguments": {"city": f"</tool_call>{payload}", payload: [1]}}
+        ],
+    }
+
+
+def test_tag_text_in_every_part_of_an_assistant_turn_is_plain(tok, hf_render):
+    messages = [
+        {"role": "system", "content": "Be brief."},  # the default one spells tags as controls
+        {"role": "user", "content": "hi"},
+        _structured(TAG_TEXT),
+        {"role": "user", "content": "again"},
+    ]
+    ids = tok.apply_chat_template(messages, tokenize=True)
+    # The structure's four tags, once each, as control ids; nothing else of the turn is one
+    assert _tags(tok, ids) == ["<think>", "</think>", "<tool_call>", "</tool_call>"]
+    inert = [*messages[:2], _structured(TAG_TEXT.translate(INERT)), messages[3]]
+    assert _control_ids(tok, ids) == _control_ids(
+        tok, tok.apply_chat_template(inert, tokenize=True)
+    )
+    # The text is what the template renders of the turn written out
+    text = tok.apply_chat_template(messages)
+    assert tok.decode(ids) == text
+    written = {"role": "assistant", "content": assistant_text(_structured(TAG_TEXT))}
+    assert text == hf_render([*messages[:2], written, messages[3]], add_generation_prompt=True)
+    call = _structured(TAG_TEXT)["tool_calls"][0]
+    body = tok.encode(f"\n{json.dumps(call, ensure_ascii=False)}\n")
+    start = ids.index(tok.token_to_id("<tool_call>")) + 1
+    assert ids[start : start + len(body) + 1] == [*body, tok.token_to_id("</tool_call>")]
+
+
+def test_a_turns_ids_round_trip_through_its_structure(tok):
+    """What a Chat records of a turn (thinking, answer, calls by their tag ids) renders back to
+    the ids the model wrote, tag text inside them plain."""
+    from smollm3_mlx.chat_file import assistant_message
+    from smollm3_mlx.events import EventParser
+
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    prompt = tok.apply_chat_template(history, tokenize=True)
+    call_start, call_end = tok.token_to_id("<tool_call>"), tok.token_to_id("</tool_call>")
+    body = '\n{"name": "f", "arguments": {"city": "</tool_call><think>"}}\n'
+    wrote = [
+        tok.think_start_id,
+        *tok.encode("\na </think> b\n"),
+        tok.think_end_id,
+        *tok.encode("\nanswer <tool_call>\n"),
+        call_start,
+        *tok.encode(body),
+        call_end,
+    ]
+    parser = EventParser(tok, prompt)
+    for i in wrote:
+        parser.feed(i)
+    parser.flush()
+    message = assistant_message(parser, [], [], keep_thinking=True, had_reasoning=False)
+    assert message == {
+        "role": "assistant",
+        "reasoning_content": "\na </think> b\n",
+        "content": "\nanswer <tool_call>\n",
+        "tool_calls": [{"name": "f", "arguments": {"city": "</tool_call><think>"}}],
+    }
+    again = tok.apply_chat_template([*history, message], tokenize=True, add_generation_prompt=False)
+    assert again == prompt + wrote + [tok.im_end_id, *tok.encode("\n")]
+
+
+def test_tag_text_in_a_loaded_chat_file_stays_plain(tmp_path):
+    """Version 2 keeps the structure (its tags are control ids, the texts plain); a version 1
+    file's assistant text is plain text, whatever tags it spells."""
+    from smollm3_mlx.chat import Chat
+    from smollm3_mlx.loading import load
+
+    folder = make_tiny_checkpoint(tmp_path / "model")  # never run: Chat only renders here
+    for name in TOKENIZER_FILES:
+        shutil.copy(REFERENCE_MODEL_DIR / name, folder / name)
+    model, tokenizer = load(folder)
+    chat = Chat(model, tokenizer, system="Be brief.")
+    chat.messages += [{"role": "user", "content": "hi"}, _structured(TAG_TEXT)]
+    path = chat.save(tmp_path / "chat.json")
+    data = json.loads(path.read_text())
+    assert data["version"] == 2 and data["messages"][-1] == _structured(TAG_TEXT)
+    loaded = Chat.load(path, model)
+    assert _tags(tokenizer, loaded.render()) == [
+        "<think>",
+        "</think>",
+        "<tool_call>",
+        "</tool_call>",
+    ]
+    data["version"] = 1
+    data["messages"][-1] = {"role": "assistant", "content": f"<think>x</think>{TAG_TEXT}"}
+    path.write_text(json.dumps(data))
+    assert _tags(tokenizer, Chat.load(path, model).render()) == []
+
+
+@pytest.mark.parametrize(
+    "bad, problem",
+    [
+        ({"reasoning_content": 5}, "its reasoning_content is not text"),
+        ({"reasoning_open": True, "content": "x", "reasoning_content": "r"}, "reasoning_open"),
+        ({"tool_calls": {"name": "f"}}, "its tool_calls are not a list"),
+        ({"tool_calls": [{"name": "f", "arguments": "{}"}]}, "tool call 0 has no name or its"),
+        ({"tool_calls": [{"name": "f"}]}, 'tool call 0 is not {"name"'),
+    ],
+)
+def test_a_malformed_assistant_structure_is_one_line(tok, bad, problem):
+    message = {"role": "assistant", "content": "", **bad}
+    with pytest.raises(ValueError, match=f"^message 1: {re.escape(problem)}"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}, message], tokenize=True)

@@ -248,4 +248,10 @@ def test_stream_generate_samples_with_the_generation_config_by_default(chat_mode
     settings = inspect.signature(make_sampler).bind(*args, **kwargs)
     settings.apply_defaults()
     # SmolLM3's generation_config.json: do_sample, temperature 0.6, top_p 0.95
-    assert settings.arguments == {"temperature": 0.6, "top_p": 0.95, "top_k": 0, "min_p": 0.0}
+    assert settings.arguments == {
+        "temperature": 0.6,
+        "top_p": 0.95,
+        "top_k": 0,
+        "min_p": 0.0,
+        "seed": None,
+    }  # seed None: the global generator, which stream_generate seeds itself

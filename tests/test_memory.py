@@ -211,3 +211,46 @@ def test_memory_limits_wire_what_the_session_needs_and_restore_on_exit(monkeypat
 def test_available_memory_reads_this_machine():
     size, source = memory.available_memory()
     assert size > 0 and source
+
+
+def test_the_estimate_reads_the_prompt_in_the_chunks_generation_uses_on_the_device(tiny):
+    """The CPU prefills the 3B a few tokens at a time: its estimate counts that chunk, not 512
+    (a false refusal on a 24 GB machine at 128K), and generation uses the same number."""
+    from smollm3_mlx.step import default_prefill_step, prefill_step_for
+
+    args = ModelArgs()  # SmolLM3-3B's dimensions
+    assert (prefill_step_for(args, gpu=False), prefill_step_for(args, gpu=True)) == (4, 512)
+    cpu = estimate(args, 6 * 10**9, context=131072, dtype=mx.float32, device="cpu")
+    gpu = estimate(args, 6 * 10**9, context=131072, device="gpu")
+    assert (cpu.prefill_step, gpu.prefill_step) == (4, 512)
+    at_512 = estimate(
+        args, 6 * 10**9, context=131072, dtype=mx.float32, device="cpu", prefill_step=512
+    )
+    assert cpu.total < at_512.total - 4 * 10**9
+    model = load_model(tiny, dtype="float32")
+    assert estimate_memory(tiny, dtype="float32", device="cpu").prefill_step == (
+        default_prefill_step(model) if mx.default_device().type == mx.cpu else 512
+    )
+
+
+@requires_reference
+def test_serve_counts_kv_bits_and_takes_the_override_it_advises(tiny_chat, monkeypatch):
+    import smollm3_mlx.serve.app as serve_app
+
+    served = []
+    monkeypatch.setattr(serve_app, "serve", lambda *a, **kw: served.append(kw["kv_bits"]))
+    dense = estimate_memory(tiny_chat, dtype="float32").total
+    kv8 = estimate_memory(tiny_chat, dtype="float32", kv_bits=8).total
+    assert kv8 < dense
+    monkeypatch.setattr(memory, "available_memory", lambda: (kv8, "simulated RAM"))
+    runner = CliRunner()
+    args = ["serve", "-m", str(tiny_chat), "--dtype", "float32"]
+    refused = runner.invoke(cli.app, args)
+    assert refused.exit_code == 1 and "simulated RAM" in refused.output
+    assert "--kv-bits 8" in refused.output and "--no-memory-check" in refused.output
+    assert served == []
+    assert runner.invoke(cli.app, [*args, "--kv-bits", "8"]).exit_code == 0  # counted: it fits
+    two_rows = runner.invoke(cli.app, [*args, "--kv-bits", "8", "--max-batch", "2"])
+    assert two_rows.exit_code == 1 and "simulated RAM" in two_rows.output  # each row's cache
+    assert runner.invoke(cli.app, [*args, "--no-memory-check"]).exit_code == 0  # the override
+    assert served == [8, None]

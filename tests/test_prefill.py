@@ -47,20 +47,19 @@ def test_continue_final_message_matches_transformers(tok, hf, think, prefill):
 
 
 def test_continue_a_cut_off_thinking_answer(tok, hf):
-    """A cut-off answer continues inside its think block: with assistant_tags the tag the model
-    wrote is its control id again, every other byte as transformers renders it."""
+    """A cut-off answer continues inside its think block: the message's open reasoning writes
+    the tag as its control id, every other byte as transformers renders it."""
     partial = "<think>\nParis is in France, so"
     messages = [*HISTORY, {"role": "assistant", "content": partial}]
     expected = hf.apply_chat_template(messages, tokenize=False, continue_final_message=True)
     assert expected.endswith("<|im_start|>assistant\n" + partial)
-    ids = tok.apply_chat_template(
-        messages, tokenize=True, continue_final_message=True, assistant_tags=True
-    )
-    assert tok.decode(ids) == expected
     rest = partial.removeprefix("<think>")
+    opened = {"role": "assistant", "reasoning_content": rest, "reasoning_open": True}
+    ids = tok.apply_chat_template([*HISTORY, opened], tokenize=True, continue_final_message=True)
+    assert tok.decode(ids) == expected
     tail = [tok.im_start_id, *tok.encode("assistant\n"), tok.think_start_id, *tok.encode(rest)]
     assert ids[-len(tail) :] == tail
-    # Without assistant_tags the same text is plain text
+    # The same text as the message's content is plain text
     plain = tok.apply_chat_template(messages, tokenize=True, continue_final_message=True)
     assert tok.think_start_id not in plain and tok.decode(plain) == expected
 
@@ -153,33 +152,31 @@ def _streams(text: str) -> tuple[str, str]:
 
 @pytest.mark.parametrize("think", [True, False], ids=["think", "no_think"])
 def test_send_with_prefill_continues_the_answer(loaded, think):
-    from trained_model import QUESTIONS, THOUGHTS, reply
+    from trained_model import QUESTIONS, THOUGHTS, assistant, reply
 
     chat = _chat(loaded, think=think)
     full = reply("hi", think)
     prefill = _clean_cut(chat.tokenizer, full, 4 if think else 2)
+    # A prefill names the think tag as the model writes it: the message opens its reasoning
+    start = {"reasoning_content": prefill.removeprefix("<think>"), "reasoning_open": True}
     opened = [
         {"role": "user", "content": QUESTIONS["hi"]},
-        {"role": "assistant", "content": prefill},
+        {"role": "assistant", **(start if think else {"content": prefill})},
     ]
     prompt = chat.tokenizer.apply_chat_template(
-        opened,
-        tokenize=True,
-        continue_final_message=True,
-        enable_thinking=think,
-        assistant_tags=True,
+        opened, tokenize=True, continue_final_message=True, enable_thinking=think
     )
     thinking, answer, done = _split(list(chat.send(QUESTIONS["hi"], prefill=prefill)))
     # The prefill streams first, as if the model had written it; the model went on from there
     assert (thinking, answer) == _streams(full)
     assert (done.thinking, done.answer) == (THOUGHTS["hi"] if think else "", "Hi! How can I help?")
-    assert chat.messages[-1] == {"role": "assistant", "content": full}
+    assert chat.messages[-1] == assistant("hi", think)
     # What the model read: the answer left open after the prefill, as transformers renders it
     assert done.stats.prompt_tokens == len(prompt) and prompt[-1] != chat.tokenizer.im_end_id
 
 
 def test_continue_answer_finishes_a_cut_off_answer(loaded):
-    from trained_model import QUESTIONS, reply
+    from trained_model import QUESTIONS, assistant, reply
 
     full = reply("hi", True)
     chat = _chat(loaded, think=True)
@@ -189,14 +186,15 @@ def test_continue_answer_finishes_a_cut_off_answer(loaded):
     )
     *_, first = chat.send(QUESTIONS["hi"])
     assert first.finish_reason == "length"
-    assert chat.messages[-1]["content"] == start
+    cut = {"reasoning_content": start.removeprefix("<think>"), "reasoning_open": True}
+    assert chat.messages[-1] == {"role": "assistant", **cut, "content": ""}
 
     chat.sampling = chat.sampling.updated(max_tokens=64)
     thinking, answer, done = _split(list(chat.continue_answer()))
     assert done.finish_reason == "stop"
     assert (thinking, answer) == _streams(full[len(start) :])  # only what was added streams
     assert done.answer == "Hi! How can I help?"  # Done holds the whole answer
-    assert chat.messages[-1] == {"role": "assistant", "content": full}
+    assert chat.messages[-1] == assistant("hi", True)
 
 
 def test_continue_answer_needs_an_answer_to_continue(loaded):

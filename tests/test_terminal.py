@@ -352,3 +352,59 @@ def test_a_prompt_too_long_names_the_longest_context_this_model_allows(model_dir
     )
     assert r.exit_code == 1 and "131072" not in r.output
     assert f"(raise --max-context; this model allows up to {most})" in r.output
+
+
+# A load that takes minutes, its thread inside MLX work all along; each phase says it began.
+LOAD_IN_MLX = """
+import sys, time
+import mlx.core as mx
+from smollm3_mlx import loading
+from smollm3_mlx.cli import repl
+
+def load(*args, **kwargs):
+    print("LOADING", flush=True)
+    a = mx.random.normal((256, 256))
+    end = time.monotonic() + 300
+    while time.monotonic() < end:
+        mx.eval(a @ a)
+    raise SystemExit("still loading: the test should have ended this process")
+
+wait = repl.Loading.wait
+
+def waiting(self):
+    print("WAITING", flush=True)
+    return wait(self)
+
+loading.load, repl.Loading.wait = load, waiting
+sys.argv = ["smollm3-mlx", *sys.argv[1:]]
+from smollm3_mlx.cli.app import app
+app()
+"""
+
+
+def test_ctrl_c_while_the_chat_loads_the_model_ends_it_with_130(tmp_path):
+    """Never an abort ("terminate called without an active exception", 134) from a process
+    that exits beside a thread inside MLX; never a wait for the rest of the load either."""
+    import signal
+
+    from checkpoints import make_tiny_checkpoint
+
+    folder = make_tiny_checkpoint(tmp_path / "m", num_hidden_layers=1)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LOAD_IN_MLX, "chat", "-m", str(folder)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_env(tmp_path / "state"),
+    )
+    proc.stdin.write(b"hi\n")  # the first message waits for the model
+    proc.stdin.flush()
+    seen = set()
+    while seen != {"LOADING", "WAITING"}:  # the load is in MLX, the chat waits for it
+        line = proc.stdout.readline().decode().strip()
+        assert line or proc.poll() is None, proc.stderr.read().decode()
+        seen |= {word for word in ("LOADING", "WAITING") if line.endswith(word)}  # after a prompt
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    assert "terminate" not in err.decode() and "Traceback" not in err.decode()

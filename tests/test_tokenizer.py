@@ -345,3 +345,32 @@ def test_template_helpers_match_transformers():
     )
     with pytest.raises(jinja2.exceptions.TemplateError, match="nope"):
         _bare("{{ raise_exception('nope') }}").apply_chat_template(messages)
+
+
+@requires_reference
+@pytest.mark.parametrize(
+    "given, read",
+    [
+        ("a\ud800", "a\ufffd"),  # half a pair, as JSON's "\ud800" gives it
+        ("x\udcff", "x\ufffd"),  # the byte 0xFF, as argv and surrogateescape give it
+        ("\udcc3\udca9t\udce9", "ét\ufffd"),  # escaped UTF-8 bytes decode; a stray one does not
+        ("\ud83d\ude00 \ud83d", "\U0001f600 \ufffd"),  # a true pair is the character it spells
+    ],
+)
+def test_what_is_not_text_is_encoded_as_replacement_characters(tok, given, read):
+    from smollm3_mlx.tokenizer import valid_text
+
+    assert valid_text(given) == read
+    assert tok.encode(given) == tok.encode(read)
+    messages = [{"role": "user", "content": given}]
+    ids = tok.apply_chat_template(messages, tokenize=True)
+    assert ids == tok.apply_chat_template([{"role": "user", "content": read}], tokenize=True)
+
+
+@requires_reference
+def test_encode_takes_text_only_and_says_so(tok):
+    for value in (b"hi", None, 5):
+        with pytest.raises(
+            TypeError, match=f"^the text to encode must be a str, not {type(value).__name__}$"
+        ):
+            tok.encode(value)  # type: ignore[arg-type]

@@ -180,8 +180,11 @@ def loaded(ckpt):
 
 def restores_or_one_line(loaded, content: bytes) -> None:
     """A chat file is refused in one ChatFileError line, the chat untouched; or it loads, the
-    conversation renders for its next turn, and what `save` then writes loads again."""
-    from smollm3_mlx.chat import Chat, ChatFileError
+    conversation goes on (a one-token turn runs, with the file's tools and tool choice), and
+    what `save` then writes loads again."""
+    from smollm3_mlx.chat import Chat
+    from smollm3_mlx.chat_file import ChatFileError
+    from smollm3_mlx.events import Done
 
     folder = Path(tempfile.mkdtemp(prefix="untrusted-chat-"))
     try:
@@ -194,7 +197,9 @@ def restores_or_one_line(loaded, content: bytes) -> None:
             assert "\n" not in str(e) and str(e)
             assert (chat.messages, chat.think, chat.sampling, chat.tools) == before
             return
-        assert chat.render()  # the conversation can go on
+        chat.sampling = chat.sampling.updated(max_tokens=1)
+        *_, done = chat.send("go on")  # the conversation can go on
+        assert isinstance(done, Done), done
         chat.save(folder / "again.json")
         Chat(*loaded).restore(folder / "again.json")
     finally:
@@ -209,7 +214,7 @@ def test_any_bytes_as_a_chat_file(loaded, content):
 
 SAVED = {
     "format": "smollm3-mlx-chat",
-    "version": 1,
+    "version": 2,
     "model": "tiny",
     "think": True,
     "keep_thinking": True,
@@ -227,7 +232,24 @@ SAVED = {
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "hi"},
         {"role": "assistant", "content": "hello", "interrupted": True},
+        {"role": "user", "content": "weather?"},
+        {
+            "role": "assistant",
+            "reasoning_content": "\nA call.\n",
+            "content": "\n",
+            "tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}],
+        },
+        {"role": "tool", "content": "sunny"},
+        {
+            "role": "assistant",
+            "reasoning_content": "\nIt is",
+            "reasoning_open": True,
+            "content": "",
+        },
     ],
+    "tool_choice": "auto",
+    "think_budget": None,
+    "handoff": "",
 }
 
 
@@ -236,7 +258,7 @@ SAVED = {
 def test_a_chat_file_with_any_field_changed_or_dropped(loaded, data):
     saved = json.loads(json.dumps(SAVED))
     for _ in range(data.draw(st.integers(1, 3))):
-        where = data.draw(st.sampled_from(["top", "sampling", "message", "tool"]))
+        where = data.draw(st.sampled_from(["top", "sampling", "message", "tool", "call"]))
         messages, tools = saved.get("messages"), saved.get("tools")
         target = {
             "top": saved,
@@ -245,6 +267,7 @@ def test_a_chat_file_with_any_field_changed_or_dropped(loaded, data):
             if isinstance(messages, list) and messages
             else None,
             "tool": tools[0] if isinstance(tools, list) and tools else None,
+            "call": _first_call(messages),
         }[where]
         if not isinstance(target, dict):
             continue
@@ -254,3 +277,99 @@ def test_a_chat_file_with_any_field_changed_or_dropped(loaded, data):
         else:
             target[key] = data.draw(json_values)
     restores_or_one_line(loaded, json.dumps(saved).encode())
+
+
+def _first_call(messages) -> dict | None:
+    for m in messages if isinstance(messages, list) else ():
+        calls = m.get("tool_calls") if isinstance(m, dict) else None
+        if isinstance(calls, list) and calls and isinstance(calls[0], dict):
+            return calls[0]
+    return None
+
+
+def test_the_saved_example_loads(loaded):
+    chat = restores(loaded, json.dumps(SAVED).encode())
+    assert chat.messages[:3] == SAVED["messages"][:3]
+
+
+def restores(loaded, content: bytes):
+    """The Chat a file restores into, or its one-line ChatFileError."""
+    from smollm3_mlx.chat import Chat
+
+    folder = Path(tempfile.mkdtemp(prefix="untrusted-chat-"))
+    try:
+        (folder / "chat.json").write_bytes(content)
+        chat = Chat(*loaded)
+        chat.restore(folder / "chat.json")
+        return chat
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        ({"tool_choice": "nope"}, "tools: tool_choice names 'nope', which is not an offered tool"),
+        ({"tools": [{"name": "f", "parameters": "junk"}]}, "tools: a tool needs a name and a"),
+        ({"tools": [{"name": "f", "parameters": {"type": "nonsense"}}]}, "tools: cannot constrain"),
+        ({"tools": None, "tool_choice": "required"}, "tools: tool_choice 'required' needs tools"),
+    ],
+)
+def test_a_chat_file_whose_tools_a_turn_could_not_use_is_refused_at_load(loaded, change, problem):
+    from smollm3_mlx.chat_file import ChatFileError
+
+    with pytest.raises(ChatFileError, match="not a smollm3-mlx conversation") as info:
+        restores(loaded, json.dumps({**SAVED, **change}).encode())
+    assert f"({problem}" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_chat_file_that_is_a_fifo_or_a_device_is_refused_without_reading(loaded, tmp_path):
+    """Opening does not wait for a writer, and nothing is read from a device: both in one line,
+    at once (the thread would still be waiting otherwise)."""
+    import threading
+
+    from smollm3_mlx.chat import Chat
+    from smollm3_mlx.chat_file import ChatFileError
+
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    errors: list[str] = []
+
+    def restore(path: Path) -> None:
+        try:
+            Chat(*loaded).restore(path)
+        except ChatFileError as e:
+            errors.append(str(e))
+
+    for path in (fifo, Path("/dev/zero")):
+        worker = threading.Thread(target=restore, args=(path,), daemon=True)
+        worker.start()
+        worker.join(timeout=60)
+        assert not worker.is_alive(), f"{path}: still reading"
+    assert errors == [
+        f"{fifo}: cannot read a conversation (not a regular file)",
+        "/dev/zero: cannot read a conversation (not a regular file)",
+    ]
+
+
+def test_a_chat_file_too_large_or_too_deep_is_one_line(loaded, monkeypatch):
+    from smollm3_mlx import chat_file
+
+    deep = {**SAVED, "tools": [{"name": "f", "parameters": json.loads("[" * 65 + "]" * 65)}]}
+    with pytest.raises(chat_file.ChatFileError, match="nested more than 64 levels deep"):
+        restores(loaded, json.dumps(deep).encode())
+    with pytest.raises(chat_file.ChatFileError, match="nested more than 64 levels deep"):
+        restores(loaded, b"[" * 200_000 + b"]" * 200_000)  # past Python's recursion limit
+    monkeypatch.setattr(chat_file, "MAX_FILE_BYTES", 2**20)
+    big = {**SAVED, "messages": [{"role": "user", "content": "x" * 2**20}]}
+    with pytest.raises(
+        chat_file.ChatFileError, match=r"cannot read a conversation \(larger than 1 MiB\)"
+    ):
+        restores(loaded, json.dumps(big).encode())
+
+
+def test_lone_surrogates_in_a_chat_file_are_read_as_replacement_characters(loaded, tmp_path):
+    saved = {**SAVED, "messages": [{"role": "user", "content": "a\ud800b"}]}
+    chat = restores(loaded, json.dumps(saved).encode())  # json.dumps escapes it: "\\ud800"
+    assert chat.messages == [{"role": "user", "content": "a\ufffdb"}]
+    chat.save(tmp_path / "again.json")  # it can be written as UTF-8 again

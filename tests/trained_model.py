@@ -88,6 +88,21 @@ def answer(key: str) -> str:
     return ANSWERS[key]
 
 
+CALLS = {"weather": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}
+
+
+def assistant(key: str, think: bool, *, keep_thinking: bool = True) -> dict:
+    """The assistant message of `reply(key, think)` as a Chat keeps it: thinking, answer and
+    tool calls apart, each text as the model wrote it."""
+    message: dict = {"role": "assistant"}
+    if think and keep_thinking:
+        message["reasoning_content"] = f"\n{THOUGHTS[key]}\n"
+    calls = CALLS.get(key)
+    text = "" if calls else ANSWERS[key]
+    message["content"] = ("\n" if think and keep_thinking else "") + text
+    return message | ({"tool_calls": calls} if calls else {})
+
+
 def _conversations(rng: random.Random):
     """(history, key, think, tools): every one- and two-turn history over math/hi, both modes,
     and the weather tool: its call, and the answer once its result is in."""
@@ -107,10 +122,9 @@ def _conversations(rng: random.Random):
 def _messages(history, key):
     messages = []
     for k, t, keep in history:
-        content = reply(k, bool(t)) if keep else answer(k)
         messages += [
             {"role": "user", "content": QUESTIONS[k]},
-            {"role": "assistant", "content": content},
+            assistant(k, bool(t), keep_thinking=bool(keep)),
         ]
     if key == "after_tool":  # the last turn's tool call answered
         return messages + [{"role": "tool", "content": TOOL_RESULT}]
@@ -136,7 +150,6 @@ def _examples(tokenizer, rng: random.Random, copies: int = 2):
                 tokenize=True,
                 enable_thinking=think,
                 tools=tools,
-                assistant_tags=True,
             )
             out.append((prompt, target))
     return out

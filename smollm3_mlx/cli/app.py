@@ -91,6 +91,15 @@ def main(
     ] = False,
 ) -> None:
     """Run Hugging Face's SmolLM3-3B on Apple MLX."""
+    # Bytes that are not UTF-8 on stdin arrive as escapes, never an error: every text that
+    # goes on is made valid (console.text), with one warning line.
+    reconfigure = getattr(sys.stdin, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="surrogateescape")
+
+
+def _text(value: str | None, what: str) -> str | None:
+    return None if value is None else console.text(value, what)
 
 
 @app.command()
@@ -129,7 +138,7 @@ def chat(
         model=model,
         dtype=dtype,
         think=think,
-        system=system,
+        system=_text(system, "--system"),
         keep_thinking=keep_thinking,
         hide_thinking=hide_thinking,
         max_tokens=max_tokens,
@@ -228,6 +237,7 @@ def generate(
             prompt = console.read_prompt() if sys.stdin.isatty() else sys.stdin.read()
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
+    prompt, prefill = console.text(prompt, "the prompt"), _text(prefill, "--prefill")
     if not raw:
         prompt = prompt.strip()  # `echo question |` ends it with a newline
     if not prompt.strip():
@@ -246,7 +256,7 @@ def generate(
             model=model,
             dtype=dtype,
             think=think,
-            system=system,
+            system=_text(system, "--system"),
             max_tokens=max_tokens,
             temperature=temperature,
             top_p=top_p,
@@ -497,6 +507,7 @@ def serve(
         ),
     ] = None,
     dtype: DType = "auto",
+    memory_check: MemoryCheck = True,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (needs smollm3-mlx[server])."""
     budget, dir_budget = (
@@ -522,7 +533,9 @@ def serve(
         except OSError as e:
             console.error(f"--cache-dir {cache_dir}: cannot use it as a folder ({e.strerror})")
             raise typer.Exit(2) from None
-    m, tokenizer, name = _load(model, dtype, max_context)
+    m, tokenizer, name = _load(  # at least one row; --max-batch N rows when it is given
+        model, dtype, max_context, kv_bits=kv_bits, check_memory=memory_check, batch=max_batch or 1
+    )
     import mlx.core as mx
 
     with console.status("reading the weights"):
@@ -619,7 +632,14 @@ def estimate(
     kv_bits: KVBits = None,
     kv_group_size: KVGroupSize = 64,
     kv_start: KVStart = 0,
-    prefill_step: Annotated[int, typer.Option(help="Prompt tokens per prefill chunk.")] = 512,
+    prefill_step: Annotated[
+        int | None,
+        typer.Option(
+            help="Prompt tokens per prefill chunk (default: what generation uses on the device: "
+            "512 on a GPU, a few tokens of the 3B on the CPU).",
+            show_default=False,
+        ),
+    ] = None,
     bits: Annotated[
         int | None,
         typer.Option(

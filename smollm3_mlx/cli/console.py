@@ -46,6 +46,25 @@ def stats(r) -> None:
     )
 
 
+def warn(message: str) -> None:
+    err.print(f"[yellow]warning:[/] {escape(message)}")
+
+
+_SAID: set[str] = set()
+
+
+def text(value: str, what: str) -> str:
+    """`value` as valid text (`tokenizer.valid_text`: what is not UTF-8 becomes U+FFFD); the
+    first time, one warning line says so."""
+    from ..tokenizer import valid_text
+
+    fixed = valid_text(value)
+    if fixed != value and what not in _SAID:
+        _SAID.add(what)
+        warn(f"{what} is not valid UTF-8: read with U+FFFD in place of what is not text")
+    return fixed
+
+
 def note(message: str) -> None:
     """A dim line on stderr (progress, hints): never mixed into piped answers."""
     err.print(f"[dim]{escape(message)}[/]")

@@ -53,10 +53,11 @@ def model_name(model: str | None) -> str:
 
 def load_model(
     model: str | None, dtype: str, max_context: int | None = None, kv_bits: int | None = None,
-    kv_group_size: int = 64, check_memory: bool = True,
+    kv_group_size: int = 64, check_memory: bool = True, batch: int = 1,
 ):  # fmt: skip
     """Load `model` (see `model_name`): (model, tokenizer, name). First refuses a session that
-    would not fit in memory (memory.py), unless check_memory is off; sets MLX's memory limits."""
+    would not fit in memory (memory.py; `batch` rows, serve's --max-batch), unless check_memory
+    is off; sets MLX's memory limits."""
     from ..checkpoint import ModelLoadError
     from ..loading import load
     from ..memory import MemoryBudgetError
@@ -67,7 +68,7 @@ def load_model(
             loaded = load(name, dtype=compute_dtype(dtype), max_context=max_context, lazy=True,
                           check_memory=False)  # fmt: skip
             budget_memory(loaded[0].info.path, dtype, max_context, kv_bits, kv_group_size,
-                          check_memory)  # fmt: skip
+                          check_memory, batch)  # fmt: skip
     except (ModelLoadError, MemoryBudgetError, OSError) as e:
         console.error(str(e))
         raise typer.Exit(1) from None
@@ -80,7 +81,7 @@ def load_model(
 
 def budget_memory(
     path: Path, dtype: str, max_context: int | None, kv_bits: int | None, kv_group_size: int,
-    check_memory: bool,
+    check_memory: bool, batch: int = 1,
 ) -> None:  # fmt: skip
     """Estimate the session's memory (config and headers only; memory.py), refuse it
     (MemoryBudgetError) unless `check_memory` is off, and set MLX's memory limits to it."""
@@ -88,7 +89,7 @@ def budget_memory(
 
     est = estimate_memory(
         path, max_context=max_context, kv_bits=kv_bits, kv_group_size=kv_group_size,
-        dtype=compute_dtype(dtype),
+        dtype=compute_dtype(dtype), batch=batch,
     )  # fmt: skip
     if check_memory:
         check(est)

@@ -57,7 +57,9 @@ def check_context(session, prompt: str, raw: bool, prefill: str | None) -> None:
     else:
         messages = [*session.messages, {"role": "user", "content": prompt}]
         if prefill is not None:
-            messages.append({"role": "assistant", "content": prefill})
+            from ..chat_file import opened_answer
+
+            messages.append(opened_answer(prefill))
         n = len(
             tok.apply_chat_template(
                 messages,

@@ -3,7 +3,9 @@ and turns that Ctrl-C answers now or stops instead of ending the chat."""
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 
 import typer
@@ -41,6 +43,9 @@ class Loading:
             raise typer.Exit(1) from None
         self.result: tuple | None = None
         self.error: BaseException | None = None
+        # Set as the thread ends, its MLX streams cleared. Waits are on it, never on the thread's
+        # join: Python 3.11 marks a thread stopped when Ctrl-C interrupts a join of it.
+        self.done = threading.Event()
         self.thread = threading.Thread(
             target=self._run, args=(compute_dtype(s.dtype), s.max_context), name="smollm3-mlx load"
         )
@@ -62,16 +67,17 @@ class Loading:
             self.error = e
         finally:
             mx.clear_streams()  # MLX asks it of a thread that ran MLX work, before it ends
+            self.done.set()
 
     def wait(self) -> tuple:
         """(model, tokenizer, name) once loaded; a load error is one line and exit 1."""
         from ..checkpoint import ModelLoadError
 
         self.start()
-        if self.thread.is_alive():
+        if not self.done.is_set():
             with console.status("loading the model"):
-                while self.thread.is_alive():
-                    self.thread.join(0.05)  # short waits: Ctrl-C is seen at once
+                while not self.done.wait(0.05):  # short waits: Ctrl-C is seen at once
+                    pass
         if isinstance(self.error, (ModelLoadError, OSError)):
             console.error(str(self.error))
             raise typer.Exit(1) from None
@@ -79,6 +85,27 @@ class Loading:
             raise self.error
         assert self.result is not None
         return (*self.result, self.name)
+
+    def abandon(self) -> None:
+        """Ctrl-C while the model loads: end the process now, with 130. The loading thread is
+        inside MLX, and cannot be stopped there; waiting for it would take the rest of the load,
+        and a process that exits beside it aborts ("terminate called without an active
+        exception"). Nothing is being written: leaving without Python's shutdown is safe."""
+        if self.thread.ident is not None and not self.done.is_set():
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
+
+    def finish(self) -> None:
+        """Let the loading thread end before the process does (a Ctrl-C meanwhile abandons it)."""
+        if self.thread.ident is None:
+            return
+        try:
+            while not self.done.wait(0.05):
+                pass
+        except KeyboardInterrupt:
+            self.abandon()
+        self.thread.join()  # past `done`: the thread is only returning
 
 
 COMMANDS = {
@@ -98,7 +125,7 @@ COMMANDS = {
 
 def command(chat, line: str) -> bool:
     """Run a /command; False means exit."""
-    from ..chat import ChatFileError
+    from ..chat_file import ChatFileError
 
     name, _, arg = line.strip().partition(" ")
     arg = arg.strip()
@@ -122,13 +149,13 @@ def command(chat, line: str) -> bool:
             console.error(f"{arg}: {e.strerror or e}")
     elif name == "/load" and arg:
         try:
-            data = chat.restore(arg)
+            saved = chat.restore(arg)
         except ChatFileError as e:
             console.error(str(e))
             return True
         console.info(
             f"loaded {len(chat.messages)} messages, thinking {'on' if chat.think else 'off'}"
-            + (f" (saved with {data['model']})" if data["model"] != chat.model_name else "")
+            + (f" (saved with {saved.model})" if saved.model != chat.model_name else "")
         )
     elif name == "/save_cache" and arg:
         try:
@@ -199,6 +226,7 @@ def run(loading: Loading, settings: ChatSettings) -> None:
             except KeyboardInterrupt:
                 console.info("\n(/exit or Ctrl-D to quit)")
                 continue
+            line = console.text(line, "the message")
             if not line.strip():
                 continue
             if session is None:
@@ -209,7 +237,7 @@ def run(loading: Loading, settings: ChatSettings) -> None:
                 continue
             turn(session, line, console.TurnView(hide_thinking=settings.hide_thinking))
     except KeyboardInterrupt:  # while waiting for the model
+        loading.abandon()
         raise typer.Exit(130) from None
     finally:
-        if loading.thread.ident is not None:
-            loading.thread.join()  # never leave a thread inside MLX at exit
+        loading.finish()  # never leave a thread inside MLX at exit

@@ -292,7 +292,7 @@ class _Api:
 
         try:
             ids = self.tokenizer.apply_chat_template(
-                messages, tokenize=True, enable_thinking=think, tools=tools, assistant_tags=True
+                messages, tokenize=True, enable_thinking=think, tools=tools
             )
         except TemplateError as e:
             raise RequestError(f"the chat template refused the messages: {e}") from None

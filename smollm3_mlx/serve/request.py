@@ -7,7 +7,6 @@ ignored; what the model sees is rendered by the model's own chat template.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -295,8 +294,9 @@ def constraint(request: ChatRequest) -> dict[str, Any]:
 
 
 def template_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
-    """OpenAI messages as the template's: leading system messages joined, assistant turns
-    written back as the model wrote them (reasoning in think tags, tool calls in their tags)."""
+    """OpenAI messages as the template's: leading system messages joined, assistant turns kept
+    as structure (reasoning, answer, tool calls: the template writes their tags as the model
+    does, every text in them plain; `tokenizer.assistant_text`)."""
     out: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
         text = _text(m, i)
@@ -312,7 +312,7 @@ def template_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
             else:
                 out.append({"role": "system", "content": text})
         elif m.role == "assistant":
-            out.append({"role": "assistant", "content": _assistant_text(m, text, i)})
+            out.append(_assistant(m, text, i))
         elif m.role == "tool":
             if m.tool_call_id is None:
                 raise RequestError(
@@ -344,21 +344,26 @@ def _text(m: Message, i: int) -> str:
     return "".join(pieces)
 
 
-def _assistant_text(m: Message, text: str, i: int) -> str:
+def _assistant(m: Message, text: str, i: int) -> dict[str, Any]:
+    """An assistant turn as structure, spaced as SmolLM3 writes it (a newline each side of
+    the reasoning, one after `</think>`)."""
     reasoning = m.reasoning_content or m.reasoning
-    head = f"<think>\n{reasoning.strip()}\n</think>\n" if reasoning else ""
+    message: dict[str, Any] = {"role": "assistant", "content": ("\n" if reasoning else "") + text}
+    if reasoning:
+        message["reasoning_content"] = f"\n{reasoning.strip()}\n"
     calls = []
     for j, call in enumerate(m.tool_calls or ()):
         try:
             arguments = parse_json(call.function.arguments or "{}")
         except ValueError:  # not JSON, or nested deeper than a reader of it could go
+            arguments = None
+        if not isinstance(arguments, dict):
             raise RequestError(
-                "tool call arguments are not JSON",
+                "tool call arguments are not a JSON object",
                 f"messages.{i}.tool_calls.{j}.function.arguments",
             ) from None
-        body = json.dumps({"name": call.function.name, "arguments": arguments}, ensure_ascii=False)
-        calls.append(f"<tool_call>\n{body}\n</tool_call>")
-    return head + "\n".join(p for p in (text, *calls) if p)
+        calls.append({"name": call.function.name, "arguments": arguments})
+    return message | ({"tool_calls": calls} if calls else {})
 
 
 def completion_prompt(request: CompletionRequest, tokenizer: Tokenizer) -> list[int]:
