@@ -227,8 +227,10 @@ class EventParser:
         return [ToolCallDelta(len(self.calls), self.call_name, piece)]
 
     def _parse(self, raw: str) -> ToolCall | ToolCallError:
+        from .files import parse_json  # the model wrote it: its nesting is bounded too
+
         try:
-            call = json.loads(raw)
+            call = parse_json(raw)
         except ValueError as e:
             return ToolCallError(raw.strip(), f"not JSON: {e}")
         if not isinstance(call, dict) or not isinstance(call.get("name"), str):

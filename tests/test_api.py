@@ -197,8 +197,13 @@ def _scripted(tokenizer, body: str):
         ('<tool_call>\n["get_weather"]\n</tool_call>', 'not {"name"'),
         ('<tool_call>\n{"name": "f", "arguments": [1]}\n</tool_call>', "not a JSON object"),
         ('<tool_call>\n{"name": "get_weather", "argu', "ended inside the tool call"),
+        (
+            '<tool_call>\n{"name": "f", "arguments": {"a": ' + "[" * 1000 + "]" * 1000 + "}}\n"
+            "</tool_call>",
+            "nested more than 64 levels deep",
+        ),  # was a RecursionError ending the turn
     ],
-    ids=["not-json", "not-object", "arguments", "cut-off"],
+    ids=["not-json", "not-object", "arguments", "cut-off", "deep"],
 )
 def test_malformed_tool_call_is_an_error_event_and_the_chat_goes_on(
     model, monkeypatch, body, error
