@@ -29,16 +29,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .files import parse_json, write_atomic
 from .sample import Sampling
-from .tokenizer import (
-    CALL_END,
-    CALL_START,
-    STRUCTURE_KEYS,
-    THINK_END,
-    THINK_START,
-    check_assistant,
-    valid_text,
-)
+from .tokenizer import CALL_END, CALL_START, STRUCTURE_KEYS, check_assistant, valid_text
 from .tools import as_text, tool_schemas
+from .turn import THINK_END, THINK_START
 
 if TYPE_CHECKING:
     from .cache import KVSettings, PromptCache
