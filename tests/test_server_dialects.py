@@ -65,7 +65,7 @@ def user(key):
 
 def rendered(srv, messages, *, think=True, tools=None) -> int:
     ids = srv.tokenizer.apply_chat_template(
-        messages, tokenize=True, enable_thinking=think, tools=tools, assistant_tags=True
+        messages, tokenize=True, enable_thinking=think, tools=tools
     )
     return len(ids)
 
