@@ -242,7 +242,9 @@ def tool_call_schema(
     unknown = sorted(set(only or ()) - offered)
     if unknown or not options:
         raise ConstraintError(
-            f"tool_choice names {unknown or only}, not an offered tool", "tool_choice"
+            f"tool_choice names {', '.join(map(repr, unknown or only or ()))}, which is not an "
+            "offered tool",
+            "tool_choice",
         )
     schema = options[0] if len(options) == 1 else {"anyOf": options}
     return {**schema, "$defs": defs}

@@ -353,15 +353,13 @@ def _assistant(m: Message, text: str, i: int) -> dict[str, Any]:
         message["reasoning_content"] = f"\n{reasoning.strip()}\n"
     calls = []
     for j, call in enumerate(m.tool_calls or ()):
+        param = f"messages.{i}.tool_calls.{j}.function.arguments"
         try:
             arguments = parse_json(call.function.arguments or "{}")
-        except ValueError:  # not JSON, or nested deeper than a reader of it could go
-            arguments = None
+        except ValueError as e:  # not JSON, or nested deeper than a reader of it could go
+            raise RequestError(f"tool call arguments are not JSON: {e}", param) from None
         if not isinstance(arguments, dict):
-            raise RequestError(
-                "tool call arguments are not a JSON object",
-                f"messages.{i}.tool_calls.{j}.function.arguments",
-            ) from None
+            raise RequestError("tool call arguments are not a JSON object", param)
         calls.append({"name": call.function.name, "arguments": arguments})
     return message | ({"tool_calls": calls} if calls else {})
 
